@@ -1,0 +1,134 @@
+"""Mamba2 operators, chosen per call from the tensor's device.
+
+CUDA (when ``mamba_ssm`` / ``causal_conv1d`` import): mamba-ssm's Triton kernels
+``mamba_chunk_scan_combined``, ``selective_state_update``, ``rmsnorm_fn`` and ``causal_conv1d_fn``.
+CPU (or if those packages are missing): the pure-PyTorch chunked scan, ``F.conv1d``, a torch gated
+RMSNorm and a torch decode step. Set ``RAD_DS_DISABLE_KERNELS=1`` to force the torch path everywhere.
+
+``mamba_ssm`` is never imported at module level: on a CPU machine it fails to import
+(its CUDA extension is missing), and the remote-code copy of the model must load without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .ssd_scan import ssd_chunk_scan, ssd_step
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """The GPU kernels as a dict, or ``None`` where they cannot be imported."""
+    if os.environ.get("RAD_DS_DISABLE_KERNELS", "0") not in ("", "0"):
+        return None
+    found = {}
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+
+        found.update(scan=mamba_chunk_scan_combined, step=selective_state_update, norm=rmsnorm_fn)
+    except Exception:  # noqa: BLE001 - any import failure means "no kernels"
+        return None
+    try:
+        from causal_conv1d import causal_conv1d_fn
+
+        found["conv"] = causal_conv1d_fn
+    except Exception:  # noqa: BLE001
+        found["conv"] = None
+    return found
+
+
+def use_kernels(t: torch.Tensor) -> bool:
+    """True when ``t`` lives on CUDA and mamba-ssm's kernels are importable."""
+    return t.is_cuda and _kernels() is not None
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_state: torch.Tensor | None = None,
+):
+    """Depthwise causal conv + SiLU. ``x (b, d, l)``, ``weight (d, w)``, ``conv_state (b, d, w-1)``.
+
+    Returns ``(y (b, d, l), new_state (b, d, w-1))``: the new state is the last ``w-1`` inputs.
+    """
+    w = weight.size(-1)
+    if conv_state is None:
+        full = F.pad(x, (w - 1, 0))
+    else:
+        full = torch.cat([conv_state.to(x.dtype), x], dim=-1)
+    new_state = full[..., full.size(-1) - (w - 1):]
+    k = _kernels() if x.is_cuda else None
+    if k is not None and k["conv"] is not None and conv_state is None:
+        y = k["conv"](x, weight, bias, activation="silu")
+    else:
+        y = F.silu(F.conv1d(full, weight.unsqueeze(1), bias, groups=x.size(1)))
+    return y, new_state
+
+
+def conv_step(x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_state: torch.Tensor):
+    """One decode step of the causal conv: ``x_t (b, d)``; returns ``(y_t (b, d), new_state)``."""
+    window = torch.cat([conv_state.to(x_t.dtype), x_t[..., None]], dim=-1)  # (b, d, w)
+    y = (window * weight[None]).sum(-1)
+    if bias is not None:
+        y = y + bias
+    return F.silu(y), window[..., 1:]
+
+
+def gated_rmsnorm(x, z, weight, eps: float, group_size: int):
+    """``rmsnorm(x * silu(z)) * weight`` with the norm taken over groups of ``group_size`` channels."""
+    if use_kernels(x):
+        return _kernels()["norm"](x, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
+    return gated_rmsnorm_ref(x, z, weight, eps, group_size)
+
+
+def gated_rmsnorm_ref(x, z, weight, eps: float, group_size: int):
+    dtype = x.dtype
+    h = x.float() * F.silu(z.float())
+    shape = h.shape
+    h = h.reshape(*shape[:-1], shape[-1] // group_size, group_size)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h.reshape(shape) * weight.float()).to(dtype)
+
+
+def chunk_scan(x, dt, A, B, C, D, chunk_size: int, initial_states=None):
+    """Chunked SSD scan returning ``(y, final_state)``; Triton on CUDA, torch otherwise."""
+    if use_kernels(x):
+        y, final = _kernels()["scan"](
+            x, dt, A, B, C, chunk_size, D=D, initial_states=initial_states, return_final_states=True
+        )
+        return y, final
+    return ssd_chunk_scan(
+        x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_states=initial_states, return_final_states=True
+    )
+
+
+def scan_step(ssm_state, x_t, dt_t, A, B_t, C_t, D):
+    """One decode step. ``ssm_state (b,h,p,n)`` (updated in place), ``x_t (b,h,p)``, ``dt_t (b,h)``,
+    ``B_t, C_t (b,g,n)``; returns ``y_t (b,h,p)``."""
+    h, p = x_t.shape[1], x_t.shape[2]
+    n = B_t.size(-1)
+    if use_kernels(x_t):
+        return _kernels()["step"](
+            ssm_state,
+            x_t,
+            dt_t[..., None].expand(-1, -1, p),
+            A[:, None, None].expand(h, p, n).float(),
+            B_t,
+            C_t,
+            D[:, None].expand(h, p),
+            dt_softplus=False,
+        )
+    g = B_t.size(1)
+    Bh = B_t.repeat_interleave(h // g, dim=1).float() if g != h else B_t.float()
+    Ch = C_t.repeat_interleave(h // g, dim=1).float() if g != h else C_t.float()
+    new = ssd_step(ssm_state.float(), x_t.float(), dt_t.float(), A.float(), Bh)
+    ssm_state.copy_(new.to(ssm_state.dtype))
+    y = torch.einsum("bhpn,bhn->bhp", new, Ch) + x_t.float() * D.float()[None, :, None]
+    return y.to(x_t.dtype)
