@@ -3,6 +3,9 @@
 ``layer_types[i]`` is ``"attention"`` or ``"mamba2"``. With every layer ``"attention"`` the model is
 exactly a Llama / Qwen2 / Mistral / SmolLM model; a RAD student switches some layers to ``"mamba2"``.
 ``replaced_layers`` records which layers surgery converted, and how they were initialised.
+In ``config.json`` the same list is written with transformers' names (``"full_attention"``,
+``"linear_attention"``) so that generic transformers tools accept the file; it reads back as
+``"attention"`` / ``"mamba2"``.
 
 This file is copied next to exported checkpoints (``trust_remote_code``), so it imports only
 transformers.
@@ -18,6 +21,9 @@ LAYER_TYPES = ("attention", "mamba2")
 # transformers >= 5 rewrites a few legacy layer-type names in every config (e.g. "attention" ->
 # "full_attention"); we read both spellings and keep ours.
 _ALIASES = {"full_attention": "attention", "mamba": "mamba2", "linear_attention": "mamba2"}
+
+
+_ON_DISK = {"attention": "full_attention", "mamba2": "linear_attention"}
 
 
 def canonical_layer_types(layer_types):
@@ -128,6 +134,19 @@ class RadHybridConfig(PretrainedConfig):
                     f"multiple of mamba_d_state ({self.mamba_d_state})"
                 )
 
+    def validate_layer_type(self):
+        """transformers' own check only knows its layer-type names; ours are "attention" / "mamba2"."""
+        self.check()
+
+    def validate(self):
+        # transformers >= 5 runs the class validators that its base config collected, including a
+        # layer-type check with a fixed list of names; run them all, with ours in place of that one
+        for validator in getattr(PretrainedConfig, "__class_validators__", []):
+            if validator.__name__ == "validate_layer_type":
+                self.check()
+            else:
+                validator(self)
+
     @property
     def attention_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_types) if t == "attention"]
@@ -139,7 +158,9 @@ class RadHybridConfig(PretrainedConfig):
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         if out.get("layer_types") is not None:
-            out["layer_types"] = canonical_layer_types(out["layer_types"])
+            # on disk, transformers' own names, so generic tools (AutoTokenizer, AutoConfig without
+            # remote code) accept the file; they read back as "attention" / "mamba2"
+            out["layer_types"] = [_ON_DISK[t] for t in canonical_layer_types(out["layer_types"])]
         return out
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ssm_ops
+from .ssm_ops import causal_conv1d, chunk_scan, conv_step, gated_rmsnorm, scan_step
 
 
 class Mamba2Mixer(nn.Module):
@@ -118,7 +118,7 @@ class Mamba2Mixer(nn.Module):
             xBC = xBC * m
         conv_state = cache.conv_state if cache is not None else None
         w = self.conv1d.weight.squeeze(1)
-        xBC_t, new_conv = ssm_ops.causal_conv1d(xBC.transpose(1, 2), w, self.conv1d.bias, conv_state)
+        xBC_t, new_conv = causal_conv1d(xBC.transpose(1, 2), w, self.conv1d.bias, conv_state)
         xBC = xBC_t.transpose(1, 2)
         if attention_mask is not None:
             xBC = xBC * m  # conv bias would otherwise leak into the state at padded positions
@@ -128,7 +128,7 @@ class Mamba2Mixer(nn.Module):
         C = C.reshape(b, l, self.ngroups, self.d_state)
         A = -torch.exp(self.A_log.float())
         init = cache.ssm_state if cache is not None else None
-        y, final = ssm_ops.chunk_scan(x, self._dt(dt), A, B, C, self.D, self.chunk_size, initial_states=init)
+        y, final = chunk_scan(x, self._dt(dt), A, B, C, self.D, self.chunk_size, initial_states=init)
         if cache is not None:
             cache.conv_state = new_conv.detach()
             cache.ssm_state = final.detach().float()
@@ -143,12 +143,12 @@ class Mamba2Mixer(nn.Module):
         if attention_mask is not None:
             m = attention_mask[:, -1:].to(xBC.dtype)
             xBC = xBC * m
-        xBC, cache.conv_state = ssm_ops.conv_step(xBC, w, self.conv1d.bias, cache.conv_state)
+        xBC, cache.conv_state = conv_step(xBC, w, self.conv1d.bias, cache.conv_state)
         if attention_mask is not None:
             xBC = xBC * m
         x, B, C = torch.split(xBC, [self.d_inner, self.d_inner, self.d_inner], dim=-1)
         A = -torch.exp(self.A_log.float())
-        y = ssm_ops.scan_step(
+        y = scan_step(
             cache.ssm_state,
             x.reshape(b, self.nheads, self.headdim),
             self._dt(dt),
@@ -171,4 +171,4 @@ class GatedRMSNorm(nn.Module):
         self.group_size = group_size or hidden_size
 
     def forward(self, x, z):
-        return ssm_ops.gated_rmsnorm(x, z, self.weight, self.eps, self.group_size)
+        return gated_rmsnorm(x, z, self.weight, self.eps, self.group_size)

@@ -66,6 +66,13 @@ class RadRotaryEmbedding(nn.Module):
 
     def __init__(self, config: RadHybridConfig):
         super().__init__()
+        self.config = config
+        with torch.device("cpu"):  # real values even when the model is built on the meta device
+            inv_freq, self.attention_scaling = self.compute_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: RadHybridConfig):
         params = config.rope_parameters or {}
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type in ("dynamic", "longrope"):
@@ -76,14 +83,13 @@ class RadRotaryEmbedding(nn.Module):
         if rope_type == "default":
             base = params.get("rope_theta", 10000.0)
             dim = config.head_dim
-            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-            scaling = 1.0
-        else:
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+            return inv_freq, 1.0
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.attention_scaling = scaling
+        with torch.device("cpu"):
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+        return inv_freq, scaling
 
     @torch.no_grad()
     def forward(self, x, position_ids):
@@ -188,7 +194,16 @@ class RadHybridPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, Mamba2Mixer):
+        if isinstance(module, RadRotaryEmbedding):
+            # a non-persistent buffer: never in the checkpoint, so it must be recomputed after loading
+            with torch.device("cpu"):
+                inv_freq, _ = module.compute_inv_freq(module.config)
+            if hf_init is not None:
+                hf_init.copy_(module.inv_freq, inv_freq.to(module.inv_freq.device))
+            else:  # pragma: no cover
+                with torch.no_grad():
+                    module.inv_freq.copy_(inv_freq)
+        elif isinstance(module, Mamba2Mixer):
             # the generic init above leaves dt_bias / A_log meaningless: re-apply Mamba2's init
             # (through transformers' guarded init functions, so loaded weights are never overwritten)
             dt_bias, a_log = module.ssm_init_values()

@@ -115,6 +115,9 @@ def scan_step(ssm_state, x_t, dt_t, A, B_t, C_t, D):
     h, p = x_t.shape[1], x_t.shape[2]
     n = B_t.size(-1)
     if use_kernels(x_t):
+        # selective_state_update reads `dt_bias.stride(-1)` whenever dt and A are broadcast over the
+        # head dim (its "tie_hdim" fast path), so it needs a (zero) dt_bias: None raises AttributeError
+        zero_bias = torch.zeros(h, 1, device=x_t.device, dtype=torch.float32).expand(h, p)
         return _kernels()["step"](
             ssm_state,
             x_t,
@@ -123,6 +126,7 @@ def scan_step(ssm_state, x_t, dt_t, A, B_t, C_t, D):
             B_t,
             C_t,
             D[:, None].expand(h, p),
+            dt_bias=zero_bias,
             dt_softplus=False,
         )
     g = B_t.size(1)

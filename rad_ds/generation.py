@@ -1,0 +1,47 @@
+"""Text generation helpers over RadHybridForCausalLM (greedy or sampled, with the hybrid cache)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GenerationResult:
+    prompt: str
+    text: str
+    new_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
+    """Token ids of ``prompt``; with ``chat`` and a chat template, as one user turn."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+        return ids
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = True,
+                  do_sample: bool = False, temperature: float = 1.0, seed: int = 0) -> GenerationResult:
+    ids = encode_prompt(tokenizer, prompt, chat=chat).to(model.device)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=do_sample,
+        temperature=temperature if do_sample else None, top_p=None, top_k=None,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    dt = time.perf_counter() - t0
+    new = out[0, ids.size(1):]
+    return GenerationResult(prompt, tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), dt)

