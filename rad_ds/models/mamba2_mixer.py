@@ -74,9 +74,8 @@ class Mamba2Mixer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None):
         """Mamba2's standard init of every parameter (PyTorch defaults for the projections and conv)."""
-        self.in_proj.reset_parameters()
-        self.conv1d.reset_parameters()
-        self.out_proj.reset_parameters()
+        for mod in (self.in_proj, self.conv1d, self.out_proj):
+            _torch_default_init(mod, generator)
         self.norm.weight.fill_(1.0)
         self.reset_ssm_parameters(generator)
 
@@ -159,6 +158,16 @@ class Mamba2Mixer(nn.Module):
         )
         y = self.norm(y.reshape(b, 1, self.d_inner), z[:, None])
         return self.out_proj(y)
+
+
+@torch.no_grad()
+def _torch_default_init(mod: nn.Module, generator: torch.Generator | None = None):
+    """PyTorch's default init of nn.Linear / nn.Conv1d (kaiming-uniform, a=sqrt(5)), seedable."""
+    nn.init.kaiming_uniform_(mod.weight, a=math.sqrt(5), generator=generator)
+    if mod.bias is not None:
+        fan_in = mod.weight[0].numel()
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        nn.init.uniform_(mod.bias, -bound, bound, generator=generator)
 
 
 class GatedRMSNorm(nn.Module):
