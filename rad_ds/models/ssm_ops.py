@@ -12,7 +12,10 @@ RMSNorm and a torch decode step. Set ``RAD_DS_DISABLE_KERNELS=1`` to force the t
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -20,19 +23,36 @@ import torch.nn.functional as F
 from .ssd_scan import ssd_chunk_scan, ssd_step
 
 
+def _import_triton_kernels():
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    return {"scan": mamba_chunk_scan_combined, "step": selective_state_update, "norm": rmsnorm_fn}
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels():
     """The GPU kernels as a dict, or ``None`` where they cannot be imported."""
     if os.environ.get("RAD_DS_DISABLE_KERNELS", "0") not in ("", "0"):
         return None
-    found = {}
+    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("mamba_ssm") is None:
+        return None
     try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-
-        found.update(scan=mamba_chunk_scan_combined, step=selective_state_update, norm=rmsnorm_fn)
-    except Exception:  # noqa: BLE001 - any import failure means "no kernels"
+        found = _import_triton_kernels()
+    except ImportError as e:
+        # mamba-ssm installed without its CUDA build (MAMBA_SKIP_CUDA_BUILD): the package __init__ wants
+        # the compiled Mamba1 scan, which rad-ds never calls; its Triton kernels work without it
+        if "selective_scan_cuda" not in str(e):
+            return None
+        for name in [n for n in sys.modules if n.split(".")[0] == "mamba_ssm"]:
+            del sys.modules[name]
+        sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+        try:
+            found = _import_triton_kernels()
+        except Exception:  # noqa: BLE001
+            return None
+    except Exception:  # noqa: BLE001 - any other import failure means "no kernels"
         return None
     try:
         from causal_conv1d import causal_conv1d_fn

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Run THERE (a CUDA machine): installs the carried wheels (.whl/) if packages are missing, runs the
+# gpu-marked tests and the scan benchmark in fp32 and bf16, and writes results to $OUT (or
+# benchmarks/results/gpu/). Prepare the wheels here first with scripts/gpu_wheels.sh.
+#   device run: bash scripts/gpu_check.sh      (carry: [".whl"])
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+RES="${OUT:-benchmarks/results/gpu}"
+mkdir -p "$RES"
+PY="${PYTHON:-python3}"
+if ! $PY -c "import deepspeed, mamba_ssm.ops.triton.ssd_combined" 2>/dev/null; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 WANDB_MODE=offline
+{
+  echo "# GPU check $(date -u +%FT%TZ)"
+  nvidia-smi -L 2>&1
+  $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+  $PY -c "from rad_ds.models import ssm_ops; k = ssm_ops._kernels(); print('mamba-ssm kernels:', sorted(k) if k else None)"
+} 2>&1 | tee "$RES/env.txt"
+rc=0
+timeout 900 $PY -m pytest -m gpu -q -rs tests/ --junitxml="$RES/gpu_tests.xml" 2>&1 | tee "$RES/gpu_tests.txt" || rc=1
+for dt in float32 bfloat16; do
+  timeout 600 $PY benchmarks/ssm_scan.py --device cuda --dtype "$dt" --lengths 512 2048 \
+    --out "$RES/ssm_scan_cuda_${dt}.json" 2>&1 | tee -a "$RES/bench.txt" || rc=1
+done
+echo "gpu_check rc=$rc; results in $RES"
+exit $rc
