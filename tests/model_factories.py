@@ -58,3 +58,50 @@ def save_tiny(tmp_path, family: str = "llama", **overrides):
     out = tmp_path / family
     model.save_pretrained(out)
     return out, model
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 320, chat: bool = True):
+    """A word-level tokenizer over the words w0..w{N}, with <unk>, </s> (eos) and role tags; built locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "</s>", "<user>", "<assistant>", "<system>"]
+    vocab = {t: i for i, t in enumerate(special)}
+    for i in range(vocab_size - len(special)):
+        vocab[f"w{i}"] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>", pad_token="</s>")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def sharpen(model, attn_scales=None, embed_scale: float = 3.0):
+    """Make a random tiny model confident (sharper logits) and its attention layers unequally important,
+    so that skip masks give a spread of acceptance rates, as a real model's do."""
+    with torch.no_grad():
+        layers = model.model.layers
+        scales = attn_scales or [1.0, 0.3, 0.5, 0.2, 0.4, 0.6, 0.8, 0.1][: len(layers)]
+        for layer, s in zip(layers, scales):
+            if layer.layer_type == "attention":
+                layer.self_attn.o_proj.weight.mul_(s)
+        model.model.embed_tokens.weight.mul_(embed_scale)
+    return model
+
+
+def save_tiny_with_tokenizer(tmp_path, family: str = "llama3", name: str = "base", **overrides):
+    """A sharpened tiny all-attention hybrid + tokenizer saved as an HF dir."""
+    from rad_ds.models.conversion import from_hf_model
+
+    model = sharpen(from_hf_model(tiny_hf_model(family, **overrides)))
+    out = tmp_path / name
+    model.save_pretrained(out)
+    tiny_tokenizer(model.config.vocab_size).save_pretrained(out)
+    return out, model
