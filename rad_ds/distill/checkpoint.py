@@ -1,0 +1,259 @@
+"""Sharded, resumable checkpoints of a distillation run.
+
+Layout of ``OUT/checkpoints/``::
+
+    latest                   the tag of the newest complete checkpoint (replaced atomically, last)
+    step_00000100/           DeepSpeed's sharded save_checkpoint (every rank writes its own shards)
+        rad_ds_state.json    step, tokens seen, sampler position, run config, replaced layers, provenance
+        rad_ds_rng.pt        the RNG states of every rank
+        hf/                  the student's config and tokenizer (what export needs besides the weights)
+        COMPLETE             written once every rank has finished writing its shards
+    zero_to_fp32.py          DeepSpeed's consolidation script
+
+A checkpoint counts only when ``COMPLETE`` exists; ``latest`` moves after that, so a kill at any moment
+leaves ``latest`` on a complete checkpoint. Weights that are not finite are never saved. The last
+``keep`` complete checkpoints are kept; leftovers of interrupted saves are removed at the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .faults import fault_point
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "rad_ds_state.json"
+RNG_FILE = "rad_ds_rng.pt"
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+HF_DIR = "hf"
+_TAG = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for what was asked; the message says why and what to do."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN/inf; raised before anything non-finite is saved."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # pragma: no cover - not every filesystem allows it
+        pass
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / COMPLETE).is_file() and (tag_dir / STATE_FILE).is_file()
+
+
+def complete_tags(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    tags = [d for d in root.iterdir() if d.is_dir() and _TAG.match(d.name) and is_complete(d)]
+    return sorted(tags, key=lambda d: int(_TAG.match(d.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint ``root/latest`` names, if it is complete."""
+    f = root / LATEST
+    if not f.is_file():
+        return None
+    tag_dir = root / f.read_text().strip()
+    return tag_dir if is_complete(tag_dir) else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory (``step_*``) from a run's ``checkpoints/`` dir, a run dir, or a tag dir."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p}: does not exist")
+    for root in (p, p / "checkpoints"):
+        if (root / LATEST).is_file():
+            found = latest_checkpoint(root)
+            if found is None:
+                raise CheckpointError(f"checkpoint {root}: 'latest' names an incomplete checkpoint; give a step_* dir")
+            return found
+    if (p / STATE_FILE).is_file() or _TAG.match(p.name):
+        if not is_complete(p):
+            raise CheckpointError(
+                f"checkpoint {p}: incomplete (a save was interrupted: no {COMPLETE} file); use an earlier step_* "
+                "directory, or the run directory's latest"
+            )
+        return p
+    raise CheckpointError(
+        f"checkpoint {p}: not a rad-ds checkpoint (no {LATEST} file, no {STATE_FILE}); give OUT/checkpoints or a "
+        "step_* directory inside it"
+    )
+
+
+def read_state(tag_dir: Path) -> dict:
+    try:
+        return json.loads((tag_dir / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {tag_dir}: unreadable {STATE_FILE} ({e})") from None
+
+
+# -- RNG -------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -- save --------------------------------------------------------------------------------------------
+
+
+def local_params_finite(engine) -> bool:
+    """Are this rank's (partitions of the) trainable parameters finite?"""
+    for p in engine.module.parameters():
+        if not p.requires_grad:
+            continue
+        t = getattr(p, "ds_tensor", p)
+        if t.numel() and not torch.isfinite(t).all():
+            return False
+    return True
+
+
+def _all_true(flag: bool) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0])
+    if torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            t = t.cuda()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item() > 0.5)
+
+
+@dataclass
+class SavedCheckpoint:
+    path: Path
+    step: int
+
+
+def save_checkpoint(engine, root: Path, step: int, state: dict, hf_files=None, keep: int = 2,
+                    rank: int = 0, world: int = 1) -> SavedCheckpoint:
+    """Save on every rank (collective). ``state`` is the JSON client state (rank 0's is written);
+    ``hf_files(dir)`` writes the student config/tokenizer into ``hf/``."""
+    root = Path(root)
+    if not _all_true(local_params_finite(engine)):
+        raise NonFiniteError(f"step {step}: the student's weights are not finite; not saved (latest stays)")
+    tag = tag_for(step)
+    tag_dir = root / tag
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tag_dir.exists():  # a leftover of an interrupted save of the same step
+            shutil.rmtree(tag_dir)
+    gathered = [None] * world
+    if torch.distributed.is_initialized() and world > 1:
+        torch.distributed.all_gather_object(gathered, rng_state())
+    else:
+        gathered = [rng_state()]
+    engine.save_checkpoint(str(root), tag=tag, client_state={"rad_ds_step": step}, save_latest=False)
+    ok = True
+    fault_point("save_after_shards", step=step, rank=rank)
+    if rank == 0:
+        try:
+            torch.save(gathered, tag_dir / RNG_FILE)
+            if hf_files is not None:
+                hf_files(tag_dir / HF_DIR)
+            _write_atomic(tag_dir / STATE_FILE, json.dumps(state, indent=2, default=str) + "\n")
+        except Exception:  # noqa: BLE001
+            logger.exception("writing the checkpoint metadata failed")
+            ok = False
+    if not _all_true(ok):  # every rank has finished writing (and all succeeded) past this point
+        raise RuntimeError(f"saving checkpoint {tag_dir} failed on some rank; latest still names the previous one")
+    if rank == 0:
+        files = sorted(str(f.relative_to(tag_dir)) for f in tag_dir.rglob("*") if f.is_file())
+        _write_atomic(tag_dir / COMPLETE, json.dumps({"step": step, "world": world, "files": files}) + "\n")
+        _fsync_dir(tag_dir)
+        fault_point("save_before_latest", step=step, rank=rank)
+        _write_atomic(root / LATEST, tag)
+        _fsync_dir(root)
+        _prune(root, keep, current=tag_dir)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return SavedCheckpoint(tag_dir, step)
+
+
+def _prune(root: Path, keep: int, current: Path) -> None:
+    """Keep the newest ``keep`` complete checkpoints; remove older ones and interrupted saves."""
+    complete = complete_tags(root)
+    for d in complete[:-keep]:
+        if d != current:
+            shutil.rmtree(d, ignore_errors=True)
+    for d in root.iterdir():
+        if d.is_dir() and _TAG.match(d.name) and not is_complete(d) and d != current:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# -- load --------------------------------------------------------------------------------------------
+
+
+def load_engine_state(engine, tag_dir: Path) -> None:
+    """Load DeepSpeed's shards (weights, optimizer, scheduler) of ``tag_dir`` into ``engine`` (collective)."""
+    path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"checkpoint {tag_dir}: DeepSpeed found nothing to load")
+
+
+def restore_rng(tag_dir: Path, rank: int, world: int) -> bool:
+    """Restore this rank's RNG states; ``False`` (with a warning) when the world size changed."""
+    states = torch.load(tag_dir / RNG_FILE, weights_only=False)
+    if len(states) != world:
+        if rank == 0:
+            logger.warning(
+                "checkpoint saved by %d ranks, resuming on %d: RNG states are not restored per rank (reseeded); "
+                "the data order is unaffected", len(states), world,
+            )
+        return False
+    set_rng_state(states[rank])
+    return True
+
+
+__all__ = [
+    "CheckpointError", "NonFiniteError", "SavedCheckpoint", "complete_tags", "is_complete", "latest_checkpoint",
+    "load_engine_state", "read_state", "resolve_checkpoint", "restore_rng", "save_checkpoint", "tag_for",
+]

@@ -1,0 +1,228 @@
+"""The distributed runtime and the two DeepSpeed engines of a distillation.
+
+* ``init_distributed``: one process group (gloo on CPU, nccl on CUDA) with a timeout, under the
+  ``deepspeed`` launcher, ``torchrun`` or plain ``python`` (a world of one).
+* DeepSpeed configs stay in DeepSpeed's JSON format; ``"auto"`` entries are filled from the run config
+  and the world size (batch sizes, clipping, precision), explicit values are checked against them.
+* ``teacher_engine``: ZeRO-3, no optimizer, eval mode, never gathered whole; optional CPU offload.
+* ``student_engine``: ZeRO (3 by default) with torch AdamW over the trainable parameters only and a
+  warmup + decay schedule (or the optimizer/scheduler blocks of the DeepSpeed config, if it has them).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rad_ds.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_SELF_INIT = False  # this process set RANK/WORLD_SIZE itself (no launcher)
+
+
+def init_distributed(timeout_s: int = 600) -> DistInfo:
+    """Initialise (once) the default process group with a timeout on every collective."""
+    import deepspeed
+
+    # ZeRO does not use DeepSpeed's shared-memory comm op; building it costs ~100 s on a small CPU
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    global _SELF_INIT
+    if "RANK" not in os.environ or _SELF_INIT:
+        # plain `python launchers/distill.py` (or a library call): a world of one on a free port
+        _SELF_INIT = True
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        if not torch.distributed.is_initialized():
+            os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ.setdefault("LOCAL_RANK", "0")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                   verbose=False)
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(),
+                    int(os.environ["LOCAL_RANK"]), backend)
+
+
+# -- DeepSpeed configs ----------------------------------------------------------------------------
+
+
+@dataclass
+class BatchPlan:
+    micro_batch: int
+    grad_accum: int
+    world: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world
+
+
+def plan_batch(train_cfg, world: int) -> BatchPlan:
+    """Derive grad_accum from global_batch (or the reverse) and check they agree with the world size."""
+    mb, ga, gb = train_cfg.micro_batch, train_cfg.grad_accum, train_cfg.global_batch
+    if gb is None:
+        return BatchPlan(mb, ga or 1, world)
+    if gb % (mb * world):
+        raise ConfigError(
+            f"train.global_batch={gb} is not a multiple of train.micro_batch={mb} x world size {world}; "
+            f"use a global batch of {mb * world * max(1, round(gb / (mb * world)))} or change train.micro_batch"
+        )
+    derived = gb // (mb * world)
+    if ga is not None and ga != derived:
+        raise ConfigError(
+            f"train.grad_accum={ga} disagrees with train.global_batch={gb} = micro_batch {mb} x world {world} "
+            f"x grad_accum {derived}; set only one of train.grad_accum and train.global_batch"
+        )
+    return BatchPlan(mb, derived, world)
+
+
+def load_ds_config(path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        cfg = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"DeepSpeed config {p}: file not found; see ds_configs/") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {p}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"DeepSpeed config {p}: the top level must be a JSON object")
+    return cfg
+
+
+def _fill(cfg: dict, key: str, value, source: str, what: str):
+    """Fill ``"auto"`` (or a missing key) with ``value``; an explicit different value is an error."""
+    have = cfg.get(key, "auto")
+    if have == "auto" or have is None:
+        cfg[key] = value
+    elif have != value:
+        raise ConfigError(
+            f"DeepSpeed config {source}: {key}={have} but {what} gives {value}; set it to \"auto\" or change the run config"
+        )
+
+
+def fill_ds_config(raw: dict, plan: BatchPlan, dtype: str, source: str, grad_clip: float | None = None,
+                   offload_params: bool = False, optimizer: bool = True) -> dict:
+    """A DeepSpeed config with every ``"auto"`` filled in and checked (a copy; ``raw`` is not changed)."""
+    cfg = copy.deepcopy(raw)
+    _fill(cfg, "train_micro_batch_size_per_gpu", plan.micro_batch, source, "train.micro_batch")
+    _fill(cfg, "gradient_accumulation_steps", plan.grad_accum, source, "train.grad_accum")
+    _fill(cfg, "train_batch_size", plan.global_batch, source,
+          f"micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum} x world {plan.world}")
+    if grad_clip is not None:
+        _fill(cfg, "gradient_clipping", float(grad_clip), source, "optim.grad_clip")
+    else:
+        cfg.pop("gradient_clipping", None)
+    for key, on in (("bf16", dtype == "bfloat16"), ("fp16", dtype == "float16")):
+        sec = cfg.setdefault(key, {"enabled": "auto"})
+        if sec.get("enabled", "auto") == "auto":
+            sec["enabled"] = on
+        elif bool(sec["enabled"]) != on:
+            raise ConfigError(f"DeepSpeed config {source}: {key}.enabled={sec['enabled']} but model.dtype={dtype}; "
+                              "set it to \"auto\"")
+    zero = cfg.setdefault("zero_optimization", {"stage": 3})
+    for k in [k for k, v in zero.items() if v == "auto"]:
+        del zero[k]  # DeepSpeed's own default
+    for k in ("offload_param", "offload_optimizer"):
+        if isinstance(zero.get(k), dict) and zero[k].get("pin_memory") == "auto":
+            zero[k]["pin_memory"] = torch.cuda.is_available()  # pinned memory needs a GPU
+    if offload_params:
+        if zero.get("stage") != 3:
+            raise ConfigError(f"DeepSpeed config {source}: teacher.offload needs zero_optimization.stage 3")
+        zero.setdefault("offload_param", {"device": "cpu", "pin_memory": torch.cuda.is_available()})
+    if not optimizer:
+        for k in ("optimizer", "scheduler"):
+            cfg.pop(k, None)
+    cfg.setdefault("steps_per_print", 1 << 30)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def _fill_optimizer_block(cfg: dict, optim_cfg, total_steps: int) -> None:
+    """A user's own ``optimizer`` / ``scheduler`` blocks: fill their ``"auto"`` params from the run config."""
+    if "optimizer" in cfg:
+        params = cfg["optimizer"].setdefault("params", {})
+        auto = {"lr": optim_cfg.lr, "betas": list(optim_cfg.betas), "eps": optim_cfg.eps,
+                "weight_decay": optim_cfg.weight_decay}
+        for k, v in auto.items():
+            if params.get(k) == "auto":
+                params[k] = v
+        if not torch.cuda.is_available() and cfg["optimizer"].get("type", "").lower() in ("adam", "adamw"):
+            params.setdefault("torch_adam", True)  # FusedAdam needs a CUDA build
+    if "scheduler" in cfg:
+        params = cfg["scheduler"].setdefault("params", {})
+        for k, v in {"total_num_steps": total_steps, "warmup_num_steps": optim_cfg.warmup_steps,
+                     "warmup_max_lr": optim_cfg.lr}.items():
+            if params.get(k) == "auto":
+                params[k] = v
+
+
+# -- engines --------------------------------------------------------------------------------------
+
+
+def teacher_engine(model, ds_cfg: dict):
+    """ZeRO-3 inference engine: parameters partitioned over ranks, gathered layer by layer in forward."""
+    import deepspeed
+
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_cfg)
+    engine.eval()
+    return engine
+
+
+def student_engine(model, ds_cfg: dict, optim_cfg, total_steps: int):
+    """The training engine; the optimizer sees only ``requires_grad`` parameters."""
+    import deepspeed
+
+    from .optim import build_optimizer, build_scheduler
+
+    cfg = copy.deepcopy(ds_cfg)
+    _fill_optimizer_block(cfg, optim_cfg, total_steps)
+    optimizer = scheduler = None
+    if "optimizer" not in cfg:
+        optimizer = build_optimizer(model, optim_cfg)
+        if "scheduler" not in cfg:
+            scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=params if optimizer is None else None, optimizer=optimizer,
+        lr_scheduler=scheduler, config=cfg,
+    )
+    engine.train()
+    return engine
+
+
+__all__ = [
+    "BatchPlan", "DistInfo", "fill_ds_config", "init_distributed", "load_ds_config", "plan_batch", "student_engine",
+    "teacher_engine",
+]

@@ -1,0 +1,87 @@
+"""What trains, the optimizer and the learning-rate schedule of the student.
+
+By default only the new Mamba2 mixers train (RAD trains only the added SSM components); ``trainable``
+opens the MLPs of the replaced layers, whole replaced layers, or everything for a second stage.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rad_ds.config import TRAINABLE
+
+
+def trainable_prefixes(trainable: str, replaced_layers: list[int]) -> list[str] | None:
+    """Parameter-name prefixes that train (``None``: every parameter)."""
+    if trainable == "all":
+        return None
+    parts = {"mamba": ("mamba.",), "mamba_mlp": ("mamba.", "mlp."), "replaced": ("",)}
+    if trainable not in parts:
+        raise ValueError(f"student.trainable={trainable!r}: use one of {', '.join(TRAINABLE)}")
+    return [f"model.layers.{i}.{p}" for i in replaced_layers for p in parts[trainable]]
+
+
+def set_trainable(model: torch.nn.Module, trainable: str, replaced_layers: list[int]) -> list[str]:
+    """Set ``requires_grad`` on the student; returns the names of the trainable parameters."""
+    prefixes = trainable_prefixes(trainable, replaced_layers)
+    names = []
+    for name, p in model.named_parameters():
+        on = prefixes is None or any(name.startswith(pre) for pre in prefixes)
+        p.requires_grad_(on)
+        if on:
+            names.append(name)
+    if not names:
+        raise ValueError(
+            f"student.trainable={trainable!r} selects no parameters (replaced layers: {replaced_layers}); "
+            "replace some layers (--layers) or choose student.trainable=all"
+        )
+    return names
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay; vectors (biases, norms) and Mamba2's dt_bias / A_log / D do not."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.Optimizer:
+    """torch AdamW (no C++ build, exact on CPU and GPU). ZeRO wraps it and feeds it the flat fp32 shards."""
+    return torch.optim.AdamW(
+        param_groups(model, optim_cfg.weight_decay), lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
+        eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, foreach=False,
+    )
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
+              min_lr_ratio: float = 0.1) -> float:
+    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based): linear warmup from
+    ``1/warmup`` to 1 over ``warmup_steps`` steps, then cosine / linear decay to ``min_lr_ratio`` at the
+    last step, or constant."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    decay_steps = max(total_steps - warmup_steps - 1, 1)
+    progress = min(max(step - warmup_steps, 0) / decay_steps, 1.0)
+    if schedule == "linear":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - progress)
+    if schedule == "cosine":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"optim.schedule={schedule!r}: use cosine, linear or constant")
+
+
+def build_scheduler(optimizer, optim_cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(step, total_steps, optim_cfg.warmup_steps, optim_cfg.schedule, optim_cfg.min_lr_ratio),
+    )
+
+
+__all__ = ["build_optimizer", "build_scheduler", "lr_factor", "param_groups", "set_trainable", "trainable_prefixes"]

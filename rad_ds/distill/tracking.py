@@ -1,0 +1,102 @@
+"""What a run reports, on rank 0: ``OUT/metrics.jsonl`` (one line per step), wandb (offline unless
+``WANDB_MODE`` says otherwise), a tqdm bar, and a final summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: CUDA allocator peak on a GPU, peak RSS on a CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the lines of steps <= ``last_step`` (a resumed run continues the file where its checkpoint was)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, path)
+
+
+class Tracker:
+    """No-op on ranks other than 0."""
+
+    def __init__(self, out: Path, run_cfg, enabled: bool, total_steps: int, start_step: int = 0):
+        self.enabled = enabled
+        self.metrics_path = Path(out) / "metrics.jsonl"
+        self._file = None
+        self._wandb = None
+        self._bar = None
+        if not enabled:
+            return
+        self._file = open(self.metrics_path, "a")
+        if run_cfg.log.wandb:
+            try:
+                import wandb
+
+                os.environ.setdefault("WANDB_MODE", "offline")
+                os.environ.setdefault("WANDB_SILENT", "true")
+                self._wandb = wandb.init(
+                    project=run_cfg.log.project, name=run_cfg.log.run_name or Path(out).name, dir=str(out),
+                    config=run_cfg.to_dict(), resume="allow", id=_wandb_id(out),
+                )
+            except Exception as e:  # noqa: BLE001 - logging must not stop training
+                logger.warning("wandb disabled: %s", e)
+        if run_cfg.log.progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="distill", dynamic_ncols=True,
+                             file=sys.stderr, disable=None)
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
+
+    def close(self, summary: dict | None = None) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        if self._wandb is not None:
+            if summary:
+                self._wandb.summary.update(summary)
+            self._wandb.finish()
+        if self._file is not None:
+            self._file.close()
+
+
+def _wandb_id(out) -> str:
+    """A stable run id per run directory, so a resumed run continues the same wandb run."""
+    import hashlib
+
+    return hashlib.sha1(str(Path(out).resolve()).encode()).hexdigest()[:12]
+
+
+__all__ = ["Tracker", "peak_memory_mb", "truncate_metrics"]

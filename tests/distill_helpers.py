@@ -1,0 +1,146 @@
+"""Shared pieces of the distillation tests: a tiny byte-level tokenizer with a chat template, a tiny
+Llama base model saved with it, small jsonl datasets, and a run config for them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<pad>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_tokenizer(chat_template: str | None = CHATML):
+    """256 byte tokens + 4 specials (260 ids), no merges: every string round-trips, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    for s in SPECIALS:
+        vocab[s] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    if chat_template:
+        tok.chat_template = chat_template
+    return tok
+
+
+def save_base(tmp_path, family: str = "llama", name: str = "base", seed: int = 0, **overrides) -> Path:
+    """A tiny HF model of ``family`` with the byte tokenizer, saved under ``tmp_path/name``."""
+    from tests.model_factories import tiny_hf_model
+
+    model = tiny_hf_model(family, seed=seed, **overrides)
+    out = Path(tmp_path) / name
+    model.save_pretrained(out)
+    byte_tokenizer().save_pretrained(out)
+    return out
+
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+         "upsilon phi chi psi omega").split()
+
+
+def write_text_jsonl(path, n: int = 48, seed: int = 0, min_words: int = 3, max_words: int = 30) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for _ in range(n):
+            k = rng.randint(min_words, max_words)
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(k))}) + "\n")
+    return path
+
+
+def write_chat_jsonl(path, n: int = 24, seed: int = 0) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = rng.randint(1, 99), rng.randint(1, 99)
+            msgs = [{"role": "user", "content": f"what is {a} plus {b}?"},
+                    {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+            if rng.random() < 0.5:
+                msgs += [{"role": "user", "content": "and times two?"},
+                         {"role": "assistant", "content": f"{2 * (a + b)}."}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return path
+
+
+def ds_config(tmp_path, name: str = "zero3_test.json", stage: int = 3, **extra) -> Path:
+    """A ZeRO config that partitions even tiny parameters (the default persistence threshold would keep
+    every parameter of a tiny model whole on every rank, and test nothing)."""
+    cfg = json.loads((ROOT / "ds_configs" / ("zero3.json" if stage == 3 else "zero2.json")).read_text())
+    if stage == 3:
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    cfg.update(extra)
+    p = Path(tmp_path) / name
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+def teacher_ds_config(tmp_path) -> Path:
+    cfg = json.loads((ROOT / "ds_configs" / "zero3_teacher.json").read_text())
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    p = Path(tmp_path) / "zero3_teacher_test.json"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+def run_args(tmp_path, base, data, out, steps: int = 6, **settings) -> list[str]:
+    """Command-line arguments of a tiny run (also usable in-process through make_config)."""
+    args = [
+        "--model", str(base), "--layers", "1,2", "--data", str(data), "--out", str(out),
+        "--steps", str(steps), "--seq-len", "64", "--micro-batch", "2",
+        "--deepspeed", str(ds_config(tmp_path)), "--teacher.deepspeed", str(teacher_ds_config(tmp_path)),
+        "--log.wandb=false", "--log.progress=false", "--optim.lr=3e-3", "--optim.warmup_steps=2",
+        "--loss.hidden_weight=0.5", "--train.dist_timeout_s=120",
+    ]
+    for k, v in settings.items():
+        args.append(f"--{k.replace('__', '.')}={v}")
+    return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    env.update(extra)
+    return env
+
+
+def run(cmd, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=test_env(**env))
+
+
+def launcher(name: str) -> str:
+    return str(ROOT / "launchers" / name)
+
+
+def python() -> str:
+    return sys.executable
