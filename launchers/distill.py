@@ -88,7 +88,7 @@ def main(argv=None):
     s = result.summary
     if s:
         print(
-            f"distilled layers {s['replaced_layers']} for steps {s['start_step']}..{s['steps']}: loss "
+            f"distilled layers {s['replaced_layers']}, steps {s['start_step']}..{s['last_step']} of {s['steps']}: loss "
             f"{s['first_loss']:.4f} -> {s['final_loss']:.4f}, {s['tokens']} tokens, {s['tokens_per_s']:.0f} tok/s, "
             f"peak {s['peak_mem_mb']:.0f} MiB/rank; checkpoint {s['checkpoint']}"
             + (f"; exported {s['export']}" if s.get("export") else "")

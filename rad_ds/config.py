@@ -122,6 +122,8 @@ class TrainConfig:
     grad_accum: int | None = _f(None, "micro-batches per step and rank (default: from global_batch, else 1)")
     global_batch: int | None = _f(None, "sequences per optimizer step (= micro_batch x grad_accum x world)")
     seed: int = _f(0, "seed of data order, init and RNG")
+    stop_after: int | None = _f(None, "stop (with a checkpoint) after this many steps in this invocation; "
+                                      "for time-limited jobs, continue with --resume auto")
     dist_timeout_s: int = _f(600, "timeout of every collective (a dead rank ends the job, no hang)")
 
 
@@ -218,7 +220,7 @@ class RunConfig:
                 raise ConfigError(f"{key} = {self.get(key)} must be >= 1")
         if self.data.seq_len < 2:
             raise ConfigError(f"data.seq_len = {self.data.seq_len} must be >= 2 (a token and its successor)")
-        for key in ("train.grad_accum", "train.global_batch"):
+        for key in ("train.grad_accum", "train.global_batch", "train.stop_after"):
             if self.get(key) is not None and self.get(key) < 1:
                 raise ConfigError(f"{key} = {self.get(key)} must be >= 1 (or unset)")
         for key in ("checkpoint.every", "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay",

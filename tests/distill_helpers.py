@@ -23,7 +23,16 @@ def byte_tokenizer(chat_template: str | None = CHATML):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    # GPT-2's byte -> printable character map, in byte order (ByteLevel.alphabet() is an unordered set)
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    vocab = {chars[b]: b for b in range(256)}
     for s in SPECIALS:
         vocab[s] = len(vocab)
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))

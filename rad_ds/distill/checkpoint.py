@@ -231,12 +231,49 @@ def _prune(root: Path, keep: int, current: Path) -> None:
 # -- load --------------------------------------------------------------------------------------------
 
 
-def load_engine_state(engine, tag_dir: Path) -> None:
+def load_engine_state(engine, tag_dir: Path, universal: bool = False) -> None:
     """Load DeepSpeed's shards (weights, optimizer, scheduler) of ``tag_dir`` into ``engine`` (collective)."""
+    inner = getattr(engine.optimizer, "optimizer", None)
+    groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+              for g in inner.param_groups] if inner is not None else None
     path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"checkpoint {tag_dir}: DeepSpeed found nothing to load")
+    if universal and inner is not None:
+        # DeepSpeed 0.19's ZeRO-3 universal load (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+        # gives every sub-group the *same* `step` tensor, which torch's Adam increments in place once per
+        # group, and copies group 0's hyperparameters (weight decay) onto every group. Undo both.
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        for g, saved in zip(inner.param_groups, groups):
+            g.update(saved)
+
+
+def to_universal(tag_dir: Path, work_dir: Path, rank: int = 0) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (rank 0; collective barrier), so it loads
+    on a different number of ranks. Returns the converted tag directory under ``work_dir``."""
+    import argparse
+
+    target = Path(work_dir) / tag_dir.name
+    err = None
+    if rank == 0:
+        try:
+            from deepspeed.checkpoint import ds_to_universal
+
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            ds_to_universal.main(argparse.Namespace(
+                input_folder=str(tag_dir), output_folder=str(target), num_extract_workers=1, num_merge_workers=1,
+                keep_temp_folder=False, strict=True, inject_missing_state=False,
+            ))
+        except Exception as e:  # noqa: BLE001 - reported on every rank below
+            err = e
+    if not _all_true(err is None):
+        raise CheckpointError(f"checkpoint {tag_dir}: conversion for a new world size failed ({err})") from err
+    return target
 
 
 def restore_rng(tag_dir: Path, rank: int, world: int) -> bool:
@@ -255,5 +292,5 @@ def restore_rng(tag_dir: Path, rank: int, world: int) -> bool:
 
 __all__ = [
     "CheckpointError", "NonFiniteError", "SavedCheckpoint", "complete_tags", "is_complete", "latest_checkpoint",
-    "load_engine_state", "read_state", "resolve_checkpoint", "restore_rng", "save_checkpoint", "tag_for",
+    "load_engine_state", "read_state", "resolve_checkpoint", "restore_rng", "save_checkpoint", "tag_for", "to_universal",
 ]

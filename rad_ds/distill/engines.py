@@ -66,10 +66,21 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not torch.distributed.is_initialized():
+        _forget_deepspeed_groups()
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                    verbose=False)
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(),
                     int(os.environ["LOCAL_RANK"]), backend)
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches process groups in module globals; after a process group was destroyed (a second
+    run in one process: a notebook, the tests) they would point at the dead group."""
+    from deepspeed.utils import groups
+
+    for name, value in vars(groups).copy().items():
+        if name.startswith("_") and name.isupper() and name.endswith(("_GROUP", "_GROUP_RANKS", "_WORLD_SIZE", "_RANK")):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
 
 
 # -- DeepSpeed configs ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from rad_ds.data import DistillLoader, data_fingerprint, load_packed
 
 from . import checkpoint as ckpt
 from .build import build_models, check_fingerprint
+from .checkpoint import to_universal
 from .engines import fill_ds_config, init_distributed, load_ds_config, plan_batch, student_engine, teacher_engine
 from .faults import fault_point, inject_nan
 from .losses import ce_loss_sum, hidden_loss_sum, kd_loss_sum
@@ -43,6 +45,7 @@ class DistillResult:
     checkpoint: Path | None = None
     export: Path | None = None
     summary: dict = field(default_factory=dict)
+    engine: object = field(default=None, repr=False)  # the student engine (for inspection after the run)
 
 
 class LossComputer:
@@ -154,15 +157,26 @@ def distill(cfg: RunConfig) -> DistillResult:
                           offload_params=cfg.teacher.offload, optimizer=False)
     if t_ds.get("zero_optimization", {}).get("stage") != 3:
         logger.warning("teacher.deepspeed %s is not ZeRO-3: the teacher is replicated on every rank", cfg.teacher.deepspeed)
+    load_dir, universal = tag_dir, None
+    if state is not None and state.get("world") != world:
+        # ZeRO shards are per rank: DeepSpeed's universal format re-partitions them for this world size
+        if rank == 0:
+            logger.warning("checkpoint %s was saved by %s ranks, resuming on %d: converting it (universal format); "
+                           "the data order continues exactly", tag_dir, state.get("world"), world)
+        universal = to_universal(tag_dir, root / "universal", rank)
+        load_dir = universal
+        s_ds.setdefault("checkpoint", {})["load_universal"] = True
     teacher = teacher_engine(models.teacher, t_ds)
     student = student_engine(models.student, s_ds, cfg.optim, cfg.train.steps)
     student_module = student.module
 
     start_step, tokens_seen = 0, 0
     if state is not None:
-        if state.get("world") != world and rank == 0:
-            logger.warning("resuming a checkpoint of %s ranks on %d ranks", state.get("world"), world)
-        ckpt.load_engine_state(student, tag_dir)
+        ckpt.load_engine_state(student, load_dir, universal=universal is not None)
+        if universal is not None:
+            dist.barrier()
+            if rank == 0:
+                shutil.rmtree(universal.parent, ignore_errors=True)
         loader.load_state_dict(state["sampler"])
         ckpt.restore_rng(tag_dir, rank, world)
         start_step, tokens_seen = int(state["step"]), int(state["tokens"])
@@ -262,21 +276,25 @@ def distill(cfg: RunConfig) -> DistillResult:
             tracker.log(row)
             fault_point("step_end", step=step, rank=rank)
             every = cfg.checkpoint.every
-            if step == cfg.train.steps or (every and step % every == 0):
+            stop = cfg.train.stop_after is not None and step - start_step >= cfg.train.stop_after
+            if step == cfg.train.steps or (every and step % every == 0) or stop:
                 last_saved = save(step)
+            if stop:
+                break
     except BaseException:
         tracker.close()
         raise
     elapsed = time.perf_counter() - t_run
     export_dir = None
-    if cfg.checkpoint.export_final and last_saved is not None:
+    finished = bool(rows) and rows[-1]["step"] == cfg.train.steps
+    if cfg.checkpoint.export_final and finished:
         if rank == 0:
             from .export import export_checkpoint
 
             export_dir = export_checkpoint(last_saved, out / "final", overwrite=True)
         dist.barrier()
     summary = {
-        "steps": cfg.train.steps, "start_step": start_step, "first_loss": rows[0]["loss"] if rows else None,
+        "steps": cfg.train.steps, "start_step": start_step, "last_step": rows[-1]["step"] if rows else start_step, "first_loss": rows[0]["loss"] if rows else None,
         "final_loss": rows[-1]["loss"] if rows else None, "tokens": tokens_seen, "elapsed_s": elapsed,
         "tokens_per_s": tokens_run / elapsed if elapsed > 0 else None, "peak_mem_mb": peak_memory_mb(),
         "world": world, "replaced_layers": models.replaced_layers, "checkpoint": str(last_saved),
@@ -288,7 +306,7 @@ def distill(cfg: RunConfig) -> DistillResult:
     for taps in (t_taps, s_taps):
         if taps is not None:
             taps.remove()
-    return DistillResult(out, start_step, cfg.train.steps, rows, last_saved, export_dir, summary)
+    return DistillResult(out, start_step, cfg.train.steps, rows, last_saved, export_dir, summary, engine=student)
 
 
 __all__ = ["DistillResult", "LossComputer", "distill"]
