@@ -105,6 +105,7 @@ def test_prefix_runner_equals_model_forward():
             with torch.no_grad():
                 ref = model(ids[None], skip_layers=mask).logits[0]
             assert torch.equal(runner.logits(s, frozenset(mask)), ref)
+            assert torch.allclose(runner.logits(s, frozenset(mask), start=5), ref[5:], atol=1e-5, rtol=0)
 
 
 def test_sampling_verification_has_the_full_models_distribution():

@@ -100,9 +100,8 @@ class AcceptanceEstimator:
         y = self.continuations[s]
         if not y:
             return []
-        logits = self.runner.logits(s, frozenset(mask))
         start = self.prompt_lens[s] - 1
-        pred = logits[start:start + len(y)].argmax(-1).tolist()
+        pred = self.runner.logits(s, frozenset(mask), start)[: len(y)].argmax(-1).tolist()
         return [a == b for a, b in zip(pred, y)]
 
     def trace(self, mask, draft_len: int | None = None) -> list[list[int]]:

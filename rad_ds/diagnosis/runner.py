@@ -122,6 +122,7 @@ def diagnose(cfg: DiagnoseConfig) -> dict:
     else:
         raise ValueError(f"--objective {cfg.objective!r}: use estimated or measured")
     evaluate = MaskEvaluator(stats_fn, objective_fn)
+    t_setup = time.perf_counter()
 
     n_greedy = sum(len(cands) - i for i in range(max(ks))) if cfg.greedy_baseline else 0
     bar = None
@@ -150,6 +151,7 @@ def diagnose(cfg: DiagnoseConfig) -> dict:
         selections.append(sel)
     if bar is not None:
         bar.close()
+    t_search = time.perf_counter()
 
     # re-check the chosen masks with the real decoder (ground truth and wall-clock)
     for sel in selections:
@@ -186,6 +188,8 @@ def diagnose(cfg: DiagnoseConfig) -> dict:
         "trials": all_trials,
         "evaluated_masks": evaluate.evaluations,
         "seconds": time.perf_counter() - t_start,
+        "seconds_breakdown": {"setup": t_setup - t_start, "search": t_search - t_setup,
+                              "recheck": time.perf_counter() - t_search},
     }
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -65,18 +65,19 @@ class PrefixRunner:
                 self.pos.append(pe)
                 self.masks.append(am)
 
-    def full_logits(self, s: int) -> torch.Tensor:
+    def full_logits(self, s: int, start: int = 0) -> torch.Tensor:
         with torch.no_grad():
-            return self.model.lm_head(self.inner.norm(self.hidden[s][-1]))[0]
+            return self.model.lm_head(self.inner.norm(self.hidden[s][-1][:, start:]))[0]
 
     @torch.no_grad()
-    def logits(self, s: int, mask: frozenset[int]) -> torch.Tensor:
-        """Draft logits (T, V) for sequence ``s`` with attention sublayers ``mask`` skipped."""
+    def logits(self, s: int, mask: frozenset[int], start: int = 0) -> torch.Tensor:
+        """Draft logits (T - start, V) at positions ``start..`` of sequence ``s`` with attention sublayers
+        ``mask`` skipped (the LM head, a large share of a small model's cost, runs only where needed)."""
         if not mask:
-            return self.full_logits(s)
-        start = min(mask)
-        h = self.hidden[s][start]
+            return self.full_logits(s, start)
+        first = min(mask)
+        h = self.hidden[s][first]
         pe, am = self.pos[s], self.masks[s]
-        for i in range(start, len(self.inner.layers)):
+        for i in range(first, len(self.inner.layers)):
             h = self.inner.layers[i](h, position_embeddings=pe, attn_mask=am, skip_mixer=i in mask)
-        return self.model.lm_head(self.inner.norm(h))[0]
+        return self.model.lm_head(self.inner.norm(h[:, start:]))[0]
