@@ -153,3 +153,37 @@ def launcher(name: str) -> str:
 
 def python() -> str:
     return sys.executable
+
+
+def metrics(out) -> list[dict]:
+    p = Path(out) / "metrics.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
+
+
+def assert_same_steps(rows, reference, steps, rel=1e-6):
+    """The metrics rows of ``steps`` equal the reference run's (loss terms, grad norm, lr)."""
+    import pytest
+
+    by_step = {r["step"]: r for r in rows}
+    ref = {r["step"]: r for r in reference}
+    assert sorted(by_step) == sorted(steps), sorted(by_step)
+    for s in steps:
+        for key in ("loss", "kd", "hidden", "grad_norm", "lr"):
+            if key in ref[s]:
+                assert by_step[s][key] == pytest.approx(ref[s][key], rel=rel, abs=1e-9), (s, key)
+
+
+def unique_python(tmp_path) -> str:
+    """A python executable at a path of this test's own (a symlinked copy of the venv). DeepSpeed's pdsh
+    launcher, when interrupted, runs `pkill -f "<python> -u -m deepspeed.launcher.launch"` on every host:
+    with a unique <python> path that can only ever match this test's processes."""
+    venv = Path(sys.prefix)
+    d = Path(tmp_path) / "py"
+    (d / "bin").mkdir(parents=True, exist_ok=True)
+    (d / "pyvenv.cfg").write_text((venv / "pyvenv.cfg").read_text())
+    if not (d / "lib").exists():
+        (d / "lib").symlink_to(venv / "lib")
+    exe = d / "bin" / "python"
+    if not exe.exists():
+        exe.symlink_to(Path(sys.executable).resolve())
+    return str(exe)
