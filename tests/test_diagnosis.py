@@ -203,7 +203,7 @@ def test_cost_models():
     assert 0 < wc.attn_fraction < 1 / 6
 
 
-def test_diagnose_end_to_end_and_replace_from_report(tmp_path):
+def test_diagnose_end_to_end_and_replace_from_report(tmp_path, monkeypatch):
     """The whole stage in-process on a tiny model with a tokenizer and a jsonl of prompts."""
     from rad_ds.diagnosis.runner import DiagnoseConfig, diagnose
     from rad_ds.surgery import build_student
@@ -215,8 +215,12 @@ def test_diagnose_end_to_end_and_replace_from_report(tmp_path):
         for i in range(4):
             f.write(json.dumps({"prompt": " ".join(f"w{(7 * i + j) % 300}" for j in range(5 + i))}) + "\n")
     out = tmp_path / "diag"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     rep = diagnose(DiagnoseConfig(model=str(base), out=str(out), k=[1, 2, 3], prompts=str(prompts), trials=12,
-                                  max_new_tokens=24, cost_model="weights", recheck_prompts=2, progress=False))
+                                  max_new_tokens=24, cost_model="weights", recheck_prompts=2, progress=False,
+                                  wandb=True, wandb_run="diag-test"))
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # a real (offline) wandb run was logged
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["selections"] == json.loads(json.dumps(rep["selections"]))
     assert (out / "redundancy.png").stat().st_size > 10_000
