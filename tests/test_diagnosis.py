@@ -234,3 +234,20 @@ def test_diagnose_end_to_end_and_replace_from_report(tmp_path, monkeypatch):
     rec = build_student(str(base), student, report=out / "report.json", k=2)
     assert rec.layers == on_disk["selections"][1]["layers"]
     assert rec.selection["k"] == 2
+
+
+def test_measured_objective_runs_the_real_decoder(tmp_path):
+    """--objective measured (paper-faithful): each trial is scored by the real decoder's wall clock."""
+    from rad_ds.diagnosis.runner import DiagnoseConfig, diagnose
+    from tests.model_factories import save_tiny_with_tokenizer
+
+    base, _ = save_tiny_with_tokenizer(tmp_path, num_hidden_layers=4)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w1 w2 w3\nw4 w5 w6 w7\n")
+    rep = diagnose(DiagnoseConfig(model=str(base), out=str(tmp_path / "d"), k=[2], prompts=str(prompts), trials=3,
+                                  max_new_tokens=12, objective="measured", recheck_prompts=0, progress=False,
+                                  chat=False))
+    sel = rep["selections"][0]
+    assert rep["settings"]["objective"] == "measured" and sel["measured_speedup"] is None
+    assert sel["estimated_speedup"] > 0  # a measured tokens/s ratio
+    assert len(rep["trials"]) == 3

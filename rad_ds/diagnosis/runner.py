@@ -94,24 +94,25 @@ def diagnose(cfg: DiagnoseConfig) -> dict:
     def stats_fn(mask) -> AcceptanceStats:
         return AcceptanceStats.from_tensor(dist.all_reduce_sum(est.stats(mask).as_tensor()))
 
-    plain_cache = {}
+    plain_tps: dict = {}  # plain-decoding tokens/s, per prompt count (measured once)
+
+    def _sum(values) -> list[float]:
+        return dist.all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
     def measured_speed(mask, n_prompts=None):
-        """Real decoder vs plain decoding on this rank's prompts, summed over ranks."""
+        """Real decoder vs plain decoding on this rank's prompts (summed over ranks):
+        (speed-up, acceptance rate, this rank's accepted-length traces)."""
         sel = mine if n_prompts is None else mine[:n_prompts]
-        if "plain" not in plain_cache or n_prompts not in plain_cache["plain"]:
+        if n_prompts not in plain_tps:
             pl = [plain_decode(model, p, cfg.max_new_tokens, eos_token_id=eos) for p in sel]
-            t = dist.all_reduce_sum(torch.tensor([float(sum(len(r.tokens) for r in pl)), sum(r.seconds for r in pl)],
-                                                 dtype=torch.float64))
-            plain_cache.setdefault("plain", {})[n_prompts] = float(t[0] / t[1])
+            tokens, secs = _sum([sum(len(r.tokens) for r in pl), sum(r.seconds for r in pl)])
+            plain_tps[n_prompts] = tokens / secs
         spec = SpecConfig(draft_len=cfg.draft_len, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos)
         dec = SelfSpeculativeDecoder(model, mask, spec)
         rs = [dec.generate(p) for p in sel]
-        v = dist.all_reduce_sum(torch.tensor(
-            [float(sum(len(r.tokens) for r in rs)), sum(r.seconds for r in rs), float(sum(sum(r.accepted) for r in rs)),
-             float(sum(sum(r.drafted) for r in rs))], dtype=torch.float64))
-        traces = [r.accepted for r in rs]
-        return float(v[0] / v[1]) / plain_cache["plain"][n_prompts], float(v[2] / max(v[3], 1)), traces
+        tokens, secs, acc, drafted = _sum([sum(len(r.tokens) for r in rs), sum(r.seconds for r in rs),
+                                           sum(sum(r.accepted) for r in rs), sum(sum(r.drafted) for r in rs)])
+        return (tokens / secs) / plain_tps[n_prompts], acc / max(drafted, 1), [r.accepted for r in rs]
 
     if cfg.objective == "estimated":
         def objective_fn(mask, st):
