@@ -23,13 +23,14 @@ from .trainer import LossComputer
 class ReferenceDistiller:
     """``step()`` runs one optimizer step of the plain loop and returns its metrics row."""
 
-    def __init__(self, cfg, world: int = 1):
+    def __init__(self, cfg, world: int = 1, device: str = "cpu"):
         cfg.validate()
         torch.manual_seed(cfg.train.seed)
         self.cfg = cfg
         models = build_models(cfg)
         self.models = models
-        self.student, self.teacher = models.student.train(), models.teacher.eval()
+        self.device = torch.device(device)
+        self.student, self.teacher = models.student.to(self.device).train(), models.teacher.to(self.device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         set_trainable(self.student, cfg.student.trainable, models.replaced_layers)
@@ -55,6 +56,7 @@ class ReferenceDistiller:
         lr = self.opt.param_groups[0]["lr"]
         acc = {}
         for mb in batch.micro:
+            mb.input_ids, mb.target, mb.token = (x.to(self.device) for x in (mb.input_ids, mb.target, mb.token))
             with torch.no_grad():
                 t_logits = self.teacher(mb.input_ids, use_cache=False).logits
             s_logits = self.student(mb.input_ids, use_cache=False).logits
@@ -73,6 +75,8 @@ class ReferenceDistiller:
         self.opt.zero_grad(set_to_none=True)
         self.step_no += 1
         loss, terms = self.losses.weighted(acc, batch.n_target, batch.n_token)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         return {"step": self.step_no, "loss": loss, **terms, "lr": lr, "grad_norm": float(norm),
                 "tokens_per_s": batch.n_token / dt, "step_s": dt}

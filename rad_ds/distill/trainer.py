@@ -260,9 +260,9 @@ def distill(cfg: RunConfig) -> DistillResult:
                     f"stopped before the optimizer step, nothing saved{where}. Lower optim.lr or check the data"
                 )
             student.step()
-            grad_norm = student.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            if cfg.optim.grad_clip and not math.isfinite(grad_norm):
+            grad_norm = student.get_global_grad_norm()  # None where DeepSpeed did not compute it
+            grad_norm = float(grad_norm) if grad_norm is not None else None
+            if grad_norm is not None and not math.isfinite(grad_norm):
                 raise ckpt.NonFiniteError(
                     f"step {step}: the gradient norm is {grad_norm} (DeepSpeed skipped the update); stopped, nothing "
                     f"saved. Lower optim.lr or check the data"
