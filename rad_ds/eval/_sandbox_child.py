@@ -1,0 +1,298 @@
+"""The first code a sandboxed interpreter runs (``sandbox.py`` passes this file's text with ``-c``).
+
+It reads one JSON line of settings and then the program from stdin, locks itself down, runs the
+program, and reports on the result pipe. Kernel-level guards come first, while the process still has
+the rights to set them up; the Python-level audit hook comes last, after the last use of ctypes here.
+Nothing from rad_ds is imported: the child may run as an unprivileged user that cannot read the repo.
+"""
+
+import ctypes
+import json
+import os
+import resource
+import sys
+
+# Landlock (Linux >= 5.13), uapi/linux/landlock.h; the syscall numbers are the same on every architecture
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_RULE_PATH_BENEATH = 1
+FS_WRITE_FILE, FS_REMOVE_DIR, FS_REMOVE_FILE = 1 << 1, 1 << 4, 1 << 5
+FS_MAKE = (1 << 6) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12)  # char dir reg sock fifo block sym
+FS_REFER, FS_TRUNCATE = 1 << 13, 1 << 14  # ABI 2, ABI 3
+NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1  # ABI 4
+SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6
+PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 1, 24, 47, 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
+NOBODY = 65534
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
+def _set_limits(cfg, guards):
+    mb = 1 << 20
+    limits = [(resource.RLIMIT_AS, cfg["memory_mb"] * mb), (resource.RLIMIT_CPU, cfg["cpu_seconds"]),
+              (resource.RLIMIT_FSIZE, cfg["file_mb"] * mb), (resource.RLIMIT_CORE, 0),
+              (resource.RLIMIT_NOFILE, 64)]
+    for what, soft in limits:
+        # CPU time: SIGXCPU at the soft limit, SIGKILL one second later
+        hard = soft + 1 if what == resource.RLIMIT_CPU else soft
+        old_hard = resource.getrlimit(what)[1]
+        if old_hard != resource.RLIM_INFINITY:
+            soft, hard = min(soft, old_hard), min(hard, old_hard)
+        resource.setrlimit(what, (soft, hard))
+    guards.append("rlimits")
+
+
+def _no_network(libc, guards):
+    flags = CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNET
+    if libc.unshare(ctypes.c_int(flags)) == 0:
+        guards.append("netns")  # a fresh network namespace: only a loopback device, and it is down
+
+
+def _landlock(libc, workdir, guards):
+    abi = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
+                       ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
+    if abi < 1:
+        return
+    fs = FS_WRITE_FILE | FS_REMOVE_DIR | FS_REMOVE_FILE | FS_MAKE
+    fs |= FS_REFER if abi >= 2 else 0
+    fs |= FS_TRUNCATE if abi >= 3 else 0
+    attr = _RulesetAttr(fs, NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0,
+                        SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0)
+    size = 8 if abi < 4 else 16 if abi < 6 else 24
+    rs = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if rs < 0:
+        return
+    file_rights = FS_WRITE_FILE | (FS_TRUNCATE if abi >= 3 else 0)
+    for path, rights in ((workdir, fs), (os.devnull, file_rights)):
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        rule = _PathBeneathAttr(rights, fd)
+        libc.syscall(SYS_LANDLOCK_ADD_RULE, ctypes.c_int(rs), ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
+                     ctypes.byref(rule), ctypes.c_uint32(0))
+        os.close(fd)
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    if libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(rs), ctypes.c_uint32(0)) == 0:
+        guards.append("landlock-fs")
+        if abi >= 4:
+            guards.append("landlock-tcp")
+        if abi >= 6:
+            guards.append("landlock-signals")
+    os.close(rs)
+
+
+def _readable_by_all(path):
+    """Every directory from / to ``path`` lets others through, and ``path`` lets them read."""
+    import stat
+
+    path = os.path.realpath(path)
+    parts = path.split(os.sep)
+    for i in range(1, len(parts) + 1):
+        d = os.sep.join(parts[:i]) or os.sep
+        try:
+            mode = os.stat(d).st_mode
+        except OSError:
+            return False
+        if not mode & stat.S_IXOTH or (i == len(parts) and not mode & stat.S_IROTH):
+            return False
+    return True
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _drop_root(libc, workdir, guards):
+    """As root: become ``nobody`` when the interpreter can still import its library as ``nobody``;
+    otherwise (Python installed under a private home) stay uid 0 but give up every capability."""
+    if os.geteuid() != 0:
+        return
+    import sysconfig
+
+    libs = {os.path.dirname(os.__file__), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    if all(_readable_by_all(p) for p in libs if os.path.isdir(p)):
+        os.chown(workdir, NOBODY, NOBODY)
+        os.setgroups([])
+        os.setresgid(NOBODY, NOBODY, NOBODY)
+        os.setresuid(NOBODY, NOBODY, NOBODY)  # clears every capability
+        guards.append("uid-nobody")
+        return
+    try:
+        last = int(open("/proc/sys/kernel/cap_last_cap").read())
+    except (OSError, ValueError):
+        last = 63
+    for cap in range(last + 1):
+        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # nothing regained by an exec either
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    data = (_CapData * 2)()
+    if libc.capset(ctypes.byref(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)), data) == 0:
+        guards.append("no-capabilities")
+
+
+# seccomp: no new processes and no exec; threads (clone with CLONE_THREAD) stay allowed. clone3 answers
+# ENOSYS so that libc falls back to clone, whose flags a filter can read.
+_SECCOMP_ARCH = {  # machine: (AUDIT_ARCH_*, clone, clone3, (fork, vfork, execve, execveat, ...))
+    "x86_64": (0xC000003E, 56, 435, (57, 58, 59, 322)),
+    "aarch64": (0xC00000B7, 220, 435, (221, 281)),
+}
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+CLONE_THREAD = 0x00010000
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def _seccomp(libc, guards):
+    import platform
+
+    spec = _SECCOMP_ARCH.get(platform.machine())
+    if spec is None:
+        return
+    arch, clone, clone3, denied = spec
+    LD, JEQ, JSET, RET = 0x20, 0x15, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JSET|K, BPF_RET|K
+    ALLOW, EPERM, ENOSYS = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
+    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, ALLOW), (LD, 0, 0, 0)]
+    if platform.machine() == "x86_64":
+        prog += [(JSET, 0, 1, 0x40000000), (RET, 0, 0, EPERM)]  # no x32 syscalls
+    for nr in denied:
+        prog += [(JEQ, 0, 1, nr), (RET, 0, 0, EPERM)]
+    prog += [(JEQ, 0, 1, clone3), (RET, 0, 0, ENOSYS)]
+    prog += [(JEQ, 0, 3, clone), (LD, 0, 0, 16), (JSET, 1, 0, CLONE_THREAD), (RET, 0, 0, EPERM)]
+    prog += [(RET, 0, 0, ALLOW)]
+    filt = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
+    fprog = _SockFprog(len(prog), filt)
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0:
+        guards.append("seccomp-noproc")
+
+
+def _no_new_processes(guards):
+    # without seccomp: RLIMIT_NPROC is counted per user, so at 0 every fork/clone of a non-root user fails
+    if os.geteuid() != 0 and "seccomp-noproc" not in guards:
+        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+        guards.append("nproc-0")
+
+
+_DENIED = frozenset({
+    "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "subprocess.Popen",
+    "os.kill", "os.killpg", "pty.spawn", "socket.__new__", "socket.connect", "socket.bind", "socket.sendto",
+    "socket.getaddrinfo", "socket.gethostbyname", "urllib.Request", "ctypes.dlopen", "ctypes.dlsym",
+    "ctypes.dlsym/handle", "ctypes.call_function", "ctypes.cdata", "ctypes.cdata/buffer", "ctypes.string_at",
+    "ctypes.PyObj_FromPtr", "resource.setrlimit", "resource.prlimit", "os.chroot", "webbrowser.open",
+    "_winapi.CreateProcess", "os.startfile",
+})
+_PATH_EVENTS = frozenset({"os.remove", "os.rmdir", "os.rename", "os.mkdir", "os.symlink", "os.link", "os.chmod",
+                          "os.chown", "os.truncate", "os.utime", "os.chflags", "os.lchflags", "os.mkfifo",
+                          "os.mknod", "shutil.rmtree", "shutil.copyfile", "shutil.copymode", "shutil.copystat",
+                          "shutil.copytree", "shutil.move", "shutil.chown", "os.removexattr", "os.setxattr"})
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def _audit_hook(workdir, guards):
+    """Deny processes, sockets, ctypes and writes outside ``workdir`` at the Python level (a second line
+    behind the kernel guards, with clear error messages; also the only line where those are missing)."""
+    root = os.path.realpath(workdir)
+    allowed = (root, os.devnull)
+    realpath, join, fspath = os.path.realpath, os.path.join, os.fspath
+
+    def inside(path):
+        if isinstance(path, int):
+            return True  # an already open descriptor
+        try:
+            p = fspath(path)
+            p = p.decode(errors="replace") if isinstance(p, bytes) else p
+            p = realpath(join(root, p))
+        except Exception:  # noqa: BLE001 - an unparseable path is refused
+            return False
+        return p in allowed or p.startswith(root + os.sep)
+
+    def hook(event, args):
+        if event in _DENIED:
+            raise PermissionError(f"sandbox: {event} is not allowed")
+        if event == "open":
+            path, mode, flags = (tuple(args) + (None, None))[:3]
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & _WRITE_FLAGS)
+            if writing and not inside(path):
+                raise PermissionError(f"sandbox: writing {path!r} (outside the working directory) is not allowed")
+        elif event in _PATH_EVENTS:
+            paths = [a for a in args if isinstance(a, (str, bytes, os.PathLike))]
+            if not all(inside(p) for p in paths):
+                raise PermissionError(f"sandbox: {event} outside the working directory is not allowed")
+
+    sys.addaudithook(hook)
+    guards.append("audit-hook")
+
+
+def main():
+    cfg = json.loads(sys.stdin.readline())
+    source = sys.stdin.read()
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    result_fd, nonce, workdir = cfg["result_fd"], cfg["nonce"], cfg["workdir"]
+    guards = []
+    libc = _libc()
+    _set_limits(cfg, guards)
+    _no_network(libc, guards)
+    _landlock(libc, workdir, guards)
+    _drop_root(libc, workdir, guards)
+    libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)  # die with the evaluator (after the uid change, which clears it)
+    _seccomp(libc, guards)
+    _no_new_processes(guards)
+    os.chdir(workdir)
+    filename = cfg.get("filename", "program.py")
+    python_guards = cfg.get("python_guards", True)
+    del cfg, libc
+    for name in ("ctypes", "_ctypes"):
+        sys.modules.pop(name, None)
+    if python_guards:
+        _audit_hook(workdir, guards)
+    passed, error = False, None
+    try:
+        code = compile(source, filename, "exec")
+        del source
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+        passed = True
+    except BaseException as e:  # noqa: BLE001 - SystemExit too: a program that exits early did not finish
+        error = f"{type(e).__name__}: {e}"[:1000]
+        try:
+            import traceback
+
+            traceback.print_exc()
+        except BaseException:  # noqa: BLE001
+            pass
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:  # noqa: BLE001
+        pass
+    os.write(result_fd, json.dumps({"nonce": nonce, "passed": passed, "error": error, "guards": guards}).encode())
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Batched greedy generation with the hybrid cache, and how work is split over ranks.
+
+Batches are formed once, over all samples, sorted by prompt length (less padding); rank r takes batches
+r, r + W, r + 2W, ... The same batch, with the same left padding, is computed whatever the number of
+ranks, so 1 and N ranks give the same outputs token for token; per-sample records are then gathered
+and put back in sample order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first, ties by index: deterministic)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def my_batches(batches: list, rank: int, world: int) -> list:
+    return batches[rank::world]
+
+
+def gather(items: list) -> list:
+    """All ranks' lists, concatenated (every rank gets the result)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(items)
+    box = [None] * dist.get_world_size()
+    dist.all_gather_object(box, list(items))
+    return [x for part in box for x in part]
+
+
+@dataclass
+class Generated:
+    text: str
+    new_tokens: int  # up to and including the EOS token
+    truncated_prompt: bool = False
+
+
+def _eos_ids(tokenizer, model) -> set[int]:
+    ids = set()
+    for e in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None),
+              getattr(model.config, "eos_token_id", None)):
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(x) for x in e)
+    return ids
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int,
+                   stop_strings: tuple[str, ...] = ()) -> tuple[list[Generated], float]:
+    """Greedy continuations of ``prompts`` (1-D id tensors), left-padded into one batch; (results, seconds)."""
+    eos = _eos_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos) if eos else 0
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    budget = max(1, ctx - max_new_tokens) if ctx else None
+    cut = [bool(budget and p.numel() > budget) for p in prompts]
+    prompts = [p[-budget:] if c else p for p, c in zip(prompts, cut)]  # keep the end (the question)
+    width = max(p.numel() for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - p.numel():] = p
+        mask[i, width - p.numel():] = 1
+    dev = model.device
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+              pad_token_id=pad, eos_token_id=sorted(eos) or None)
+    if stop_strings:
+        kw.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    out = model.generate(ids.to(dev), attention_mask=mask.to(dev), **kw)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - t0
+    results = []
+    for i, row in enumerate(out[:, width:].tolist()):
+        n = len(row)
+        for j, t in enumerate(row):
+            if t in eos:
+                n = j + 1
+                break
+        else:  # stopped by a stop string (or the length limit): generate() padded the rest
+            while n and pad not in eos and row[n - 1] == pad:
+                n -= 1
+        text = tokenizer.decode(row[:n], skip_special_tokens=True)
+        results.append(Generated(text, n, cut[i]))
+    return results, seconds
+
+
+__all__ = ["Generated", "gather", "generate_batch", "length_sorted_batches", "my_batches"]

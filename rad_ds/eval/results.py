@@ -1,0 +1,129 @@
+"""The outputs of an evaluation, written by rank 0: ``results.json`` (everything), ``results.md`` (the
+table: model, task, n, score, tokens/s, and the speed details), ``samples/<model>/<task>.jsonl`` (every
+prompt, output and verdict, for reading what a model did), and optionally a wandb run (offline unless
+``WANDB_MODE`` says otherwise)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from rad_ds.diagnosis.report import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def safe_name(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "model"
+
+
+def write_samples(out: Path, label: str, task: str, records: list[dict]) -> Path:
+    path = out / "samples" / safe_name(label) / f"{task}.jsonl"
+    _write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
+    return path
+
+
+def _fmt(x, digits=4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:.1f}"
+    return str(x)
+
+
+def markdown(results: dict) -> str:
+    rows = results["results"]
+    lines = ["# rad-ds evaluation", "",
+             f"{results['created']} · {results['world_size']} rank(s) · device {results['device']} · "
+             f"seed {results['config']['seed']}", "",
+             "| model | task | n | metric | score | ± | tokens/s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['task']} | {r['n']} | {r['metric']} | {_fmt(r['score'])} | "
+                     f"{_fmt(r.get('stderr'))} | {_fmt(r.get('tokens_per_second'), 1)} |")
+    speed = [r for r in rows if r["task"] == "speed"]
+    if speed:
+        lines += ["", "Decoding speed (batch 1, greedy; speculative = draft skips the mask's attention layers):", "",
+                  "| model | plain tok/s | speculative tok/s | mask | acceptance | mean accepted | speed-up | "
+                  "same tokens |", "|---|---|---|---|---|---|---|---|"]
+        for r in speed:
+            d = r["details"]
+            spec = d.get("speculative") or {}
+            mask = ",".join(map(str, spec["layers"])) if spec.get("layers") else d.get("speculative_skipped") or "-"
+            lines.append(f"| {r['model']} | {_fmt(d['plain_tokens_per_second'], 1)} | "
+                         f"{_fmt(spec.get('tokens_per_second'), 1)} | {mask} | {_fmt(spec.get('acceptance_rate'), 3)} | "
+                         f"{_fmt(spec.get('mean_accepted_length'), 2)} | "
+                         f"{_fmt(spec.get('speedup'), 2) + 'x' if spec.get('speedup') else '-'} | "
+                         f"{spec.get('same_tokens', '-')} |")
+    lines += ["", "| model | path | layers (A = attention, M = Mamba2) | parameters |", "|---|---|---|---|"]
+    for label, m in results["models"].items():
+        lines.append(f"| {label} | {m['path']} | `{m['layers']}` | {m['parameters'] / 1e6:.1f}M |")
+    sources = {r["task"]: r.get("source") for r in rows if r.get("source")}
+    if sources:
+        lines += ["", "Data: " + "; ".join(f"{t}: {s}" for t, s in sources.items()) + "."]
+    if results.get("sandbox"):
+        lines += ["", f"Code ran in the sandbox with: {', '.join(results['sandbox']['guards'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, results: dict) -> tuple[Path, Path]:
+    j = write_json_atomic(out / "results.json", results)
+    m = out / "results.md"
+    _write_text_atomic(m, markdown(results))
+    return j, m
+
+
+class WandbLog:
+    """A wandb run on rank 0, offline unless ``WANDB_MODE`` says otherwise; logging never stops the run."""
+
+    def __init__(self, enabled: bool, project: str, name: str | None, out: Path, config: dict):
+        self.run = None
+        if not enabled:
+            return
+        try:
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", "offline")
+            os.environ.setdefault("WANDB_SILENT", "true")
+            out.mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(project=project, name=name, dir=str(out), config=config, job_type="evaluate")
+        except Exception as e:  # noqa: BLE001
+            logger.warning("wandb disabled: %s", e)
+
+    def row(self, row: dict) -> None:
+        if self.run is None:
+            return
+        key = f"{row['model']}/{row['task']}"
+        vals = {f"{key}/{row['metric']}": row["score"], f"{key}/n": row["n"]}
+        if row.get("tokens_per_second") is not None:
+            vals[f"{key}/tokens_per_second"] = row["tokens_per_second"]
+        self.run.log(vals)
+
+    def finish(self, results: dict) -> None:
+        if self.run is None:
+            return
+        import wandb
+
+        cols = ["model", "task", "n", "metric", "score", "stderr", "tokens_per_second"]
+        table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in results["results"]])
+        self.run.log({"results": table})
+        self.run.finish()
+
+
+__all__ = ["WandbLog", "markdown", "safe_name", "write_results", "write_samples"]

@@ -1,0 +1,337 @@
+"""``evaluate``: every model on every task, side by side, into ``results.json`` and ``results.md``.
+
+Models are evaluated one after another; under ``deepspeed`` / ``torchrun`` each rank holds a whole copy of
+the model and takes its share of the batches (data parallel), and the per-sample records are gathered,
+so 1 and N ranks give the same scores. All data is read and checked before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rad_ds.diagnosis import dist
+
+from .batching import gather, generate_batch, length_sorted_batches, my_batches
+from .cruxeval import CruxEvalTask
+from .gsm8k import Gsm8kTask
+from .humaneval import HumanEvalTask
+from .perplexity import load_texts, summarize as ppl_summary, timed_window_nll, windows
+from .results import WandbLog, markdown, write_results, write_samples
+from .sandbox import SandboxLimits, sandbox_guards
+from .speed import SkipMask, decode_prompts, mask_from_report, summarize as speed_summary, usable_mask
+from .tasks import accuracy, cut_at_stop
+
+logger = logging.getLogger(__name__)
+
+GENERATION_TASKS = ("gsm8k", "humaneval", "cruxeval")
+TASKS = GENERATION_TASKS + ("ppl", "speed")
+DATA_TASKS = ("gsm8k", "humaneval", "cruxeval", "ppl", "speed")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class EvalConfig:
+    models: list[str]
+    out: str
+    tasks: list[str] = field(default_factory=lambda: ["gsm8k", "humaneval", "ppl"])
+    data: dict[str, str] = field(default_factory=dict)  # task -> local file
+    limit: int | None = None  # first N samples of each task (ppl: documents)
+    few_shot: int = 0  # GSM8K chain-of-thought exemplars
+    max_new_tokens: int | None = None  # None: each task's default
+    batch_size: int = 8
+    chat: bool = True  # apply the chat template when the tokenizer has one
+    seed: int = 0
+    dtype: str | None = None  # default: bf16 on CUDA, fp32 on CPU
+    report: str | None = None  # diagnosis report.json for speculative decoding (with k)
+    k: int | None = None
+    skip_layers: list[int] | None = None  # or an explicit mask
+    speed_prompts: int = 4
+    draft_len: int = 4
+    ppl_window: int = 1024
+    ppl_stride: int | None = None  # None: = window
+    timeout: float = 10.0  # seconds per program in the sandbox
+    sandbox_memory_mb: int = 1024
+    sandbox_workers: int = 2
+    wandb: bool = False
+    wandb_project: str = "rad-ds"
+    wandb_run: str | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        from rad_ds.models.conversion import EMBEDDED
+
+        if not self.models:
+            raise ValueError("give at least one --model")
+        for m in self.models:
+            if m not in EMBEDDED and not Path(m).exists():
+                raise FileNotFoundError(f"--model {m}: no such directory or file; give an HF model dir, a .gguf file "
+                                        f"or one of {', '.join(EMBEDDED)}")
+        if not self.tasks:
+            raise ValueError(f"--tasks is empty; choose from {','.join(TASKS)}")
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad:
+            raise ValueError(f"--tasks: unknown task(s) {','.join(bad)}; choose from {','.join(TASKS)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"--tasks {','.join(self.tasks)}: a task is listed twice")
+        for task, path in self.data.items():
+            if task not in self.tasks:
+                raise ValueError(f"--data {task}={path}: task {task!r} is not in --tasks {','.join(self.tasks)}")
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--data {task}={path}: file not found")
+        for name, v, lo in (("--limit", self.limit, 1), ("--batch-size", self.batch_size, 1),
+                            ("--max-new-tokens", self.max_new_tokens, 1), ("--speed-prompts", self.speed_prompts, 1),
+                            ("--draft-len", self.draft_len, 1), ("--ppl-window", self.ppl_window, 2),
+                            ("--ppl-stride", self.ppl_stride, 1), ("--sandbox-memory-mb", self.sandbox_memory_mb, 64),
+                            ("--sandbox-workers", self.sandbox_workers, 1)):
+            if v is not None and v < lo:
+                raise ValueError(f"{name} {v}: must be >= {lo}")
+        if self.ppl_stride is not None and self.ppl_stride > self.ppl_window:
+            raise ValueError(f"--ppl-stride {self.ppl_stride} exceeds --ppl-window {self.ppl_window}")
+        if not self.timeout > 0:
+            raise ValueError(f"--timeout {self.timeout}: must be > 0 seconds")
+        if (self.report is None) != (self.k is None):
+            raise ValueError("--report and --k go together: the k-layer mask of a diagnosis report")
+        if self.report and self.skip_layers:
+            raise ValueError("give either --report/--k or --skip-layers, not both")
+        if (self.report or self.skip_layers) and "speed" not in self.tasks:
+            raise ValueError("--report/--skip-layers are for the speed task; add speed to --tasks")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype}: use one of {', '.join(DTYPES)}")
+        Gsm8kTask(self.few_shot)  # checks the range
+
+
+def _mask(cfg: EvalConfig) -> SkipMask | None:
+    if cfg.report:
+        return mask_from_report(cfg.report, cfg.k)
+    if cfg.skip_layers:
+        return SkipMask(tuple(sorted(set(cfg.skip_layers))), "--skip-layers")
+    return None
+
+
+def _labels(models: list[str]) -> list[str]:
+    short = [m if m.startswith("embedded:") else Path(m).name or m for m in models]
+    return [s if short.count(s) == 1 else m for s, m in zip(short, models)]
+
+
+def _layers_string(config) -> str:
+    return "".join("A" if t == "attention" else "M" for t in config.layer_types)
+
+
+def _encode(tok, sample, chat: bool) -> torch.Tensor:
+    from rad_ds.diagnosis.prompts import encode
+
+    return encode(tok, "chat", sample.messages) if chat else encode(tok, "text", sample.text, chat=False)
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int, desc: str):
+        self.bar = None
+        if enabled and total:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
+
+    def update(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _sum_over_ranks(*values: float) -> list[float]:
+    parts = gather([tuple(values)])
+    return [sum(p[i] for p in parts) for i in range(len(values))]
+
+
+def run_generation_task(model, tok, task, samples, cfg: EvalConfig, chat: bool, rank: int, world: int,
+                        sandbox: SandboxLimits, label: str) -> tuple[dict, list[dict]]:
+    max_new = cfg.max_new_tokens or task.default_max_new_tokens
+    prompts = [_encode(tok, s, chat) for s in samples]
+    batches = length_sorted_batches([p.numel() for p in prompts], cfg.batch_size)
+    mine = my_batches(batches, rank, world)
+    stops = () if chat else task.plain_stop
+    local, tokens, seconds = [], 0, 0.0
+    bar = _Progress(cfg.progress and rank == 0, len(mine), f"{label} {task.name}")
+    for b in mine:
+        gens, sec = generate_batch(model, tok, [prompts[i] for i in b], max_new, stops)
+        outs = [cut_at_stop(g.text, stops) for g in gens]
+        recs = task.score([samples[i] for i in b], outs, chat, sandbox)
+        for i, g, o, r in zip(b, gens, outs, recs):
+            prompt = samples[i].messages[-1]["content"] if chat else samples[i].text
+            local.append({**r, "prompt": prompt, "output": o, "new_tokens": g.new_tokens,
+                          "truncated_prompt": g.truncated_prompt})
+        tokens += sum(g.new_tokens for g in gens)
+        seconds += sec
+        bar.update()
+    bar.close()
+    records = sorted(gather(local), key=lambda r: r["index"])
+    tokens, seconds = _sum_over_ranks(tokens, seconds)
+    score, se = accuracy(records)
+    row = {"task": task.name, "n": len(records), "metric": task.metric, "score": score, "stderr": se,
+           "tokens_per_second": tokens / seconds if seconds > 0 else None, "new_tokens": int(tokens),
+           "seconds": seconds, "source": task.source(cfg.data.get(task.name)), "chat": chat,
+           "max_new_tokens": max_new, "truncated_prompts": sum(r["truncated_prompt"] for r in records),
+           "details": {}}
+    if task.name == "gsm8k":
+        row["few_shot"] = cfg.few_shot
+    if task.name in ("humaneval", "cruxeval"):
+        statuses = {}
+        for r in records:
+            s = r.get("status") or r.get("checked_by")
+            statuses[s] = statuses.get(s, 0) + 1
+        row["details"]["outcomes"] = statuses
+    return row, records
+
+
+def run_ppl(model, tok, texts: list[str], cfg: EvalConfig, rank: int, world: int, label: str, data: str | None):
+    ctx = getattr(model.config, "max_position_embeddings", None) or cfg.ppl_window
+    window = min(cfg.ppl_window, ctx)
+    stride = min(cfg.ppl_stride or window, window)
+    ids = [tok(t, return_tensors="pt").input_ids[0] for t in texts]
+    ws = windows([x.numel() for x in ids], window, stride)
+    batches = length_sorted_batches([w.end - w.begin for w in ws], cfg.batch_size)
+    mine = my_batches(batches, rank, world)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    local, seconds = [], 0.0
+    bar = _Progress(cfg.progress and rank == 0, len(mine), f"{label} ppl")
+    for b in mine:
+        res, sec = timed_window_nll(model, ids, [ws[i] for i in b], pad)
+        local += [(i, nll, n) for i, (nll, n) in zip(b, res)]
+        seconds += sec
+        bar.update()
+    bar.close()
+    per_window = [(ws[i], nll, n) for i, nll, n in gather(local)]
+    (seconds,) = _sum_over_ranks(seconds)
+    s = ppl_summary(per_window, texts, seconds)
+    row = {"task": "ppl", "n": s.documents, "metric": "perplexity", "score": s.perplexity, "stderr": None,
+           "tokens_per_second": s.tokens / seconds if seconds > 0 else None, "seconds": seconds,
+           "source": data or "HumanEval programs + reasoning-gym GSM solutions (built in)",
+           "details": {"nll_per_token": s.nll_per_token, "bits_per_byte": s.bits_per_byte, "tokens": s.tokens,
+                       "bytes": s.bytes, "window": window, "stride": stride}}
+    return row
+
+
+def run_speed(model, tok, cfg: EvalConfig, mask: SkipMask | None, rank: int, world: int, chat: bool):
+    from rad_ds.diagnosis.prompts import load_prompts
+
+    max_new = cfg.max_new_tokens or 64
+    prompts = load_prompts(tok, cfg.data.get("speed"), cfg.speed_prompts, cfg.seed, chat, max_new,
+                           getattr(model.config, "max_position_embeddings", None))
+    use, why_not = usable_mask(model, mask)
+    rows = decode_prompts(model, prompts[rank::world], max_new, tok.eos_token_id, use, cfg.draft_len)
+    s = speed_summary(gather(rows))
+    details = {"plain_tokens_per_second": s["plain_tokens_per_second"], "prompts": s["prompts"],
+               "plain_tokens": s["plain_tokens"], "max_new_tokens": max_new, "draft_len": cfg.draft_len}
+    if use is not None:
+        details["speculative"] = {"layers": sorted(use), "mask_source": mask.source,
+                                  "tokens_per_second": s["spec_tokens_per_second"],
+                                  "acceptance_rate": s["acceptance_rate"],
+                                  "mean_accepted_length": s["mean_accepted_length"], "speedup": s["speedup"],
+                                  "same_tokens": s["same_tokens"]}
+    elif why_not:
+        details["speculative_skipped"] = why_not
+        logger.warning("speculative decoding skipped for this model: %s", why_not)
+    return {"task": "speed", "n": s["prompts"], "metric": "tokens/s", "score": s["plain_tokens_per_second"],
+            "stderr": None, "tokens_per_second": s["plain_tokens_per_second"],
+            "source": cfg.data.get("speed") or "diagnosis prompt mix (GSM-style math + HumanEval)",
+            "details": details}
+
+
+def load_task_data(cfg: EvalConfig) -> dict:
+    """Every task's samples (or texts), read and checked before any model is loaded."""
+    out = {}
+    for name in cfg.tasks:
+        data = cfg.data.get(name)
+        if name == "gsm8k":
+            task = Gsm8kTask(cfg.few_shot)
+        elif name == "humaneval":
+            task = HumanEvalTask()
+        elif name == "cruxeval":
+            task = CruxEvalTask()
+        elif name == "ppl":
+            out[name] = (None, load_texts(data, cfg.limit, cfg.seed))
+            continue
+        else:
+            if data:
+                from rad_ds.diagnosis.prompts import _rows_from_file
+
+                _rows_from_file(Path(data))  # fail now on an unusable file
+            out[name] = (None, None)
+            continue
+        out[name] = (task, task.load(data, cfg.limit, cfg.seed))
+    return out
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    from rad_ds.models.conversion import load_model
+
+    t_start = time.perf_counter()
+    cfg.validate()
+    rank, world = dist.init_from_env()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    dtype = DTYPES[cfg.dtype] if cfg.dtype else (torch.bfloat16 if cuda else torch.float32)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    mask = _mask(cfg)
+    data = load_task_data(cfg)
+    sandbox = SandboxLimits(timeout_s=cfg.timeout, memory_mb=cfg.sandbox_memory_mb, workers=cfg.sandbox_workers)
+    code_tasks = [t for t in cfg.tasks if t in ("humaneval", "cruxeval")]
+    guards = sandbox_guards() if code_tasks else []
+    if code_tasks and rank == 0 and not {"landlock-fs", "netns"} <= set(guards):
+        logger.warning("the sandbox runs with %s only (no Landlock or network namespace on this machine): "
+                       "generated code is contained by rlimits and Python-level hooks", ", ".join(guards))
+    log = WandbLog(cfg.wandb and rank == 0, cfg.wandb_project, cfg.wandb_run, out, asdict(cfg))
+    labels = _labels(cfg.models)
+    rows, models = [], {}
+    for label, path in zip(labels, cfg.models):
+        model, tok = load_model(path, dtype=dtype)
+        if tok is None:
+            raise ValueError(f"--model {path}: no tokenizer saved with the model; save one next to the weights")
+        model.to(device).eval()
+        chat = cfg.chat and bool(getattr(tok, "chat_template", None))
+        models[label] = {"path": path, "layers": _layers_string(model.config),
+                         "parameters": sum(p.numel() for p in model.parameters()),
+                         "dtype": str(dtype).replace("torch.", ""), "chat_template": chat}
+        for name in cfg.tasks:
+            task, payload = data[name]
+            t0 = time.perf_counter()
+            if name in GENERATION_TASKS:
+                row, records = run_generation_task(model, tok, task, payload, cfg, chat, rank, world, sandbox, label)
+                if rank == 0:
+                    write_samples(out, label, name, records)
+            elif name == "ppl":
+                row = run_ppl(model, tok, payload, cfg, rank, world, label, cfg.data.get("ppl"))
+            else:
+                row = run_speed(model, tok, cfg, mask, rank, world, chat)
+            row = {"model": label, **row, "wall_seconds": time.perf_counter() - t0}
+            rows.append(row)
+            log.row(row)
+            if rank == 0:
+                logger.info("%s %s: %s = %.4f (n=%d)", label, name, row["metric"], row["score"], row["n"])
+        del model
+        gc.collect()
+    results = {
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "world_size": world, "device": device.type, "config": asdict(cfg), "models": models, "results": rows,
+        "sandbox": {"guards": guards, "timeout_s": cfg.timeout, "memory_mb": cfg.sandbox_memory_mb} if guards else None,
+        "seconds": time.perf_counter() - t_start,
+    }
+    if rank == 0:
+        j, m = write_results(out, results)
+        print(f"\n{markdown(results)}\nresults: {j}  table: {m}  samples: {out / 'samples'}")
+        log.finish(results)
+    dist.barrier()
+    return results
+
+
+__all__ = ["DATA_TASKS", "EvalConfig", "TASKS", "evaluate", "load_task_data"]
