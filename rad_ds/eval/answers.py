@@ -15,9 +15,10 @@ import re
 from decimal import Decimal, InvalidOperation
 
 # a number: optional sign (not a hyphen inside a word or range) and currency, digits with optional
-# comma thousands groups, decimals; or a bare .5
+# comma thousands groups, decimals; or a bare .5. Digits glued to a letter (H2O, Q1, w25) are not a number.
 _SIGN = r"(?:(?<![\w)])[-−])?"
-_NUM = rf"(?:{_SIGN}[$€£¥]?\s?(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?(?!\d)|{_SIGN}\.\d+(?!\d))"
+_NUM = (rf"(?:{_SIGN}[$€£¥]?\s?(?<![A-Za-z_\d])(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?(?!\d)"
+        rf"|{_SIGN}(?<![\w.])\.\d+(?!\d))")
 _NUM_RE = re.compile(_NUM)
 _FRACTION_RE = re.compile(rf"({_NUM})\s*/\s*({_NUM})")
 _HASHES_RE = re.compile(rf"####\s*\**\s*({_NUM}(?:\s*/\s*{_NUM})?)")

@@ -52,6 +52,20 @@ def _eos_ids(tokenizer, model) -> set[int]:
     return ids
 
 
+class StopOnStrings:
+    """Stop a row once its generated text contains a stop string (any tokenizer: the recent tokens are
+    decoded, where transformers' ``stop_strings`` needs a tokenizer with a subword vocabulary)."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...], prompt_width: int, lookback: int = 24):
+        self.tokenizer, self.stops, self.start, self.lookback = tokenizer, stops, prompt_width, lookback
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.start:]
+        tail = new[:, -self.lookback:].tolist()
+        done = [any(s in self.tokenizer.decode(row, skip_special_tokens=True) for s in self.stops) for row in tail]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int,
                    stop_strings: tuple[str, ...] = ()) -> tuple[list[Generated], float]:
@@ -72,7 +86,9 @@ def generate_batch(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
               pad_token_id=pad, eos_token_id=sorted(eos) or None)
     if stop_strings:
-        kw.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
+        from transformers import StoppingCriteriaList
+
+        kw["stopping_criteria"] = StoppingCriteriaList([StopOnStrings(tokenizer, tuple(stop_strings), width)])
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()

@@ -1,0 +1,116 @@
+"""The evaluation runner on tiny models: deterministic scores, batch composition that changes nothing,
+perplexity against a plain forward, speculative decoding against plain decoding, and the outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from rad_ds.eval.answers import extract_answer
+from rad_ds.eval.runner import EvalConfig, evaluate
+from tests.eval_helpers import save_models, strip_timings, write_gsm, write_texts
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return save_models(tmp_path_factory.mktemp("evalmodels"))
+
+
+def _cfg(model, out, **kw):
+    base = dict(models=[str(model)], out=str(out), max_new_tokens=12, batch_size=8, progress=False)
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def test_gsm8k_scores_are_deterministic_and_batching_changes_nothing(models, tmp_path):
+    """Run 1 (batches of 8) gives each question's greedy answer; run 2 (batches of 3, other left padding)
+    must write the same outputs, and with the references set to run 1's answers for 5 of 8 questions
+    (wrong for the rest) it must score exactly 5/8."""
+    base, _ = models
+    r1 = evaluate(_cfg(base, tmp_path / "a", tasks=["gsm8k"], data={"gsm8k": str(write_gsm(tmp_path / "q.jsonl"))}))
+    s1 = [json.loads(x) for x in (tmp_path / "a" / "samples" / "base" / "gsm8k.jsonl").read_text().splitlines()]
+    got = [extract_answer(s["output"]) for s in s1]
+    assert sum(g is not None for g in got) >= 5, [s["output"] for s in s1]  # the tiny model writes numbers
+    right = [i for i, g in enumerate(got) if g is not None][:5]
+    answers = [got[i] if i in right else "100000" for i in range(8)]
+    r2 = evaluate(_cfg(base, tmp_path / "b", tasks=["gsm8k"], batch_size=3,
+                       data={"gsm8k": str(write_gsm(tmp_path / "q2.jsonl", answers=answers))}))
+    s2 = [json.loads(x) for x in (tmp_path / "b" / "samples" / "base" / "gsm8k.jsonl").read_text().splitlines()]
+    assert [s["output"] for s in s2] == [s["output"] for s in s1]
+    assert [s["correct"] for s in s2] == [i in right for i in range(8)]
+    assert r2["results"][0]["score"] == 5 / 8 and r2["results"][0]["n"] == 8
+    assert r1["results"][0]["metric"] == "exact_match" and r1["results"][0]["chat"] is True
+
+
+def test_all_tasks_for_base_and_student(models, tmp_path):
+    base, student = models
+    texts = write_texts(tmp_path / "texts.txt")
+    cfg = _cfg(base, tmp_path / "ev", tasks=["gsm8k", "humaneval", "cruxeval", "ppl", "speed"], limit=3,
+               skip_layers=[1, 2], speed_prompts=2, data={"ppl": str(texts)}, timeout=5.0)
+    cfg.models = [str(base), str(student)]
+    res = evaluate(cfg)
+    rows = {(r["model"], r["task"]): r for r in res["results"]}
+    assert set(rows) == {(m, t) for m in ("base", "student") for t in cfg.tasks}
+    assert res["models"]["base"]["layers"] == "AAAA" and res["models"]["student"]["layers"] == "AAMA"
+    for m in ("base", "student"):
+        for t in ("gsm8k", "humaneval", "cruxeval"):
+            assert rows[m, t]["n"] == 3 and 0.0 <= rows[m, t]["score"] <= 1.0
+            assert (tmp_path / "ev" / "samples" / m / f"{t}.jsonl").is_file()
+        assert rows[m, "humaneval"]["details"]["outcomes"]  # every program ran (and failed) in the sandbox
+    # speculative decoding: the base drafts without layers 1,2 and decodes the same tokens as plain decoding;
+    # the student has Mamba2 at layer 2, so its row says why it was skipped
+    spec = rows["base", "speed"]["details"]["speculative"]
+    assert spec["same_tokens"] is True and spec["layers"] == [1, 2] and 0 <= spec["acceptance_rate"] <= 1
+    assert "not attention layers" in rows["student", "speed"]["details"]["speculative_skipped"]
+    md = (tmp_path / "ev" / "results.md").read_text()
+    assert "| model | task | n | metric | score | ± | tokens/s |" in md and "| student | ppl | 3 |" in md  # --limit: 3 documents
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["results"] == json.loads(json.dumps(res["results"]))
+    if res["sandbox"]:
+        assert "rlimits" in res["sandbox"]["guards"]
+
+    # perplexity equals a plain forward over each of the 3 paragraphs (they fit in one window)
+    from rad_ds.models.conversion import load_model
+
+    model, tok = load_model(base)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for para in [p for p in texts.read_text().split("\n\n") if p.strip()][:3]:
+            ids = tok(para.strip(), return_tensors="pt").input_ids
+            logits = model(ids).logits[0, :-1]
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            n += ids.numel() - 1
+    ppl = rows["base", "ppl"]
+    assert ppl["details"]["tokens"] == n
+    assert math.isclose(ppl["score"], math.exp(nll / n), rel_tol=1e-5)
+
+
+def test_perplexity_windows_and_batches_agree(models, tmp_path):
+    """Small windows with a stride score each token once; batch size does not change the result."""
+    from rad_ds.eval.perplexity import windows
+
+    ws = windows([10, 1, 7], window=4, stride=2)
+    scored = [(w.doc, t) for w in ws for t in range(w.score_from, w.end)]
+    assert sorted(scored) == [(0, t) for t in range(1, 10)] + [(2, t) for t in range(1, 7)]
+    assert all(w.score_from > w.begin and w.end - w.begin <= 4 for w in ws)
+    base, _ = models
+    texts = write_texts(tmp_path / "t.txt", 4)
+    a = evaluate(_cfg(base, tmp_path / "p1", tasks=["ppl"], data={"ppl": str(texts)}, ppl_window=16, ppl_stride=8,
+                      batch_size=1))
+    b = evaluate(_cfg(base, tmp_path / "p2", tasks=["ppl"], data={"ppl": str(texts)}, ppl_window=16, ppl_stride=8,
+                      batch_size=5))
+    assert math.isclose(a["results"][0]["score"], b["results"][0]["score"], rel_tol=1e-6)
+    assert a["results"][0]["details"]["tokens"] == b["results"][0]["details"]["tokens"]
+
+
+def test_repeated_runs_are_identical(models, tmp_path):
+    base, student = models
+    kw = dict(tasks=["gsm8k", "cruxeval", "ppl"], limit=2,
+              data={"gsm8k": str(write_gsm(tmp_path / "q.jsonl")), "ppl": str(write_texts(tmp_path / "t.txt"))},
+              chat=False)
+    a = evaluate(_cfg(student, tmp_path / "r1", **kw))
+    b = evaluate(_cfg(student, tmp_path / "r2", **kw))
+    assert strip_timings(a) == strip_timings(b)
+    assert a["results"][0]["chat"] is False
