@@ -12,6 +12,10 @@ import torch.distributed as dist
 def init_from_env(timeout_s: int = 900) -> tuple[int, int]:
     """Join the process group set up by ``deepspeed`` / ``torchrun`` (env vars); (0, 1) when alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks on one node share its cores: without this each takes them all and they thrash
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
