@@ -28,5 +28,9 @@ for dt in float32 bfloat16; do
   timeout 600 $PY benchmarks/ssm_scan.py --device cuda --dtype "$dt" --lengths 512 2048 \
     --out "$RES/ssm_scan_cuda_${dt}.json" 2>&1 | tee -a "$RES/bench.txt" || rc=1
 done
+# distillation step in bf16 (trainer vs plain loop, 1 rank): tokens/s and model FLOPs utilisation
+timeout 900 $PY benchmarks/distill_step.py --device cuda --dtype bfloat16 --ranks 1 --threads 4 \
+  --hidden 1024 --num-layers 12 --layers 3,7 --vocab 32768 --seq-len 1024 --micro-batch 8 --steps 10 \
+  --peak-tflops "${PEAK_TFLOPS:-989}" --out "$RES/distill_cuda_bf16.json" 2>&1 | tee -a "$RES/bench.txt" || rc=1
 echo "gpu_check rc=$rc; results in $RES"
 exit $rc

@@ -64,10 +64,10 @@ CASES = {
     # KD (forward KL) + replaced-layer MSE, text data, only the new mixers train
     "kd_hidden": {},
     # JSD + CE + cosine hidden, chat data with prompt masking, MLPs of replaced layers open, 2 micro-batches,
-    # weight decay (matrices only), temperature
+    # weight decay (matrices only), temperature, activation checkpointing, teacher parameters offloaded
     "jsd_ce_accum": {"loss.kd": "jsd", "loss.ce_weight": 0.3, "loss.hidden": "cosine", "loss.temperature": 2.0,
                      "student.trainable": "mamba_mlp", "train.grad_accum": 2, "optim.weight_decay": 0.1,
-                     "data": "chat"},
+                     "student.gradient_checkpointing": "true", "teacher.offload": "true", "data": "chat"},
     # layer-wise: replaced layers get the teacher's input, trained on their own output only
     "layerwise": {"loss.layerwise": "true", "loss.kd": "none", "loss.hidden_weight": 1.0, "optim.schedule": "linear"},
 }
@@ -148,8 +148,11 @@ def test_resume_equals_uninterrupted_and_export(base, tmp_path):
     assert again.losses == [] and again.start_step == 6
 
 
-def test_export_launcher_matches_in_run_export(base, tmp_path, capsys):
-    result = _distill(_cfg(tmp_path, base, tmp_path / "run", steps=2))
+def test_export_launcher_matches_in_run_export(base, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    result = _distill(_cfg(tmp_path, base, tmp_path / "run", steps=2, log__wandb="true"))
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))  # wandb logged offline, into the run dir
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     out = tmp_path / "exp"
     r = run([python(), launcher("export.py"), "--checkpoint", tmp_path / "run", "--out", out])
     assert r.returncode == 0, r.stderr[-2000:]

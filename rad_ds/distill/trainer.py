@@ -139,7 +139,10 @@ def distill(cfg: RunConfig) -> DistillResult:
         check_fingerprint(state.get("fingerprint", {}), models.fingerprint, tag_dir)
     set_trainable(models.student, cfg.student.trainable, models.replaced_layers)
     if cfg.student.gradient_checkpointing:
-        models.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(models.student, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            models.student.activation_checkpointing_enable({"use_reentrant": False})
+        else:  # pragma: no cover
+            models.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tok = models.tokenizer
 
     packed = load_packed(cfg.data, tok, out / "data", rank=rank, barrier=dist.barrier)
