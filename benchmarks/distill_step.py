@@ -78,7 +78,8 @@ def prepare(args, work: Path) -> dict:
         heads = max(args.hidden // 64, 2)
         cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
                           num_hidden_layers=args.num_layers, num_attention_heads=heads,
-                          num_key_value_heads=max(heads // 2, 1), max_position_embeddings=4096, tie_word_embeddings=True)
+                          num_key_value_heads=max(heads // 2, 1), max_position_embeddings=4096,
+                          tie_word_embeddings=True)
         m = LlamaForCausalLM(cfg)
         model = str(work / "base")
         m.save_pretrained(model)
@@ -151,7 +152,8 @@ def _summarise(info: dict, warmup: int, tokens_per_step: int) -> dict:
     timed = info["rows"][warmup:]
     step_s = [r["step_s"] for r in timed]
     total = sum(step_s)
-    return {"steps": len(timed), "tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_step * len(timed) / total,
+    return {"steps": len(timed), "tokens_per_step": tokens_per_step,
+            "tokens_per_s": tokens_per_step * len(timed) / total,
             "median_step_s": statistics.median(step_s), "peak_mem_mb_per_rank": info["peak_mem_mb"],
             "torch_threads": info.get("torch_threads"), "tokens_per_s_each_run": info.get("all_runs_tokens_per_s")}
 
@@ -188,7 +190,8 @@ def main(argv=None):
         for rep in range(args.repeats):
             for name, cmd in jobs:
                 print(f"== {name} (run {rep + 1}/{args.repeats}): {' '.join(cmd[:6])} ...", flush=True)
-                r = subprocess.run(cmd + ["--rep", str(rep)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+                r = subprocess.run(cmd + ["--rep", str(rep)], env=env, cwd=ROOT, capture_output=True, text=True,
+                                   timeout=3600)
                 if r.returncode != 0:
                     print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
                     raise SystemExit(f"{name} failed ({r.returncode})")
@@ -236,8 +239,9 @@ def main(argv=None):
         f"# Distillation step ({args.device}, {args.dtype}, {args.threads} thread(s) per rank)", "",
         f"Model {doc['model']}, layers {args.layers} replaced; seq_len {args.seq_len}, global batch "
         f"{doc['global_batch']} sequences ({tokens_per_step} tokens) per step, {args.steps} timed steps after "
-        f"{args.warmup} warm-up; the fastest of {args.repeats} interleaved runs per row. Student {params and params['total']:,} parameters, {params and params['trainable']:,} "
-        "trainable. Peak memory = peak RSS per process (CPU).", "",
+        f"{args.warmup} warm-up; the fastest of {args.repeats} interleaved runs per row. Student "
+        f"{params and params['total']:,} parameters, {params and params['trainable']:,} trainable. Peak memory = "
+        "peak RSS per process (CPU).", "",
         "| run | ranks | tokens/s | s/step (median) | peak memory per rank (MiB) |", "|---|---:|---:|---:|---:|",
     ]
     for name, s in summary.items():

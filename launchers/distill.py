@@ -7,7 +7,8 @@ Single process (CPU or one GPU):
 
 2 ranks on one node (2 GPUs, or 2 CPU processes over gloo), the same with torchrun:
     deepspeed --num_gpus 2 launchers/distill.py --config configs/smollm2_rad.yaml --data chat.jsonl --out runs/rad
-    torchrun --standalone --nproc_per_node 2 launchers/distill.py --config configs/smollm2_rad.yaml --data chat.jsonl --out runs/rad
+    torchrun --standalone --nproc_per_node 2 launchers/distill.py --config configs/smollm2_rad.yaml \\
+        --data chat.jsonl --out runs/rad
 
 Multi-node (a hostfile of `host slots=N` lines; passwordless ssh + pdsh; a filesystem shared by the nodes):
     deepspeed --hostfile hostfile launchers/distill.py --config configs/smollm2_rad.yaml \\

@@ -328,17 +328,18 @@ def _resolve(cfg, key: str, source: str):
     parts = key.split(".")
     obj = cfg
     for i, part in enumerate(parts):
-        fields = {f.name: f for f in dataclasses.fields(obj)}
-        if part not in fields:
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
             path = ".".join(parts[:i])
-            names = [f"{path}.{n}" if path else n for n in fields]
+            known = [f"{path}.{n}" if path else n for n in names]
             close = difflib.get_close_matches(key, _all_keys(), n=1)
-            hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(names)}"
+            hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(known)}"
             raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
-        f = fields[part]
         if i == len(parts) - 1:
-            if dataclasses.is_dataclass(getattr(obj, part)):
-                raise ConfigError(f"{source}: {key!r} is a section; set one of its fields, e.g. {key}.{dataclasses.fields(getattr(obj, part))[0].name}")
+            value = getattr(obj, part)
+            if dataclasses.is_dataclass(value):
+                first = dataclasses.fields(value)[0].name
+                raise ConfigError(f"{source}: {key!r} is a section; set one of its fields, e.g. {key}.{first}")
             return obj, part, typing.get_type_hints(type(obj))[part]
         obj = getattr(obj, part)
         if not dataclasses.is_dataclass(obj):

@@ -187,3 +187,38 @@ def unique_python(tmp_path) -> str:
     if not exe.exists():
         exe.symlink_to(Path(sys.executable).resolve())
     return str(exe)
+
+
+def load_launcher(name: str):
+    """A launcher module (launchers/<name>.py) imported in-process, to call its main() or make_config()."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"launcher_{name}", ROOT / "launchers" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def six_step_args(d, base, data, out, *extra) -> list[str]:
+    """The run the 2-rank and multi-node tests compare with 1 process: 6 steps, a checkpoint every 2, global
+    batch 4 (2 ranks x micro 2, or 1 process x micro 2 x grad_accum 2)."""
+    return run_args(d, base, data, out, steps=6, checkpoint__every=2, checkpoint__keep=3,
+                    train__global_batch=4) + list(map(str, extra))
+
+
+def one_process_run(args):
+    """Run in this process with one torch thread; returns (metrics rows, final exported state dict)."""
+    import torch
+
+    from rad_ds.distill import distill
+    from rad_ds.models import RadHybridForCausalLM
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = distill(load_launcher("distill").make_config(args))
+    finally:
+        torch.set_num_threads(threads)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return result.losses, RadHybridForCausalLM.from_pretrained(str(result.export)).state_dict()

@@ -3,6 +3,7 @@ batch sizes derive from the world size, DeepSpeed "auto" values are filled and c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,16 @@ from rad_ds.config import ConfigError, RunConfig, field_help, parse_overrides
 from rad_ds.distill.engines import BatchPlan, fill_ds_config, load_ds_config, plan_batch
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+def _is_run_config(path: Path) -> bool:
+    """configs/ also holds pipeline configs (launchers/rad.py, tested with the pipeline): a run config's
+    top-level keys are all sections or fields of RunConfig."""
+    import yaml
+
+    keys = set(yaml.safe_load(path.read_text()) or {})
+    return keys <= {f.name for f in dataclasses.fields(RunConfig)}
+
+
+CONFIGS = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if _is_run_config(p)]
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 
 
@@ -131,7 +141,8 @@ def test_batch_plan_from_world_size():
 
 def test_explicit_deepspeed_values_are_checked(tmp_path):
     plan = BatchPlan(2, 1, 2)
-    with pytest.raises(ConfigError, match=r"x.json: train_batch_size=16 but micro_batch 2 x grad_accum 1 x world 2 gives 4"):
+    msg = r"x.json: train_batch_size=16 but micro_batch 2 x grad_accum 1 x world 2 gives 4"
+    with pytest.raises(ConfigError, match=msg):
         fill_ds_config({"train_batch_size": 16}, plan, "float32", "x.json")
     with pytest.raises(ConfigError, match=r"bf16.enabled=True but model.dtype=float32"):
         fill_ds_config({"bf16": {"enabled": True}}, plan, "float32", "x.json")
@@ -145,11 +156,9 @@ def test_explicit_deepspeed_values_are_checked(tmp_path):
 
 
 def test_launcher_flags_help_and_precedence(tmp_path, capsys):
-    import importlib.util
+    from tests.distill_helpers import load_launcher
 
-    spec = importlib.util.spec_from_file_location("distill_launcher", ROOT / "launchers" / "distill.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_launcher("distill")
     y = tmp_path / "r.yaml"
     y.write_text("train:\n  steps: 12\n  micro_batch: 3\n")
     cfg = mod.make_config(["--config", str(y), "--steps", "5", "--layers", "1,3", "--data", "d.jsonl",

@@ -7,25 +7,17 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from rad_ds.distill.checkpoint import NonFiniteError, latest_checkpoint
-from tests.distill_helpers import launcher, python, run, run_args, save_base, write_chat_jsonl, write_text_jsonl
+from tests.distill_helpers import (
+    launcher, load_launcher, python, run, run_args, save_base, write_chat_jsonl, write_text_jsonl,
+)
 
 
-def _launcher_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("distill_launcher", Path(launcher("distill.py")))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-L = _launcher_module()
+L = load_launcher("distill")
 
 
 @pytest.fixture(autouse=True)
@@ -81,10 +73,9 @@ def test_engine_run_matches_plain_pytorch_loop(case, base, tmp_path):
 
     settings = dict(CASES[case])
     data = base[2] if settings.pop("data", None) == "chat" else None
-    cfg = _cfg(tmp_path, base, tmp_path / "out", data=data, steps=5, **{k.replace(".", "__"): v for k, v in settings.items()})
-    result = _distill(cfg)
-    ref = ReferenceDistiller(_cfg(tmp_path, base, tmp_path / "ref", data=data, steps=5,
-                                  **{k.replace(".", "__"): v for k, v in settings.items()}))
+    settings = {k.replace(".", "__"): v for k, v in settings.items()}
+    result = _distill(_cfg(tmp_path, base, tmp_path / "out", data=data, steps=5, **settings))
+    ref = ReferenceDistiller(_cfg(tmp_path, base, tmp_path / "ref", data=data, steps=5, **settings))
     ref_rows = ref.run()
     assert [r["step"] for r in result.losses] == [1, 2, 3, 4, 5]
     for got, want in zip(result.losses, ref_rows):
@@ -160,13 +151,9 @@ def test_export_launcher_matches_in_run_export(base, tmp_path, capsys, monkeypat
     assert all(torch.equal(a[k], b[k]) for k in a)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["layer_types"] == ["full_attention", "linear_attention", "linear_attention", "full_attention"]
-    import importlib.util
-
     from rad_ds.cli import run_cli
 
-    spec = importlib.util.spec_from_file_location("export_launcher", Path(launcher("export.py")))
-    exp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(exp)
+    exp = load_launcher("export")
     for args, message in [(["--checkpoint", tmp_path, "--out", tmp_path / "exp2"], "not a rad-ds checkpoint"),
                           (["--checkpoint", tmp_path / "run", "--out", out], "--overwrite")]:
         assert run_cli(exp.main, list(map(str, args))) == 2

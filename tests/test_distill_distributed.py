@@ -13,7 +13,8 @@ import torch
 
 from rad_ds.distill.checkpoint import is_complete, latest_checkpoint
 from tests.distill_helpers import (
-    assert_same_steps, free_port, launcher, metrics, python, run, run_args, save_base, write_text_jsonl,
+    assert_same_steps, free_port, launcher, metrics, one_process_run, python, run, save_base, six_step_args,
+    write_text_jsonl,
 )
 from tests.test_distill import L, _distill, _final_state
 
@@ -21,32 +22,19 @@ pytestmark = pytest.mark.slow
 STEPS = list(range(1, 7))
 
 
-def _args(d, base, data, out, *extra):
-    # global batch 4: 2 ranks x micro 2, or 1 process x micro 2 x grad_accum 2
-    return run_args(d, base, data, out, steps=6, checkpoint__every=2, checkpoint__keep=3,
-                    train__global_batch=4) + list(map(str, extra))
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted 1-process run (in this process)."""
     d = tmp_path_factory.mktemp("dist")
     base, data = save_base(d), write_text_jsonl(d / "text.jsonl", n=48)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = _distill(L.make_config(_args(d, base, data, d / "one_process")))
-    finally:
-        torch.set_num_threads(threads)
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return d, base, data, result.losses, _final_state(result.export)
+    rows, final = one_process_run(six_step_args(d, base, data, d / "one_process"))
+    return d, base, data, rows, final
 
 
 def test_two_ranks_killed_mid_save_resume_equals_one_process(reference, tmp_path):
     d, base, data, ref_rows, ref_final = reference
     out = tmp_path / "two"
-    args = _args(d, base, data, out)
+    args = six_step_args(d, base, data, out)
     # 1. `deepspeed`, 2 ranks: rank 1 is SIGKILLed after writing its shards of step 4, before `latest` moves
     r = run([python(), "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port(),
              launcher("distill.py"), *args], timeout=300, RAD_DS_FAULT="kill@save_after_shards:step=4:rank=1")
@@ -69,7 +57,7 @@ def test_two_ranks_killed_mid_save_resume_equals_one_process(reference, tmp_path
 
     # 3. the 2-rank checkpoint of step 4 resumed on 1 process (in this process): steps 5-6 as before
     torch.set_num_threads(1)
-    one = _distill(L.make_config(_args(d, base, data, tmp_path / "one", "--resume", root / "step_00000004")))
+    one = _distill(L.make_config(six_step_args(d, base, data, tmp_path / "one", "--resume", root / "step_00000004")))
     assert_same_steps(one.losses, ref_rows, [5, 6])
     assert not (tmp_path / "one" / "checkpoints" / "universal").exists()  # the converted copy is removed
     final = _final_state(one.export)

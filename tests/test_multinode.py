@@ -19,10 +19,10 @@ import torch
 
 from rad_ds.distill.checkpoint import latest_checkpoint
 from tests.distill_helpers import (
-    ROOT, assert_same_steps, free_port, launcher, metrics, run, run_args, save_base, unique_python,
-    write_text_jsonl,
+    ROOT, assert_same_steps, free_port, launcher, metrics, one_process_run, run, save_base, six_step_args,
+    unique_python, write_text_jsonl,
 )
-from tests.test_distill import L, _distill, _final_state
+from tests.test_distill import _final_state
 
 pytestmark = pytest.mark.slow
 
@@ -53,22 +53,11 @@ def nodes(tmp_path_factory):
                        env={**os.environ, "RAD_DS_MULTINODE_DIR": str(state)}, timeout=60)
 
 
-def _args(d, base, data, out, *extra):
-    return run_args(d, base, data, out, steps=6, checkpoint__every=2, checkpoint__keep=3,
-                    train__global_batch=4) + list(map(str, extra))
-
-
 def test_two_loopback_nodes_resume_equals_one_process(nodes, tmp_path):
     hostfile, port, ssh_args = nodes
     base, data = save_base(tmp_path), write_text_jsonl(tmp_path / "text.jsonl", n=48)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:  # the uninterrupted 1-process run, in this process
-        ref = _distill(L.make_config(_args(tmp_path, base, data, tmp_path / "one_process")))
-    finally:
-        torch.set_num_threads(threads)
-        torch.distributed.destroy_process_group()
-    ref_rows, ref_final = ref.losses, _final_state(ref.export)
+    # the uninterrupted 1-process run, in this process
+    ref_rows, ref_final = one_process_run(six_step_args(tmp_path, base, data, tmp_path / "one_process"))
 
     env_file = tmp_path / "ds_env"  # what the remote ranks get (besides PYTHON*)
     env_file.write_text("OMP_NUM_THREADS=1\nTOKENIZERS_PARALLELISM=false\nWANDB_MODE=offline\n"
@@ -79,7 +68,7 @@ def test_two_loopback_nodes_resume_equals_one_process(nodes, tmp_path):
     def launch(*extra):
         return run([py, "-m", "deepspeed.launcher.runner", "--hostfile", hostfile, "--master_addr", "127.0.0.1",
                     "--master_port", free_port(), "--ssh_port", port, "--no_ssh_check",
-                    launcher("distill.py"), *_args(tmp_path, base, data, out, *extra)],
+                    launcher("distill.py"), *six_step_args(tmp_path, base, data, out, *extra)],
                    timeout=300, DS_ENV_FILE=str(env_file), PDSH_SSH_ARGS_APPEND=ssh_args)
 
     # run 1: the 1-process checkpoint of step 2 on two nodes (world 1 -> 2), two steps, then stop

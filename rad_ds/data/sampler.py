@@ -58,7 +58,8 @@ class ResumableSampler:
                 "global_batch": self.global_batch, "seed": self.seed, "shuffle": self.shuffle}
 
     def load_state_dict(self, state: dict) -> None:
-        if int(state["num_rows"]) != self.num_rows or int(state["seed"]) != self.seed or bool(state["shuffle"]) != self.shuffle:
+        saved = (int(state["num_rows"]), int(state["seed"]), bool(state["shuffle"]))
+        if saved != (self.num_rows, self.seed, self.shuffle):
             raise ValueError(
                 f"the checkpoint's data order was over {state['num_rows']} rows (seed {state['seed']}, shuffle "
                 f"{state['shuffle']}); now {self.num_rows} rows (seed {self.seed}, shuffle {self.shuffle}). Resume "

@@ -47,7 +47,8 @@ def resolve_files(path: str, fmt: str = "auto") -> tuple[str, list[Path]]:
         builder = fmt
     elif None in builders:
         raise DataError(
-            f"data.path {path}: unknown file type {files[0].suffix!r}; use .jsonl/.json/.parquet/.txt or set data.format"
+            f"data.path {path}: unknown file type {files[0].suffix!r}; use .jsonl/.json/.parquet/.txt or set "
+            "data.format"
         )
     elif len(builders) > 1:
         raise DataError(f"data.path {path}: mixes file types {sorted(builders)}; put one type per directory")
@@ -64,7 +65,9 @@ def _check_jsonl(path: Path) -> None:
         try:
             json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: not a valid JSON array ({e}); give a JSON array of records or JSON lines") from None
+            raise DataError(
+                f"{path}: not a valid JSON array ({e}); give a JSON array of records or JSON lines"
+            ) from None
         return
     with open(path, encoding="utf-8", errors="strict") as f:
         try:
@@ -78,7 +81,9 @@ def _check_jsonl(path: Path) -> None:
                 if not isinstance(obj, dict):
                     raise DataError(f"{path} line {n}: a record must be a JSON object, got {type(obj).__name__}")
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); is this a JSON lines file?") from None
+            raise DataError(
+                f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); is this a JSON lines file?"
+            ) from None
 
 
 def load_records(path: str, fmt: str = "auto", split: str = "train", text_field: str = "text",

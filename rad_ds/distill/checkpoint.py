@@ -292,5 +292,6 @@ def restore_rng(tag_dir: Path, rank: int, world: int) -> bool:
 
 __all__ = [
     "CheckpointError", "NonFiniteError", "SavedCheckpoint", "complete_tags", "is_complete", "latest_checkpoint",
-    "load_engine_state", "read_state", "resolve_checkpoint", "restore_rng", "save_checkpoint", "tag_for", "to_universal",
+    "load_engine_state", "read_state", "resolve_checkpoint", "restore_rng", "save_checkpoint", "tag_for",
+    "to_universal",
 ]

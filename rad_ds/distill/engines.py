@@ -79,7 +79,8 @@ def _forget_deepspeed_groups() -> None:
     from deepspeed.utils import groups
 
     for name, value in vars(groups).copy().items():
-        if name.startswith("_") and name.isupper() and name.endswith(("_GROUP", "_GROUP_RANKS", "_WORLD_SIZE", "_RANK")):
+        cached = name.endswith(("_GROUP", "_GROUP_RANKS", "_WORLD_SIZE", "_RANK"))
+        if name.startswith("_") and name.isupper() and cached:
             setattr(groups, name, {} if isinstance(value, dict) else None)
 
 
@@ -136,7 +137,8 @@ def _fill(cfg: dict, key: str, value, source: str, what: str):
         cfg[key] = value
     elif have != value:
         raise ConfigError(
-            f"DeepSpeed config {source}: {key}={have} but {what} gives {value}; set it to \"auto\" or change the run config"
+            f"DeepSpeed config {source}: {key}={have} but {what} gives {value}; set it to \"auto\" or change the "
+            "run config"
         )
 
 

@@ -42,7 +42,8 @@ def load_checkpoint_model(checkpoint: str | Path, dtype: torch.dtype = torch.flo
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {tag_dir}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            f"checkpoint {tag_dir}: weights do not match its config (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]})"
         )
     if config.tie_word_embeddings:
         model.tie_weights()

@@ -159,7 +159,8 @@ def distill(cfg: RunConfig) -> DistillResult:
     t_ds = fill_ds_config(load_ds_config(cfg.teacher.deepspeed), plan, cfg.model.dtype, cfg.teacher.deepspeed,
                           offload_params=cfg.teacher.offload, optimizer=False)
     if t_ds.get("zero_optimization", {}).get("stage") != 3:
-        logger.warning("teacher.deepspeed %s is not ZeRO-3: the teacher is replicated on every rank", cfg.teacher.deepspeed)
+        logger.warning("teacher.deepspeed %s is not ZeRO-3: the teacher is replicated on every rank",
+                       cfg.teacher.deepspeed)
     load_dir, universal = tag_dir, None
     if state is not None and state.get("world") != world:
         # ZeRO shards are per rank: DeepSpeed's universal format re-partitions them for this world size
@@ -297,8 +298,9 @@ def distill(cfg: RunConfig) -> DistillResult:
             export_dir = export_checkpoint(last_saved, out / "final", overwrite=True)
         dist.barrier()
     summary = {
-        "steps": cfg.train.steps, "start_step": start_step, "last_step": rows[-1]["step"] if rows else start_step, "first_loss": rows[0]["loss"] if rows else None,
-        "final_loss": rows[-1]["loss"] if rows else None, "tokens": tokens_seen, "elapsed_s": elapsed,
+        "steps": cfg.train.steps, "start_step": start_step, "last_step": rows[-1]["step"] if rows else start_step,
+        "first_loss": rows[0]["loss"] if rows else None, "final_loss": rows[-1]["loss"] if rows else None,
+        "tokens": tokens_seen, "elapsed_s": elapsed,
         "tokens_per_s": tokens_run / elapsed if elapsed > 0 else None, "peak_mem_mb": peak_memory_mb(),
         "world": world, "replaced_layers": models.replaced_layers, "checkpoint": str(last_saved),
         "export": str(export_dir) if export_dir else None,
