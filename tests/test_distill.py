@@ -261,3 +261,14 @@ def test_invalid_launch_exits_nonzero_with_one_line(base, tmp_path):
     assert r.stderr.strip().splitlines()[-1] == (
         "error: command line: unknown setting 'loss.temprature'; did you mean loss.temperature?")
     assert not out.exists()
+
+
+def test_a_run_in_this_process_leaves_no_launcher_variables(base, tmp_path):
+    """A world of one sets RANK, MASTER_PORT, ... for DeepSpeed; afterwards they must be gone, or every
+    subprocess started later (a launcher, lm-eval, a pipeline stage) would think it is rank 0 of a job."""
+    import os
+
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    before = {k: os.environ.get(k) for k in keys}
+    _distill(_cfg(tmp_path, base, tmp_path / "env", steps=1))
+    assert {k: os.environ.get(k) for k in keys} == before

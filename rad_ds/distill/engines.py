@@ -46,6 +46,8 @@ def _free_port() -> int:
 
 
 _SELF_INIT = False  # this process set RANK/WORLD_SIZE itself (no launcher)
+_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_SAVED_ENV: dict | None = None  # those variables as they were before, restored by release_env()
 
 
 def init_distributed(timeout_s: int = 600) -> DistInfo:
@@ -54,10 +56,12 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
 
     # ZeRO does not use DeepSpeed's shared-memory comm op; building it costs ~100 s on a small CPU
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    global _SELF_INIT
+    global _SELF_INIT, _SAVED_ENV
     if "RANK" not in os.environ or _SELF_INIT:
         # plain `python launchers/distill.py` (or a library call): a world of one on a free port
         _SELF_INIT = True
+        if _SAVED_ENV is None:
+            _SAVED_ENV = {k: os.environ.get(k) for k in _ENV_KEYS}
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         if not torch.distributed.is_initialized():
             os.environ["MASTER_PORT"] = str(_free_port())
@@ -71,6 +75,21 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
                                    verbose=False)
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(),
                     int(os.environ["LOCAL_RANK"]), backend)
+
+
+def release_env() -> None:
+    """Put back the variables a world of one set in ``os.environ`` (DeepSpeed reads them while engines are
+    built); left behind, they would make every subprocess of this process believe it is rank 0 of a
+    launched job. The process group itself stays as it is."""
+    global _SAVED_ENV
+    if _SAVED_ENV is None:
+        return
+    for k, v in _SAVED_ENV.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _SAVED_ENV = None
 
 
 def _forget_deepspeed_groups() -> None:
@@ -236,6 +255,6 @@ def student_engine(model, ds_cfg: dict, optim_cfg, total_steps: int):
 
 
 __all__ = [
-    "BatchPlan", "DistInfo", "fill_ds_config", "init_distributed", "load_ds_config", "plan_batch", "student_engine",
-    "teacher_engine",
+    "BatchPlan", "DistInfo", "fill_ds_config", "init_distributed", "load_ds_config", "plan_batch", "release_env",
+    "student_engine", "teacher_engine",
 ]

@@ -26,7 +26,9 @@ from rad_ds.data import DistillLoader, data_fingerprint, load_packed
 from . import checkpoint as ckpt
 from .build import build_models, check_fingerprint
 from .checkpoint import to_universal
-from .engines import fill_ds_config, init_distributed, load_ds_config, plan_batch, student_engine, teacher_engine
+from .engines import (
+    fill_ds_config, init_distributed, load_ds_config, plan_batch, release_env, student_engine, teacher_engine,
+)
 from .faults import fault_point, inject_nan
 from .losses import ce_loss_sum, hidden_loss_sum, kd_loss_sum
 from .optim import set_trainable
@@ -116,6 +118,13 @@ def distill(cfg: RunConfig) -> DistillResult:
     cfg.validate()
     _quiet()
     info = init_distributed(cfg.train.dist_timeout_s)
+    try:
+        return _distill(cfg, info)
+    finally:
+        release_env()
+
+
+def _distill(cfg: RunConfig, info) -> DistillResult:
     rank, world = info.rank, info.world
     dist = torch.distributed
     out = Path(cfg.out)
