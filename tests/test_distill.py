@@ -32,6 +32,11 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     d = tmp_path_factory.mktemp("distill")
+    save_base(d, name="big", num_hidden_layers=6, intermediate_size=192, seed=3)
+    report = {"model": "tiny", "num_hidden_layers": 4,
+              "layers": [{"index": i, "type": "attention"} for i in range(4)],
+              "selections": [{"k": 1, "layers": [2]}, {"k": 2, "layers": [1, 3]}]}
+    (d / "report.json").write_text(json.dumps(report))
     return save_base(d), write_text_jsonl(d / "text.jsonl", n=48), write_chat_jsonl(d / "chat.jsonl", n=40), d
 
 
@@ -62,6 +67,8 @@ CASES = {
                      "student.gradient_checkpointing": "true", "teacher.offload": "true", "data": "chat"},
     # layer-wise: replaced layers get the teacher's input, trained on their own output only
     "layerwise": {"loss.layerwise": "true", "loss.kd": "none", "loss.hidden_weight": 1.0, "optim.schedule": "linear"},
+    # a larger teacher (6 layers, wider MLP) sharing the tokenizer; reverse KL; layers from a diagnosis report
+    "larger_teacher": {"teacher": "big", "loss.hidden_weight": 0.0, "loss.kd": "reverse_kl", "report": True},
 }
 
 
@@ -73,6 +80,10 @@ def test_engine_run_matches_plain_pytorch_loop(case, base, tmp_path):
 
     settings = dict(CASES[case])
     data = base[2] if settings.pop("data", None) == "chat" else None
+    if settings.pop("teacher", None):
+        settings["teacher.path"] = str(base[3] / "big")
+    if settings.pop("report", None):
+        settings.update({"student.layers": "null", "student.report": str(base[3] / "report.json"), "student.k": 2})
     settings = {k.replace(".", "__"): v for k, v in settings.items()}
     result = _distill(_cfg(tmp_path, base, tmp_path / "out", data=data, steps=5, **settings))
     ref = ReferenceDistiller(_cfg(tmp_path, base, tmp_path / "ref", data=data, steps=5, **settings))
@@ -89,6 +100,11 @@ def test_engine_run_matches_plain_pytorch_loop(case, base, tmp_path):
         torch.testing.assert_close(final[name], p, rtol=1e-4, atol=1e-6, msg=name)
     if case == "layerwise":  # KD is off: nothing but the hidden term is computed
         assert "kd" not in result.losses[0] and result.losses[0]["hidden"] > 0
+    if case == "larger_teacher":  # the report's k=2 selection, recorded with its provenance
+        state = json.loads((result.checkpoint / "rad_ds_state.json").read_text())
+        assert state["replaced_layers"] == [1, 3] and state["selection"]["k"] == 2
+        assert state["selection"]["report"].endswith("report.json") and state["teacher"].endswith("big")
+        assert json.loads((result.export / "distill.json").read_text())["selection"]["k"] == 2
 
 
 def test_resume_equals_uninterrupted_and_export(base, tmp_path):
