@@ -280,11 +280,11 @@ def resolve_shipped(path: str | Path) -> Path:
 
 
 
-def load_file(path: str | Path) -> dict:
-    """A YAML or JSON file -> dict, with a one-line error naming the file."""
+def load_file(path: str | Path, what: str = "--config", hint: str = "") -> dict:
+    """A YAML or JSON file holding a mapping -> dict, with a one-line error naming ``what`` and the file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--config {p}: file not found")
+        raise ConfigError(f"{what} {p}: file not found{hint}")
     text = p.read_text()
     try:
         if p.suffix.lower() == ".json":
@@ -295,11 +295,11 @@ def load_file(path: str | Path) -> dict:
             data = yaml.safe_load(text)
     except Exception as e:  # noqa: BLE001 - json / yaml parse errors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"--config {p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({first})") from None
+        raise ConfigError(f"{what} {p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({first})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {p}: the top level must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{what} {p}: the top level must be a mapping, got {type(data).__name__}")
     return data
 
 

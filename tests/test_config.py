@@ -101,7 +101,7 @@ def test_yaml_and_json_files(tmp_path):
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown setting 'train.stepz'"):
         RunConfig.load(bad)
     bad.write_text("- 1\n- 2\n")
-    with pytest.raises(ConfigError, match="top level must be a mapping"):
+    with pytest.raises(ConfigError, match="bad.yaml: the top level must be a mapping"):
         RunConfig.load(bad)
     with pytest.raises(ConfigError, match="file not found"):
         RunConfig.load(tmp_path / "missing.yaml")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import json
 import logging
 import os
 import socket
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rad_ds.config import ConfigError
+from rad_ds.config import ConfigError, load_file
 
 logger = logging.getLogger(__name__)
 
@@ -137,16 +136,7 @@ def plan_batch(train_cfg, world: int) -> BatchPlan:
 
 
 def load_ds_config(path: str | Path) -> dict:
-    p = Path(path)
-    try:
-        cfg = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"DeepSpeed config {p}: file not found; see ds_configs/") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"DeepSpeed config {p}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"DeepSpeed config {p}: the top level must be a JSON object")
-    return cfg
+    return load_file(path, what="DeepSpeed config", hint="; see ds_configs/")
 
 
 def _fill(cfg: dict, key: str, value, source: str, what: str):

@@ -36,17 +36,13 @@ def load_checkpoint_model(checkpoint: str | Path, dtype: torch.dtype = torch.flo
     config = RadHybridConfig.from_pretrained(str(tag_dir / HF_DIR))
     sd = consolidated_state_dict(tag_dir)
     model = RadHybridForCausalLM(config)
-    if config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {tag_dir}: weights do not match its config (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]})"
-        )
-    if config.tie_word_embeddings:
-        model.tie_weights()
+    if config.tie_word_embeddings:  # one tensor under two names; zero_to_fp32 may list it once
+        sd.setdefault("lm_head.weight", sd.get("model.embed_tokens.weight"))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"checkpoint {tag_dir}: weights do not match its config ({first})") from None
     model = model.to(dtype).eval()
     return model, load_tokenizer(tag_dir / HF_DIR), tag_dir
 
