@@ -23,10 +23,10 @@ def test_the_package_ships_164_problems(problems):
 
 
 def test_canonical_solutions_pass_in_every_answer_form(problems):
-    """A sample of problems (every 6th: helpers, imports, nested functions): the canonical solution passes as
+    """A sample of problems (every 12th: helpers, imports, nested functions): the canonical solution passes as
     a plain continuation, as a chat code block with the whole function, and as a bare body; an empty or
     wrong answer fails."""
-    sample = problems[::6]
+    sample = problems[::12]
     forms = []
     for p in sample:
         full = p["prompt"] + p["canonical_solution"]
@@ -69,6 +69,12 @@ def test_humaneval_task_scores_what_the_model_wrote(problems):
 ])
 def test_extract_prediction(answer, prediction):
     assert extract_prediction(answer) == prediction
+
+
+def test_extract_prediction_prefers_the_asked_call():
+    answer = "assert f(17) == 17\nassert f('x9j') == 'x9ja'\nassert f([1, 2], 3) == [1, 2, 3]\n[/ANSWER]"
+    assert extract_prediction(answer, "[1,2], 3") == "[1, 2, 3]"
+    assert extract_prediction(answer, "0") == "17"  # no assertion for f(0): the first one
 
 
 def test_check_predictions_literal_and_executed_agree():

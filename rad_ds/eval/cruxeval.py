@@ -115,23 +115,41 @@ def humaneval_derived() -> list[dict]:
     return out
 
 
-def extract_prediction(text: str) -> str:
-    """The predicted output in a model's answer: the right side of ``assert f(...) == X``, else the
+def _asserted(line: str) -> tuple[ast.AST, str] | None:
+    """(left side, right-side source) of ``assert LEFT == RIGHT``; None when the line is not one."""
+    try:
+        node = ast.parse(line).body[0]
+    except (SyntaxError, IndexError, ValueError):
+        return None
+    if isinstance(node, ast.Assert) and isinstance(node.test, ast.Compare) and len(node.test.ops) == 1 \
+            and isinstance(node.test.ops[0], ast.Eq):
+        return node.test.left, ast.get_source_segment(line, node.test.comparators[0]) or ""
+    return None
+
+
+def extract_prediction(text: str, inputs: str | None = None) -> str:
+    """The predicted output in a model's answer: the right side of ``assert f(...) == X`` (the one whose
+    call is ``f(inputs)`` when the answer has several, e.g. the prompt's examples repeated), else the
     first line of the answer."""
     text = text.split("[/ANSWER]")[0].replace("[ANSWER]", "")
     text = re.sub(r"```[a-zA-Z0-9]*", "", text).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in lines:
-        if line.startswith("assert"):
-            try:
-                node = ast.parse(line).body[0]
-                if isinstance(node, ast.Assert) and isinstance(node.test, ast.Compare) and len(node.test.ops) == 1 \
-                        and isinstance(node.test.ops[0], ast.Eq):
-                    return ast.get_source_segment(line, node.test.comparators[0]) or ""
-            except SyntaxError:
-                pass
-            return line.split("==", 1)[1].strip() if "==" in line else ""
-    return lines[0] if lines else ""
+    asserts = [line for line in lines if line.startswith("assert")]
+    if not asserts:
+        return lines[0] if lines else ""
+    parsed = [(line, _asserted(line)) for line in asserts]
+    if inputs is not None:
+        try:
+            want = ast.dump(ast.parse(f"f({inputs})", mode="eval").body)
+        except SyntaxError:
+            want = None
+        for _, p in parsed:
+            if p is not None and ast.dump(p[0]) == want:
+                return p[1]
+    line, p = parsed[0]
+    if p is not None:
+        return p[1]
+    return line.split("==", 1)[1].strip() if "==" in line else ""
 
 
 def _literal(src: str):
@@ -195,7 +213,7 @@ class CruxEvalTask(GenerationTask):
         return samples
 
     def score(self, samples, outputs, chat, sandbox=None):
-        preds = [extract_prediction(o) for o in outputs]
+        preds = [extract_prediction(o, s.target["input"]) for s, o in zip(samples, outputs)]
         checks = check_predictions([s.target for s in samples], preds, sandbox)
         return [{"index": s.index, "id": s.meta["id"], "prediction": p, "target": s.target["output"], **c}
                 for s, p, c in zip(samples, preds, checks)]

@@ -181,14 +181,17 @@ def run_generation_task(model, tok, task, samples, cfg: EvalConfig, chat: bool, 
            "seconds": seconds, "source": task.source(cfg.data.get(task.name)), "chat": chat,
            "max_new_tokens": max_new, "truncated_prompts": sum(r["truncated_prompt"] for r in records),
            "details": {}}
+    if row["truncated_prompts"] and rank == 0:
+        logger.warning("%s %s: %d prompt(s) longer than the context minus %d new tokens were cut from the left",
+                       label, task.name, row["truncated_prompts"], max_new)
     if task.name == "gsm8k":
         row["few_shot"] = cfg.few_shot
-    if task.name in ("humaneval", "cruxeval"):
-        statuses = {}
+    if task.name in ("humaneval", "cruxeval"):  # how the verdicts came about (sandbox status / check used)
+        key = "status" if task.name == "humaneval" else "checked_by"
+        outcomes = {}
         for r in records:
-            s = r.get("status") or r.get("checked_by")
-            statuses[s] = statuses.get(s, 0) + 1
-        row["details"]["outcomes"] = statuses
+            outcomes[r[key]] = outcomes.get(r[key], 0) + 1
+        row["details"]["outcomes"] = dict(sorted(outcomes.items()))
     return row, records
 
 
