@@ -31,8 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rad_ds.cli import run_cli  # noqa: E402
 
-TASKS = ("gsm8k", "humaneval", "cruxeval", "ppl", "speed")
-DATA_TASKS = ("gsm8k", "humaneval", "cruxeval", "ppl", "speed")
+TASKS = ("gsm8k", "humaneval", "cruxeval", "ppl", "speed")  # = rad_ds.eval.runner.TASKS (checked by a test)
 
 
 def parse_args(argv=None):
@@ -51,7 +50,8 @@ def parse_args(argv=None):
                     help="generated tokens per sample (default per task: gsm8k 256, humaneval 384, cruxeval 64, "
                          "speed 64)")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call (left-padded)")
-    ap.add_argument("--no-chat", action="store_true", help="plain-text prompts even if the tokenizer has a chat template")
+    ap.add_argument("--no-chat", action="store_true",
+                    help="plain-text prompts even if the tokenizer has a chat template")
     ap.add_argument("--seed", type=int, default=0, help="seed of generated data (reasoning-gym) and prompt choice")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--report", default=None, help="diagnosis report.json: speed also runs self-speculative decoding")
@@ -64,6 +64,8 @@ def parse_args(argv=None):
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per generated program in the sandbox")
     ap.add_argument("--sandbox-memory-mb", type=int, default=1024, help="address-space limit of a generated program")
     ap.add_argument("--sandbox-workers", type=int, default=2, help="generated programs run at once")
+    ap.add_argument("--sandbox-python", default=None,
+                    help="interpreter for generated code (default: this one), e.g. /usr/bin/python3")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--wandb", action="store_true", help="log to wandb (offline unless WANDB_MODE says otherwise)")
     ap.add_argument("--wandb-project", default="rad-ds")
@@ -82,10 +84,10 @@ def parse_data(values: list[str], tasks: list[str]) -> dict[str, str]:
     out = {}
     for v in values:
         task, sep, path = v.partition("=")
-        if sep and task.strip().lower() in DATA_TASKS:
+        if sep and task.strip().lower() in TASKS:
             task = task.strip().lower()
         else:
-            readers = [t for t in tasks if t in DATA_TASKS]
+            readers = [t for t in tasks if t in TASKS]
             if len(readers) != 1:
                 raise ValueError(f"--data {v}: say which task it is for, e.g. --data gsm8k={v} "
                                  f"(tasks: {','.join(tasks)})")
@@ -116,7 +118,8 @@ def main(argv=None):
         chat=not args.no_chat, seed=args.seed, dtype=args.dtype, report=args.report, k=args.k,
         skip_layers=parse_layers(args.skip_layers), speed_prompts=args.speed_prompts, draft_len=args.draft_len,
         ppl_window=args.ppl_window, ppl_stride=args.ppl_stride, timeout=args.timeout,
-        sandbox_memory_mb=args.sandbox_memory_mb, sandbox_workers=args.sandbox_workers, wandb=args.wandb,
+        sandbox_memory_mb=args.sandbox_memory_mb, sandbox_workers=args.sandbox_workers,
+        sandbox_python=args.sandbox_python, wandb=args.wandb,
         wandb_project=args.wandb_project, wandb_run=args.wandb_run, progress=not args.no_progress,
     )
     evaluate(cfg)

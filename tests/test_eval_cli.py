@@ -102,6 +102,7 @@ def test_bad_input_is_one_line_and_nothing_is_written(setup, capsys):
         (["--tasks", "gsm8k", "--skip-layers", "1"], "add speed to --tasks"),
         (["--tasks", "speed", "--skip-layers", "1,x"], "give layer indices"),
         (["--tasks", "humaneval", "--timeout", "0"], "must be > 0"),
+        (["--tasks", "humaneval", "--sandbox-python", str(tmp / "nopython")], "not an executable file"),
     ]
     for extra, msg in cases:
         rc = run_cli(main, m + extra)
@@ -113,3 +114,12 @@ def test_bad_input_is_one_line_and_nothing_is_written(setup, capsys):
                        timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --tasks: unknown task(s) foo; choose "
                                                                    "from gsm8k,humaneval,cruxeval,ppl,speed"]
+
+
+def test_launcher_knows_the_runner_tasks():
+    from launchers.evaluate import TASKS, parse_data, parse_tasks
+    from rad_ds.eval.runner import TASKS as RUNNER_TASKS
+
+    assert TASKS == RUNNER_TASKS and parse_tasks("all") == list(TASKS)
+    assert parse_data(["x.jsonl"], ["humaneval"]) == {"humaneval": "x.jsonl"}
+    assert parse_data(["ppl=a=b.txt"], ["ppl"]) == {"ppl": "a=b.txt"}

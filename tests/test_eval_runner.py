@@ -75,7 +75,8 @@ def test_all_tasks_for_base_and_student(models, tmp_path):
     assert spec["same_tokens"] is True and spec["layers"] == [1, 2] and 0 <= spec["acceptance_rate"] <= 1
     assert "not attention layers" in rows["student", "speed"]["details"]["speculative_skipped"]
     md = (tmp_path / "ev" / "results.md").read_text()
-    assert "| model | task | n | metric | score | ± | tokens/s |" in md and "| student | ppl | 3 |" in md  # --limit: 3 documents
+    assert "| model | task | n | metric | score | ± | tokens/s |" in md
+    assert "| student | ppl | 3 |" in md  # --limit: 3 documents
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["results"] == json.loads(json.dumps(res["results"]))
     if res["sandbox"]:
         assert "rlimits" in res["sandbox"]["guards"]

@@ -156,3 +156,24 @@ def test_a_bad_program_never_stops_the_others():
             "import os; os.system('true')"]
     rs = run_programs(srcs, SandboxLimits(timeout_s=1.0, memory_mb=512, workers=2))
     assert [r.status for r in rs] == ["timeout", "passed", "failed", "crashed", "passed", "failed"]
+
+
+def test_root_runs_programs_as_nobody_when_the_interpreter_allows(outside):
+    """Where Python is installed readable by all (a system python), root drops to nobody; this machine's
+    venv python may live under /root, where the sandbox keeps uid 0 without capabilities instead."""
+    import os
+    import shutil
+
+    system_python = shutil.which("python3", path="/usr/bin:/bin")
+    if os.geteuid() != 0 or system_python is None:
+        pytest.skip("needs root and a system python3")
+    limits = SandboxLimits(timeout_s=5.0, python=system_python)
+    r = run_program("import os\nopen('mine.txt', 'w').write('x')\nprint(os.getuid())", limits)
+    if "uid-nobody" not in r.guards:
+        pytest.skip(f"{system_python}'s library is not readable by nobody")
+    assert r.passed and r.stdout.strip() == "65534"
+    for src in (f"open('{outside}/x', 'w')", "import os; os.system('true')"):
+        assert not run_program(src, limits).passed
+    assert not run_program(f"open('{outside}/y', 'w')", SandboxLimits(timeout_s=5.0, python=system_python,
+                                                                        python_guards=False)).passed
+    assert list(outside.iterdir()) == []

@@ -74,7 +74,8 @@ class Gsm8kTask(GenerationTask):
 
     def __init__(self, few_shot: int = 0):
         if not 0 <= few_shot <= len(COT_EXEMPLARS):
-            raise ValueError(f"--few-shot {few_shot}: GSM8K has {len(COT_EXEMPLARS)} exemplars; use 0..{len(COT_EXEMPLARS)}")
+            n = len(COT_EXEMPLARS)
+            raise ValueError(f"--few-shot {few_shot}: GSM8K has {n} exemplars; use 0..{n}")
         self.few_shot = few_shot
 
     def source(self, data):

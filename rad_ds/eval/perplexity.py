@@ -1,11 +1,12 @@
 """Perplexity on a text set: exp of the mean next-token negative log-likelihood over all documents.
 
 Documents are tokenised whole (the tokenizer's own BOS, if any) and cut into windows of at most
-``window`` tokens that start every ``stride`` tokens; each token is scored once, by the window that gives
-it the most context (stride = window: windows that overlap by the one token of context the next one
-needs; smaller strides: the "sliding window" of the transformers perplexity guide). Also reported: bits per byte of UTF-8 text, comparable across
-tokenizers. The LM head runs over a few hundred positions at a time, so a large vocabulary does not
-need a (batch, length, vocab) tensor.
+``window`` tokens; each token but a document's first is scored exactly once, by the first window that
+reaches it, which starts ``stride`` tokens after the previous one (at least one token of context inside
+the window). stride = window gives windows that overlap by just that token; a smaller stride gives every
+scored token more context, as the "sliding window" of the transformers perplexity guide. Also reported:
+bits per byte of UTF-8 text, comparable across tokenizers. The LM head runs over a few hundred
+positions at a time, so a large vocabulary does not need a (batch, length, vocab) tensor.
 
 Data: a local jsonl/json/parquet/csv with a ``text`` field, or a ``.txt`` file (paragraphs); offline
 default: HumanEval programs (prompt + canonical solution) and GSM-style worked solutions from
@@ -118,8 +119,8 @@ def summarize(per_window: list[tuple[Window, float, int]], texts: list[str], sec
     toks = sum(n for _, _, n in per_window)
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
     mean = nll / toks if toks else float("nan")
-    return PerplexityResult(math.exp(mean) if toks else float("nan"), mean, nll / (math.log(2) * nbytes) if nbytes else
-                            float("nan"), toks, nbytes, len(texts), seconds)
+    bpb = nll / (math.log(2) * nbytes) if nbytes else float("nan")
+    return PerplexityResult(math.exp(mean) if toks else float("nan"), mean, bpb, toks, nbytes, len(texts), seconds)
 
 
 def timed_window_nll(model, ids, batch, pad_id):

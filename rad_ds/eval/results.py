@@ -67,7 +67,8 @@ def markdown(results: dict) -> str:
             spec = d.get("speculative") or {}
             mask = ",".join(map(str, spec["layers"])) if spec.get("layers") else d.get("speculative_skipped") or "-"
             lines.append(f"| {r['model']} | {_fmt(d['plain_tokens_per_second'], 1)} | "
-                         f"{_fmt(spec.get('tokens_per_second'), 1)} | {mask} | {_fmt(spec.get('acceptance_rate'), 3)} | "
+                         f"{_fmt(spec.get('tokens_per_second'), 1)} | {mask} | "
+                         f"{_fmt(spec.get('acceptance_rate'), 3)} | "
                          f"{_fmt(spec.get('mean_accepted_length'), 2)} | "
                          f"{_fmt(spec.get('speedup'), 2) + 'x' if spec.get('speedup') else '-'} | "
                          f"{spec.get('same_tokens', '-')} |")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import gc
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 GENERATION_TASKS = ("gsm8k", "humaneval", "cruxeval")
 TASKS = GENERATION_TASKS + ("ppl", "speed")
-DATA_TASKS = ("gsm8k", "humaneval", "cruxeval", "ppl", "speed")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -59,6 +59,7 @@ class EvalConfig:
     timeout: float = 10.0  # seconds per program in the sandbox
     sandbox_memory_mb: int = 1024
     sandbox_workers: int = 2
+    sandbox_python: str | None = None  # interpreter for generated code (default: this one)
     wandb: bool = False
     wandb_project: str = "rad-ds"
     wandb_run: str | None = None
@@ -102,6 +103,8 @@ class EvalConfig:
             raise ValueError("give either --report/--k or --skip-layers, not both")
         if (self.report or self.skip_layers) and "speed" not in self.tasks:
             raise ValueError("--report/--skip-layers are for the speed task; add speed to --tasks")
+        if self.sandbox_python is not None and not os.access(self.sandbox_python, os.X_OK):
+            raise FileNotFoundError(f"--sandbox-python {self.sandbox_python}: not an executable file")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype}: use one of {', '.join(DTYPES)}")
         Gsm8kTask(self.few_shot)  # checks the range
@@ -287,9 +290,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     mask = _mask(cfg)
     data = load_task_data(cfg)
-    sandbox = SandboxLimits(timeout_s=cfg.timeout, memory_mb=cfg.sandbox_memory_mb, workers=cfg.sandbox_workers)
+    sandbox = SandboxLimits(timeout_s=cfg.timeout, memory_mb=cfg.sandbox_memory_mb, workers=cfg.sandbox_workers,
+                            python=cfg.sandbox_python)
     code_tasks = [t for t in cfg.tasks if t in ("humaneval", "cruxeval")]
-    guards = sandbox_guards() if code_tasks else []
+    guards = sandbox_guards(sandbox) if code_tasks else []
     if code_tasks and rank == 0 and not {"landlock-fs", "netns"} <= set(guards):
         logger.warning("the sandbox runs with %s only (no Landlock or network namespace on this machine): "
                        "generated code is contained by rlimits and Python-level hooks", ", ".join(guards))
@@ -337,4 +341,4 @@ def evaluate(cfg: EvalConfig) -> dict:
     return results
 
 
-__all__ = ["DATA_TASKS", "EvalConfig", "TASKS", "evaluate", "load_task_data"]
+__all__ = ["EvalConfig", "TASKS", "evaluate", "load_task_data"]

@@ -11,9 +11,12 @@ group and a temporary working directory that is deleted afterwards. What is enfo
   absent from a minimal environment;
 * **files**: Landlock (Linux >= 5.13) lets the process create, write, remove or rename only inside its
   working directory (and write ``/dev/null``); reads are allowed;
-* **privileges**: root drops to ``nobody``; ``RLIMIT_NPROC`` = 0 then forbids new processes and
-  threads; with Landlock ABI >= 6 no signals to processes outside the sandbox; the child dies with
-  its parent (``PR_SET_PDEATHSIG``);
+* **processes**: seccomp refuses fork, vfork, exec and clone without ``CLONE_THREAD`` (threads stay
+  allowed; x86-64 and aarch64); where seccomp is missing and the child is not root, ``RLIMIT_NPROC`` = 0;
+* **privileges**: root drops to ``nobody``, or, where the interpreter lives somewhere ``nobody`` cannot
+  read (e.g. a pyenv under ``/root``), stays uid 0 without any capability (bounding set emptied too);
+  with Landlock ABI >= 6 no signals to processes outside the sandbox; the child dies with its parent
+  (``PR_SET_PDEATHSIG``);
 * **Python level**, behind all of the above and with clear messages: an audit hook refuses
   ``os.system``, ``subprocess``, ``fork``/``exec``/``spawn``, ``os.kill``, sockets, ``ctypes`` and
   writes, removals or renames outside the working directory.
@@ -54,6 +57,7 @@ class SandboxLimits:
     file_mb: int = 16  # largest file the program may write
     workers: int = 2  # programs run at once by run_programs
     python_guards: bool = True  # the audit hook; tests turn it off to check that the kernel guards hold alone
+    python: str | None = None  # interpreter for the programs (default: this one), e.g. a bare system python
 
 
 @dataclass
@@ -112,10 +116,11 @@ def run_program(source: str, limits: SandboxLimits | None = None, filename: str 
         cfg = {"result_fd": w_fd, "nonce": nonce, "workdir": str(work), "memory_mb": int(limits.memory_mb),
                "cpu_seconds": max(1, int(limits.timeout_s + 0.999)), "file_mb": int(limits.file_mb),
                "filename": filename, "python_guards": bool(limits.python_guards)}
-        flags = ["-s", "-B"] + (["-P"] if sys.version_info >= (3, 11) else [])
+        flags = ["-s", "-B"] + (["-P"] if limits.python is None and sys.version_info >= (3, 11) else [])
         with open(root / "stdout", "wb") as fo, open(root / "stderr", "wb") as fe:
             proc = subprocess.Popen(
-                [sys.executable, *flags, "-c", _CHILD_SOURCE], stdin=subprocess.PIPE, stdout=fo, stderr=fe,
+                [limits.python or sys.executable, *flags, "-c", _CHILD_SOURCE], stdin=subprocess.PIPE,
+                stdout=fo, stderr=fe,
                 cwd=str(work), env=_child_env(str(work)), pass_fds=(w_fd,), start_new_session=True,
                 close_fds=True,
             )
@@ -179,16 +184,17 @@ def run_programs(sources: list[str], limits: SandboxLimits | None = None) -> lis
         return list(pool.map(lambda s: run_program(s, limits), sources))
 
 
-_GUARDS: list[str] | None = None
-KERNEL_GUARDS = ("netns", "landlock-fs", "uid-nobody", "nproc-0")
+_GUARDS: dict[str | None, list[str]] = {}
+KERNEL_GUARDS = ("netns", "landlock-fs", "landlock-tcp", "landlock-signals", "seccomp-noproc", "uid-nobody",
+                 "no-capabilities", "nproc-0")
 
 
-def sandbox_guards() -> list[str]:
-    """The guards this machine enforces (probed once with an empty program)."""
-    global _GUARDS
-    if _GUARDS is None:
-        _GUARDS = run_program("pass\n", SandboxLimits(timeout_s=30)).guards
-    return list(_GUARDS)
+def sandbox_guards(limits: SandboxLimits | None = None) -> list[str]:
+    """The guards this machine enforces for ``limits.python`` (probed once with an empty program)."""
+    python = limits.python if limits else None
+    if python not in _GUARDS:
+        _GUARDS[python] = run_program("pass\n", SandboxLimits(timeout_s=30, python=python)).guards
+    return list(_GUARDS[python])
 
 
 __all__ = ["KERNEL_GUARDS", "SandboxLimits", "SandboxResult", "run_program", "run_programs", "sandbox_guards"]
