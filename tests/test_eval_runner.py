@@ -124,3 +124,13 @@ def test_repeated_runs_are_identical(models, tmp_path):
     b = evaluate(_cfg(student, tmp_path / "r2", **kw))
     assert strip_timings(a) == strip_timings(b)
     assert a["results"][0]["chat"] is False
+
+
+def test_wandb_offline_run(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    base, _ = models
+    evaluate(_cfg(base, tmp_path / "w", tasks=["gsm8k"], limit=2, max_new_tokens=4, wandb=True, wandb_run="t",
+                  data={"gsm8k": str(write_gsm(tmp_path / "q.jsonl"))}))
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
