@@ -227,11 +227,6 @@ class Pipeline:
                     cells.append("-" if r is None or r["score"] is None else
                                  (f"{r['score']:.4g}" + (f" (n={r['n']})" if task != "speed" else "")))
                 lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
-            tps = {m: next((r.get("tokens_per_second") for r in rows if r["model"] == m and r["task"] == "speed"), None)
-                   for m in models}
-            if any(v for v in tps.values()):
-                lines.append("| decoding | tokens/s | " + " | ".join("-" if v is None else f"{v:.1f}" for v in tps.values())
-                             + " |")
             if res.get("models"):
                 lines += ["", "| model | layers (A = attention, M = Mamba2) |", "|---|---|"]
                 lines += [f"| {m} | `{v['layers']}` |" for m, v in res["models"].items()]
