@@ -20,14 +20,6 @@ from tests.distill_helpers import (
 L = load_launcher("distill")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The machine's cores are shared: one intra-op thread keeps the runs fast and deterministic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):

@@ -25,14 +25,6 @@ LM_EVAL = shutil.which("lm_eval", path=str(Path(sys.executable).parent)) or shut
 pytestmark = pytest.mark.skipif(LM_EVAL is None, reason="lm-eval is not installed (pip install lm-eval)")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls are ~10x slower with several OpenMP threads on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _samples(out: Path, task: str) -> list[dict]:
     (f,) = glob.glob(str(out / "*" / f"samples_{task}_*.jsonl"))

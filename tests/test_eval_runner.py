@@ -19,14 +19,6 @@ def models(tmp_path_factory):
     return save_models(tmp_path_factory.mktemp("evalmodels"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls are ~10x slower with several OpenMP threads on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _cfg(model, out, **kw):
     base = dict(models=[str(model)], out=str(out), max_new_tokens=12, batch_size=8, progress=False)
