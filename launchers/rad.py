@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rad_ds.cli import USER_ERRORS, run_cli  # noqa: E402
+from rad_ds.cli import run_cli  # noqa: E402
 
 
 def main(argv=None):
@@ -35,13 +35,9 @@ def main(argv=None):
 
     cfg = PipelineConfig.load(args.config, {"out": args.out, "model": args.model, "nproc": args.nproc,
                                             "hostfile": args.hostfile})
-    try:
-        Pipeline(cfg).run()
-    except RuntimeError as e:
-        raise ValueError(str(e)) from None
+    Pipeline(cfg).run()
     return 0
 
 
 if __name__ == "__main__":
-    assert ValueError in USER_ERRORS
     sys.exit(run_cli(main))

@@ -21,14 +21,10 @@ class GenerationResult:
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
-    """Token ids of ``prompt``; with ``chat`` and a chat template, as one user turn."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
-            return_dict=True,
-        )["input_ids"]
-        return ids
-    return tokenizer(prompt, return_tensors="pt").input_ids
+    """Token ids ``(1, L)`` of ``prompt``; with ``chat`` and a chat template, as one user turn."""
+    from rad_ds.diagnosis.prompts import encode
+
+    return encode(tokenizer, "text", prompt, chat).view(1, -1)
 
 
 @torch.no_grad()

@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 STAGES = ("diagnose", "replace", "distill", "export", "evaluate")
 
 
+class StageFailed(ValueError):
+    """A stage exited non-zero or left no output (a ValueError, so launchers report it in one line)."""
+
+
 @dataclass
 class PipelineConfig:
     out: str
@@ -181,12 +185,12 @@ class Pipeline:
             rc = subprocess.run(cmd, cwd=ROOT).returncode
             self.timings[stage] = time.perf_counter() - t0
             if rc != 0:
-                raise RuntimeError(
+                raise StageFailed(
                     f"stage {stage} failed (exit {rc}); fix the cause and run the same command again: "
                     "finished stages are skipped"
                 )
             if not self.done(stage):
-                raise RuntimeError(f"stage {stage} exited 0 but left no output in {self.dirs.get(stage, self.out)}")
+                raise StageFailed(f"stage {stage} exited 0 but left no output in {self.dirs.get(stage, self.out)}")
             print(f"== {stage}: {self.timings[stage]:.0f} s", flush=True)
         table = self.comparison()
         (self.out / "comparison.md").write_text(table + "\n")

@@ -5,11 +5,6 @@
 # student -> comparison table. Re-running resumes: finished stages are skipped.
 # Usage: bash scripts/demo.sh [OUT_DIR]   (default runs/rad-demo; configs/rad_demo.yaml holds the settings)
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-bash scripts/setup.sh
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE="${WANDB_MODE:-offline}"
-export TOKENIZERS_PARALLELISM=false
-export RAD_DS_CACHE="${RAD_DS_CACHE:-$ROOT/.cache/rad_ds}"
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 OUT="${1:-runs/rad-demo}"
 exec .venv/bin/python launchers/rad.py --config configs/rad_demo.yaml --out "$OUT"

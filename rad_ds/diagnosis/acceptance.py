@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .skipping import PrefixRunner
-from .spec_decode import plain_decode
+from .spec_decode import eos_set, plain_decode
 
 
 @dataclass
@@ -82,7 +82,7 @@ class AcceptanceEstimator:
         self.max_new_tokens = max_new_tokens
         self.draft_len = draft_len
         self.eos_token_id = eos_token_id
-        eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+        eos = eos_set(eos_token_id)
         self.prompt_lens, self.continuations, self.eos_at_end = [], [], []
         seqs = []
         for p in prompts:
@@ -104,17 +104,19 @@ class AcceptanceEstimator:
         pred = self.runner.logits(s, frozenset(mask), start)[: len(y)].argmax(-1).tolist()
         return [a == b for a, b in zip(pred, y)]
 
-    def trace(self, mask, draft_len: int | None = None) -> list[list[int]]:
-        """Accepted lengths per round, per prompt."""
-        g = draft_len or self.draft_len
-        return [replay_rounds(self.agreement(s, mask), self.eos_at_end[s], len(self.continuations[s]), g,
-                              self.max_new_tokens)[0] for s in range(len(self.continuations))]
+    def rounds(self, s: int, mask, draft_len: int | None = None) -> tuple[list[int], list[int]]:
+        """(accepted, drafted) per round for prompt ``s``, as the real decoder would record them."""
+        return replay_rounds(self.agreement(s, mask), self.eos_at_end[s], len(self.continuations[s]),
+                             draft_len or self.draft_len, self.max_new_tokens)
+
+    def trace(self, mask, draft_len: int | None = None, n_prompts: int | None = None) -> list[list[int]]:
+        """Accepted lengths per round, per prompt (the first ``n_prompts``, or all)."""
+        n = len(self.continuations) if n_prompts is None else min(n_prompts, len(self.continuations))
+        return [self.rounds(s, mask, draft_len)[0] for s in range(n)]
 
     def stats(self, mask, draft_len: int | None = None) -> AcceptanceStats:
-        g = draft_len or self.draft_len
         total = AcceptanceStats()
         for s in range(len(self.continuations)):
-            acc, dr = replay_rounds(self.agreement(s, mask), self.eos_at_end[s], len(self.continuations[s]), g,
-                                    self.max_new_tokens)
+            acc, dr = self.rounds(s, mask, draft_len)
             total = total + AcceptanceStats(sum(acc), sum(dr), len(acc), len(self.continuations[s]))
         return total

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -143,7 +143,7 @@ def diagnose(cfg: DiagnoseConfig) -> dict:
         best_bo, trials = bo_search(evaluate, cands, k, cfg.trials, cfg.seed + 1000 * k, warm_start=rates,
                                     progress=bar, on_trial=on_trial)
         all_trials += trials
-        cands_k = [best_bo, MaskScore(*_fields(evaluate(topk_mask(rates, cands, k))), "single_skip_topk")]
+        cands_k = [best_bo, replace(evaluate(topk_mask(rates, cands, k)), method="single_skip_topk")]
         if k in greedy:
             cands_k.append(greedy[k])
         best = max(cands_k, key=lambda s: (s.objective, s.stats.acceptance_rate))
@@ -159,7 +159,7 @@ def diagnose(cfg: DiagnoseConfig) -> dict:
         if cfg.recheck_prompts > 0:
             mask = frozenset(sel["layers"])
             speed, acc, traces = measured_speed(mask, cfg.recheck_prompts)
-            est_traces = est.trace(mask)[: len(traces)]
+            est_traces = est.trace(mask, n_prompts=len(traces))
             exact = torch.tensor([int(est_traces == traces)], dtype=torch.int64)
             sel["measured_speedup"] = speed
             sel["measured_acceptance_rate"] = acc
@@ -208,10 +208,6 @@ def diagnose(cfg: DiagnoseConfig) -> dict:
             run.finish()
     dist.barrier()
     return report
-
-
-def _fields(s: MaskScore):
-    return s.mask, s.stats, s.objective
 
 
 def _wandb_init(cfg: DiagnoseConfig, rank: int):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import optuna
 
@@ -74,7 +74,7 @@ def greedy_buildup(evaluate: MaskEvaluator, candidates: list[int], k_max: int, p
             if best is None or key > best[0]:
                 best = (key, i, s)
         chosen.add(best[1])
-        out[k] = MaskScore(best[2].mask, best[2].stats, best[2].objective, "greedy")
+        out[k] = replace(best[2], method="greedy")
     return out
 
 
@@ -111,5 +111,4 @@ def bo_search(evaluate: MaskEvaluator, candidates: list[int], k: int, n_trials: 
 
     study.optimize(objective, n_trials=n_trials)
     best_layers = max(trials, key=lambda t: (t["objective"], t["acceptance_rate"]))["layers"]
-    best = evaluate(best_layers)
-    return MaskScore(best.mask, best.stats, best.objective, "bo"), trials
+    return replace(evaluate(best_layers), method="bo"), trials

@@ -44,8 +44,13 @@ class SpecConfig:
     eos_token_id: int | list[int] | None = None
 
     def eos_set(self) -> set[int]:
-        e = self.eos_token_id
-        return set() if e is None else ({e} if isinstance(e, int) else set(e))
+        return eos_set(self.eos_token_id)
+
+
+def eos_set(eos_token_id) -> set[int]:
+    """``None``, one id or a list of ids -> a set of ids."""
+    e = eos_token_id
+    return set() if e is None else ({e} if isinstance(e, int) else set(e))
 
 
 @dataclass
@@ -217,7 +222,7 @@ class SelfSpeculativeDecoder:
 def plain_decode(model, input_ids, max_new_tokens: int, eos_token_id=None, skip_layers=None,
                  sampling: bool = False, temperature: float = 1.0, generator=None) -> SpecResult:
     """Token-by-token decoding with the cache (the baseline for speed-ups, and greedy's definition)."""
-    eos = SpecConfig(eos_token_id=eos_token_id).eos_set()
+    eos = eos_set(eos_token_id)
     side = _Side(model, skip_layers)
     seq = [int(t) for t in torch.as_tensor(input_ids).view(-1).tolist()]
     n_prompt = len(seq)

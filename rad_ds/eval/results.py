@@ -10,24 +10,11 @@ import logging
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
-from rad_ds.diagnosis.report import write_json_atomic
+from rad_ds.diagnosis.report import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def safe_name(label: str) -> str:
@@ -36,7 +23,7 @@ def safe_name(label: str) -> str:
 
 def write_samples(out: Path, label: str, task: str, records: list[dict]) -> Path:
     path = out / "samples" / safe_name(label) / f"{task}.jsonl"
-    _write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
     return path
 
 
@@ -86,7 +73,7 @@ def markdown(results: dict) -> str:
 def write_results(out: Path, results: dict) -> tuple[Path, Path]:
     j = write_json_atomic(out / "results.json", results)
     m = out / "results.md"
-    _write_text_atomic(m, markdown(results))
+    write_text_atomic(m, markdown(results))
     return j, m
 
 
