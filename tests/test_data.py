@@ -121,10 +121,11 @@ def test_chat_mask_selects_exactly_the_assistant_turns(tmp_path, tok):
 
 def test_chat_mask_with_the_real_smollm2_template(tmp_path):
     """SmolLM2's own template (it inserts a default system prompt): the mask is still exactly the answer."""
+    from rad_ds.core.shared_cache import is_complete
     from rad_ds.models.conversion import cache_dir, load_tokenizer, smollm2_gguf
 
     d = cache_dir() / "smollm2-135m-instruct"
-    if (d / "tokenizer.json").is_file():
+    if is_complete(d):
         real = load_tokenizer(d)
     else:
         try:

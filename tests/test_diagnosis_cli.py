@@ -104,4 +104,4 @@ def test_model_without_attention_layers_is_refused(tmp_path):
     r = subprocess.run([PY, DIAG, "--model", str(tmp_path / "ssm"), "--k", "1", "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, env=_env(), timeout=600)
     assert r.returncode != 0 and "no attention layers" in r.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "o" / "report.json").exists()
+    assert not (tmp_path / "o").exists()

@@ -230,13 +230,14 @@ def test_bad_input_one_line_errors_nothing_lost(base, tmp_path, capsys):
         (with_("--teacher", big_vocab), "teacher vocab size 384 != student vocab size 320"),
         (with_("--resume", d), "not a rad-ds checkpoint"),
         (with_("--layers", "1,9"), "out of range"),
+        (with_("--model", tmp_path / "no_such_model"), "no_such_model does not exist"),
         (with_("--loss.kd=kl"), "loss.kd = 'kl'"),
         (with_("--data.seq_len=8192"), "packed sequences but one step needs a global batch of 2"),
     ]
     for args, message in cases:
         rc, line = _cli(args, capsys)
         assert rc == 2 and line.startswith("error:") and message in line, (message, line)
-        assert not (tmp_path / "good" / "checkpoints").exists()
+        assert not (tmp_path / "good").exists(), message  # a failed start leaves no --out behind
 
     # a checkpoint of another layer selection, or of another model, is refused and left as it was
     run_dir = tmp_path / "kept"

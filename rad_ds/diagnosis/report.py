@@ -3,29 +3,11 @@ Files are written to a temporary name and renamed, so a good report is never rep
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary sibling of ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: str | Path, data) -> Path:
-    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+from rad_ds.core.io import write_json_atomic, write_text_atomic  # noqa: F401 - re-exported
 
 
 def draw_chart(report: dict, path: str | Path) -> Path:

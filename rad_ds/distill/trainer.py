@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from rad_ds.config import ConfigError, RunConfig
+from rad_ds.core.io import ProvisionalDir
 from rad_ds.data import DistillLoader, data_fingerprint, load_packed
 
 from . import checkpoint as ckpt
@@ -119,12 +120,14 @@ def distill(cfg: RunConfig) -> DistillResult:
     _quiet()
     info = init_distributed(cfg.train.dist_timeout_s)
     try:
-        return _distill(cfg, info)
+        # a run that fails before its first step (bad --data, --layers, --model) leaves no --out behind
+        with ProvisionalDir(cfg.out, owner=info.rank == 0) as out_dir:
+            return _distill(cfg, info, out_dir)
     finally:
         release_env()
 
 
-def _distill(cfg: RunConfig, info) -> DistillResult:
+def _distill(cfg: RunConfig, info, out_dir: ProvisionalDir) -> DistillResult:
     rank, world = info.rank, info.world
     dist = torch.distributed
     out = Path(cfg.out)
@@ -234,6 +237,7 @@ def _distill(cfg: RunConfig, info) -> DistillResult:
     device = student.device
     t_run = time.perf_counter()
     tokens_run = 0
+    out_dir.keep()
     try:
         for step in range(start_step + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()

@@ -278,7 +278,7 @@ def load_task_data(cfg: EvalConfig) -> dict:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    from rad_ds.models.conversion import EMBEDDED, load_model
+    from rad_ds.models.conversion import load_model
 
     t_start = time.perf_counter()
     cfg.validate()
@@ -301,12 +301,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     labels = _labels(cfg.models)
     rows, models = [], {}
     for label, path in zip(labels, cfg.models):
-        first_import = world > 1 and path in EMBEDDED  # rank 0 imports it into the cache, the others read that
-        if first_import and rank != 0:
-            dist.barrier()
-        model, tok = load_model(path, dtype=dtype)
-        if first_import and rank == 0:
-            dist.barrier()
+        model, tok = load_model(path, dtype=dtype)  # an embedded model is imported once, under a file lock
         if tok is None:
             raise ValueError(f"--model {path}: no tokenizer saved with the model; save one next to the weights")
         model.to(device).eval()

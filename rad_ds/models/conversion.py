@@ -180,13 +180,7 @@ def load_model(path: str | os.PathLike, gguf_file: str | None = None, dtype=torc
     from transformers import AutoConfig
 
     if str(path) in EMBEDDED:
-        target = cache_dir() / EMBEDDED[str(path)]
-        if not (target / "config.json").is_file():
-            d, f = smollm2_gguf()
-            logger.info("importing %s/%s into %s (once)", d, f, target)
-            model, tok = load_model(d, gguf_file=f, dtype=torch.float32)
-            model.config.name_or_path = str(path)
-            save_model(model, tok, target)
+        target, _ = ensure_embedded(str(path))
         model, tok = load_model(target, dtype=dtype)
         model.config.name_or_path = str(path)
         return model, tok
@@ -203,9 +197,51 @@ def load_model(path: str | os.PathLike, gguf_file: str | None = None, dtype=torc
     return model, tok
 
 
+def ensure_embedded(name: str) -> tuple[Path, bool]:
+    """The cache directory of an embedded model, imported on first use; (path, whether this call imported it).
+
+    Safe under any number of concurrent processes, ranks and nodes sharing ``$RAD_DS_CACHE``: one imports
+    (under a file lock, into a temporary directory renamed into place, with a completeness marker), the
+    others wait and then read the finished directory; a partial one left by a killed import is rebuilt."""
+    from rad_ds.core.shared_cache import build_once
+
+    target = cache_dir() / EMBEDDED[name]
+    d, f = smollm2_gguf()
+    key = {"source": f, "bytes": os.path.getsize(os.path.join(d, f))}
+
+    def build(tmp: Path) -> None:
+        logger.info("importing %s/%s into %s (once)", d, f, target)
+        model, tok = load_model(d, gguf_file=f, dtype=torch.float32)
+        model.config.name_or_path = name
+        write_model_files(model, tok, tmp)
+
+    return target, build_once(target, build, key=key, what=f"the import of {name}")
+
+
+def write_model_files(model, tokenizer, directory: str | os.PathLike, extra_files: dict | None = None) -> Path:
+    """save_pretrained (safetensors + config + remote code), the tokenizer and ``extra_files`` into a directory.
+
+    Writes from whichever process calls it: transformers' ``save_pretrained`` silently writes nothing but
+    the tokenizer on a rank other than 0 of an initialised process group (the demo's first-run failure:
+    rank 1 won the race to import the embedded model), so the caller, not the rank, decides who writes."""
+    d = Path(directory)
+    model.should_save_on_this_rank = lambda is_main_process: True  # instance attribute: this call only
+    try:
+        model.save_pretrained(str(d), safe_serialization=True)
+    finally:
+        del model.should_save_on_this_rank
+    if not (d / "config.json").is_file() or not any(d.glob("*.safetensors")):
+        raise RuntimeError(f"save_pretrained wrote no config or weights into {d}")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(d))
+    for name, content in (extra_files or {}).items():
+        (d / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=2) + "\n")
+    return d
+
+
 def save_model(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict | None = None):
-    """save_pretrained (safetensors + config + remote code) and the tokenizer, written to a temporary
-    sibling directory and renamed into place, so a crash never leaves a half-written model."""
+    """The model files written to a temporary sibling directory and renamed into place, so a crash never
+    leaves a half-written model."""
     import shutil
     import tempfile
 
@@ -213,11 +249,7 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict |
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        for name, content in (extra_files or {}).items():
-            (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=2) + "\n")
+        write_model_files(model, tokenizer, tmp, extra_files)
         if out.exists():
             backup = out.with_name(f".{out.name}.old")
             if backup.exists():

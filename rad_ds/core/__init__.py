@@ -1,0 +1,1 @@
+"""The ground floor shared by every stage: mechanisms that exist once (shared caches, ...)."""
