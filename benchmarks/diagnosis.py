@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def bench_estimator(model, tok, n_prompts, max_new, draft_len, n_masks, seed):
+    from rad_ds.decoding.prompts import load_prompts
     from rad_ds.diagnosis import AcceptanceEstimator, SelfSpeculativeDecoder, SpecConfig, candidate_layers
-    from rad_ds.diagnosis.prompts import load_prompts
 
     prompts = load_prompts(tok, None, n_prompts, seed, True, max_new, model.config.max_position_embeddings)
     eos = tok.eos_token_id

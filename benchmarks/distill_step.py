@@ -71,8 +71,8 @@ def prepare(args, work: Path) -> dict:
 
     model = args.model
     if model is None:
-        from transformers import LlamaConfig, LlamaForCausalLM
         import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
         heads = max(args.hidden // 64, 2)

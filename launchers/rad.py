@@ -8,36 +8,18 @@ base-vs-student comparison table (also OUT/comparison.md).
     python launchers/rad.py --config configs/rad_demo.yaml --out runs/rad2 --nproc 1
     python launchers/rad.py --config my.yaml --hostfile hostfile           # distributed stages multi-node
 
-The YAML: out, model, k, nproc, hostfile, and one mapping per stage (diagnose, replace, distill,
-evaluate) of extra flags for that stage's launcher; see configs/rad_demo.yaml.
+The YAML: out, model, k, nproc, hostfile, stages, and one section per stage (diagnose, replace, distill,
+evaluate) holding that stage's own settings (the same names as its launcher's flags; a distill section
+may start from a run config with `config: FILE`); see configs/rad_demo.yaml. The whole file is checked
+before any stage runs. Installed as the console command `rad` (the same flags).
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
+from functools import partial
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rad_ds import pipeline
 
-from rad_ds.cli import run_cli  # noqa: E402
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="pipeline YAML")
-    ap.add_argument("--out", default=None, help="override the run directory")
-    ap.add_argument("--model", default=None, help="override the base model")
-    ap.add_argument("--nproc", type=int, default=None, help="override ranks per distributed stage")
-    ap.add_argument("--hostfile", default=None, help="deepspeed hostfile for the distributed stages")
-    args = ap.parse_args(argv)
-    from rad_ds.pipeline import Pipeline, PipelineConfig
-
-    cfg = PipelineConfig.load(args.config, {"out": args.out, "model": args.model, "nproc": args.nproc,
-                                            "hostfile": args.hostfile})
-    Pipeline(cfg).run()
-    return 0
-
+main = partial(pipeline.main, doc=__doc__)
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

@@ -1,18 +1,26 @@
 """The whole RAD pipeline from one YAML: diagnose -> replace -> distill -> export -> evaluate.
 
-Each stage is the same launcher a user runs by hand, started as a subprocess (under ``deepspeed`` with
-``nproc`` ranks, or a hostfile, where the stage is distributed), and is skipped when its output already
-exists, so a re-run after a failure resumes where it stopped (distillation itself resumes from its
-latest checkpoint). At the end a comparison table (base vs student: scores, speed, what was replaced)
-is printed and written to ``OUT/comparison.md``.
+``PipelineConfig`` is made of the stage configs themselves (``diagnose: DiagnoseConfig``, ``replace:
+ReplaceConfig``, ``distill: RunConfig``, ``evaluate: EvalConfig``) plus what joins them (``out``, ``model``,
+``k``, ``nproc``, ``hostfile``); it is loaded and validated whole, so a typo in any section fails in
+seconds, before any stage runs. The paths that connect the stages (the report, the student, the
+checkpoints) are filled in by the pipeline. A section may name a base file with ``config:`` (a run config
+for ``distill``); its other keys apply over it.
 
-Layout under ``out``: ``diagnosis/`` (report.json, redundancy.png), ``student/`` (the initialised
-student), ``distill/`` (checkpoints/, final/, metrics.jsonl), ``eval/`` (results.json, results.md).
+Each stage runs through its typed entry: in this process when it runs alone, or as ``deepspeed --module
+rad_ds.<stage>`` with ``nproc`` ranks (or a hostfile) given the stage's config as a JSON file. A stage whose
+output exists is skipped, so a re-run after a failure resumes where it stopped (distillation itself resumes
+from its latest checkpoint). Results are read through the artifact types (``DiagnosisReport``,
+``RunSummary``, ``EvalResults``); the comparison table is printed and written to ``OUT/comparison.md``.
+
+Layout under ``out``: ``diagnosis/`` (report.json, redundancy.png), ``student/`` (the initialised student),
+``distill/`` (checkpoints/, final/, metrics.jsonl, summary.json), ``eval/`` (results.json, results.md),
+``configs/`` (each stage's resolved config), ``pipeline.json``, ``comparison.md``.
 """
 
 from __future__ import annotations
 
-import json
+import gc
 import logging
 import random
 import subprocess
@@ -21,11 +29,27 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from rad_ds.core.config import (
+    Config,
+    ConfigError,
+    flatten,
+    load_file,
+    resolve_shipped,
+    setting,
+)
+from rad_ds.core.io import write_text_atomic
+from rad_ds.core.report import DiagnosisReport
+from rad_ds.diagnosis.config import DiagnoseConfig
+from rad_ds.distill.config import RunConfig
+from rad_ds.distill.summary import RunSummary
+from rad_ds.eval.config import EvalConfig
+from rad_ds.eval.results import EvalResults
+from rad_ds.surgery.config import ReplaceConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger(__name__)
 STAGES = ("diagnose", "replace", "distill", "export", "evaluate")
+SECTIONS = {"diagnose": DiagnoseConfig, "replace": ReplaceConfig, "distill": RunConfig, "evaluate": EvalConfig}
+MODULES = {"diagnose": "rad_ds.diagnosis", "distill": "rad_ds.distill", "evaluate": "rad_ds.eval"}
 
 
 class StageFailed(ValueError):
@@ -33,208 +57,243 @@ class StageFailed(ValueError):
 
 
 @dataclass
-class PipelineConfig:
-    out: str
-    model: str = "embedded:smollm2"
-    gguf_file: str | None = None
-    k: int = 2  # attention layers to replace (must be one of diagnose.k)
-    nproc: int = 1  # ranks for the distributed stages (diagnose, distill, evaluate) on this node
-    hostfile: str | None = None  # multi-node: a deepspeed hostfile (overrides nproc)
-    diagnose: dict = field(default_factory=dict)  # extra launchers/diagnose.py flags, e.g. {trials: 20}
-    replace: dict = field(default_factory=dict)  # extra launchers/replace.py flags, e.g. {init: attention}
-    distill: dict = field(default_factory=dict)  # {config: YAML, ...dotted or plain launchers/distill.py flags}
-    evaluate: dict = field(default_factory=dict)  # extra launchers/evaluate.py flags, e.g. {tasks: gsm8k, limit: 8}
-    stages: list = field(default_factory=lambda: list(STAGES))
+class PipelineConfig(Config):
+    out: str | None = setting(None, "the run directory (diagnosis/, student/, distill/, eval/, comparison.md)")
+    model: str = setting("embedded:smollm2", "base model: HF dir, .gguf file or embedded:smollm2")
+    gguf_file: str | None = setting(None, "GGUF file name inside model")
+    k: int = setting(2, "attention layers to replace (one of diagnose.k)")
+    nproc: int = setting(1, "ranks for the distributed stages (diagnose, distill, evaluate) on this node")
+    hostfile: str | None = setting(None, "multi-node: a deepspeed hostfile (overrides nproc)")
+    stages: list[str] = setting(list(STAGES), f"stages to run, of {', '.join(STAGES)}")
+    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
+    replace: ReplaceConfig = field(default_factory=ReplaceConfig)
+    distill: RunConfig = field(default_factory=RunConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
 
     @classmethod
     def load(cls, path: str | Path, overrides: dict | None = None) -> "PipelineConfig":
-        p = Path(path)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except FileNotFoundError:
-            raise FileNotFoundError(f"--config {p}: file not found") from None
-        except yaml.YAMLError as e:
-            raise ValueError(f"--config {p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"--config {p}: expected a mapping of settings at the top level")
-        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        known = set(cls.__dataclass_fields__)
-        bad = sorted(set(data) - known)
-        if bad:
-            raise ValueError(f"--config {p}: unknown setting(s) {bad}; known: {sorted(known)}")
-        if "out" not in data:
-            raise ValueError(f"--config {p}: 'out' (the run directory) is required")
-        cfg = cls(**data)
-        cfg.validate(str(p))
-        return cfg
+        """The YAML/JSON at ``path`` (each section over its ``config:`` base file), then ``overrides``,
+        joined and validated: any error names the file, the key and the fix."""
+        where = str(path)
+        data = load_file(resolve_shipped(path), what="--config")
+        cfg = cls()
+        for name, section_cls in SECTIONS.items():
+            sec = data.pop(name, None) or {}
+            if not isinstance(sec, dict):
+                raise ConfigError(f"{where}: {name} must be a mapping of {name} settings, got {sec!r}")
+            base = sec.pop("config", None)
+            if base is not None:
+                setattr(cfg, name, section_cls.load(base, what=f"{where}: {name}.config"))
+            for key, value in flatten(section_cls, sec).items():
+                cfg.set(f"{name}.{key}", value, source=where)
+        for key, value in {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}.items():
+            cfg.set(key, value, source=where)
+        return cfg.resolve(where)
 
-    def validate(self, where: str = "config"):
+    def resolve(self, where: str = "config") -> "PipelineConfig":
+        """Fill in what joins the stages, then validate every stage's config before any of them runs."""
+        if not self.out:
+            raise ConfigError(f"{where}: 'out' (the run directory) is required")
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
-            raise ValueError(f"{where}: unknown stage(s) {bad}; stages are {list(STAGES)}")
-        ks = self.diagnose.get("k", [self.k])
-        ks = [int(x) for x in (ks.split(",") if isinstance(ks, str) else ks)] if not isinstance(ks, int) else [ks]
-        if self.k not in ks:
-            raise ValueError(f"{where}: k={self.k} must be one of diagnose.k {ks} (the report gives the layers)")
-        self.diagnose["k"] = ks
+            raise ConfigError(f"{where}: unknown stage(s) {bad}; stages are {list(STAGES)}")
         if self.nproc < 1:
-            raise ValueError(f"{where}: nproc must be >= 1")
+            raise ConfigError(f"{where}: nproc must be >= 1")
+        if self.k not in self.diagnose.k:
+            raise ConfigError(f"{where}: k={self.k} must be one of diagnose.k {self.diagnose.k} (the report gives "
+                              "the layers)")
+        d = self.dirs
+        self.diagnose.model, self.diagnose.gguf_file, self.diagnose.out = self.model, self.gguf_file, str(d["diagnose"])
+        r = self.replace
+        r.model, r.gguf_file, r.layers, r.report, r.k = self.model, self.gguf_file, None, str(self.report_path), self.k
+        r.out, r.overwrite = str(d["replace"]), True
+        t = self.distill
+        t.model.path, t.model.gguf_file, t.out = str(d["replace"]), None, str(d["distill"])
+        t.student.layers = t.student.report = t.student.k = None  # the student is the one replace wrote
+        t.checkpoint.resume = "auto"
+        if t.teacher.path is None:  # the teacher is the base model unless the distill section names another
+            t.teacher.path, t.teacher.gguf_file = self.model, self.gguf_file
+        e = self.evaluate
+        joined = [self.model, str(d["distill"] / "final")]
+        e.models = joined + [m for m in e.models if m not in joined]  # the section may add models (a teacher)
+        e.out = str(d["evaluate"])
+        if "speed" in e.tasks and e.report is None and not e.skip_layers:
+            e.report, e.k = str(self.report_path), self.k
+        for name, section in (("diagnose", self.diagnose), ("replace", self.replace), ("distill", self.distill),
+                              ("evaluate", self.evaluate)):
+            try:
+                section.validate(inputs_exist=False) if name in ("replace", "evaluate") else section.validate()
+            except (ValueError, FileNotFoundError) as err:
+                raise ConfigError(f"{where}: section {name}: {str(err).splitlines()[0]}") from None
+        return self
 
+    @property
+    def dirs(self) -> dict[str, Path]:
+        out = Path(self.out)
+        return {"diagnose": out / "diagnosis", "replace": out / "student", "distill": out / "distill",
+                "evaluate": out / "eval"}
 
-def _flags(d: dict) -> list[str]:
-    """{trials: 20, no_chat: true, k: [2, 4]} -> ['--trials', '20', '--no-chat', '--k', '2,4']."""
-    out = []
-    for key, val in d.items():
-        flag = "--" + key.replace("_", "-") if "." not in key else "--" + key
-        if val is True:
-            out.append(flag)
-        elif val is False or val is None:
-            continue
-        elif isinstance(val, (list, tuple)):
-            if key in ("model", "data"):  # repeatable flags
-                for v in val:
-                    out += [flag, str(v)]
-            else:
-                out += [flag, ",".join(map(str, val))]
-        else:
-            out += [flag, str(val)]
-    return out
+    @property
+    def report_path(self) -> Path:
+        return self.dirs["diagnose"] / DiagnosisReport.FILE
 
 
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, python: str = sys.executable):
-        self.cfg = cfg
-        self.out = Path(cfg.out)
-        self.python = python
-        self.dirs = {"diagnose": self.out / "diagnosis", "replace": self.out / "student",
-                     "distill": self.out / "distill", "evaluate": self.out / "eval"}
+        self.cfg, self.out, self.python, self.dirs = cfg, Path(cfg.out), python, cfg.dirs
         self.timings: dict[str, float | str] = {}
 
     # -- what "done" means for each stage
     def done(self, stage: str) -> bool:
         d = self.dirs
+        if stage == "distill":
+            summary = RunSummary.load(d["distill"])
+            return summary is not None and summary.finished
         return {
-            "diagnose": (d["diagnose"] / "report.json").is_file(),
-            "replace": (d["replace"] / "config.json").is_file(),
-            "distill": self._distill_finished(),
-            "export": (d["distill"] / "final" / "config.json").is_file(),
-            "evaluate": (d["evaluate"] / "results.json").is_file(),
-        }[stage]
+            "diagnose": self.cfg.report_path,
+            "replace": d["replace"] / "config.json",
+            "export": d["distill"] / "final" / "config.json",
+            "evaluate": d["evaluate"] / EvalResults.FILE,
+        }[stage].is_file()
 
-    def _distill_finished(self) -> bool:
-        s = self.dirs["distill"] / "summary.json"
-        if not s.is_file():
-            return False
-        summ = json.loads(s.read_text())
-        return summ.get("last_step") is not None and summ.get("last_step") == summ.get("steps")
-
-    def _launch(self, script: str, args: list[str], distributed: bool) -> list[str]:
-        cmd = [self.python]
-        if distributed and (self.cfg.hostfile or self.cfg.nproc > 1):
-            ds = str(Path(self.python).parent / "deepspeed")
-            port = str(random.Random(f"{self.out}{script}").randint(29500, 29999))
-            cmd = [ds, "--master_port", port]
-            cmd += ["--hostfile", self.cfg.hostfile] if self.cfg.hostfile else ["--num_gpus", str(self.cfg.nproc)]
-        return cmd + [str(ROOT / "launchers" / script)] + args
+    @property
+    def distributed(self) -> bool:
+        return bool(self.cfg.hostfile) or self.cfg.nproc > 1
 
     def command(self, stage: str) -> list[str]:
-        c, d = self.cfg, self.dirs
-        model = ["--model", c.model] + (["--gguf-file", c.gguf_file] if c.gguf_file else [])
+        """The ``deepspeed --module`` command of a distributed stage, given its config as a JSON file."""
+        conf = self.out / "configs" / f"{stage}.json"
+        getattr(self.cfg, stage).save(conf)
+        port = str(random.Random(f"{self.out}{stage}").randint(29500, 29999))
+        cmd = [str(Path(self.python).parent / "deepspeed"), "--master_port", port]
+        cmd += ["--hostfile", self.cfg.hostfile] if self.cfg.hostfile else ["--num_gpus", str(self.cfg.nproc)]
+        return cmd + ["--module", MODULES[stage], "--config", str(conf)]
+
+    def run_stage(self, stage: str) -> None:
+        if stage in MODULES and self.distributed:
+            cmd = self.command(stage)
+            print(f"== {stage}: {' '.join(cmd)}", flush=True)
+            rc = subprocess.run(cmd).returncode
+            if rc != 0:
+                raise StageFailed(f"stage {stage} failed (exit {rc}); fix the cause and run the same command "
+                                  "again: finished stages are skipped")
+        else:
+            print(f"== {stage}: in this process", flush=True)
+            self.run_here(stage)
+            gc.collect()
+
+    def run_here(self, stage: str) -> None:
+        c = self.cfg
         if stage == "diagnose":
-            return self._launch("diagnose.py", model + ["--out", str(d["diagnose"])] + _flags(c.diagnose), True)
-        if stage == "replace":
-            args = model + ["--report", str(d["diagnose"] / "report.json"), "--k", str(c.k),
-                            "--out", str(d["replace"]), "--overwrite"] + _flags(c.replace)
-            return self._launch("replace.py", args, False)
-        if stage == "distill":
-            extra = dict(c.distill)
-            conf = extra.pop("config", None)
-            # the student is the one the replace stage wrote: no further layer selection here
-            args = (["--config", str(conf)] if conf else []) + [
-                "--model", str(d["replace"]), "--out", str(d["distill"]), "--resume", "auto",
-                "--student.layers=null", "--student.report=null", "--student.k=null"]
-            # the teacher is the base model (the student records it as its source)
-            args += [f"--teacher.path={c.model}"] + ([f"--teacher.gguf_file={c.gguf_file}"] if c.gguf_file else [])
-            for key, val in extra.items():
-                args.append(f"--{key}={','.join(map(str, val)) if isinstance(val, list) else val}")
-            return self._launch("distill.py", args, True)
-        if stage == "export":
-            return self._launch("export.py", ["--checkpoint", str(d["distill"] / "checkpoints"),
-                                              "--out", str(d["distill"] / "final")], False)
-        if stage == "evaluate":
-            ev = dict(c.evaluate)
-            args = ["--model", c.model, "--model", str(d["distill"] / "final"), "--out", str(d["evaluate"])]
-            if "speed" in str(ev.get("tasks", "")) and "report" not in ev:
-                args += ["--report", str(d["diagnose"] / "report.json"), "--k", str(c.k)]
-            return self._launch("evaluate.py", args + _flags(ev), True)
-        raise ValueError(stage)
+            from rad_ds.diagnosis.runner import diagnose
+
+            diagnose(c.diagnose)
+        elif stage == "replace":
+            from rad_ds.surgery.run import replace
+
+            record = replace(c.replace)
+            print(f"replaced layers {record.layers} (init={record.init}) -> {c.replace.out}")
+        elif stage == "distill":
+            from rad_ds.distill.trainer import distill
+
+            distill(c.distill)
+        elif stage == "export":
+            from rad_ds.distill.export import export_checkpoint
+
+            export_checkpoint(self.dirs["distill"] / "checkpoints", self.dirs["distill"] / "final", overwrite=True)
+        else:
+            from rad_ds.eval.runner import evaluate
+
+            evaluate(c.evaluate)
 
     def run(self) -> str:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "pipeline.json").write_text(json.dumps(self.cfg.__dict__, indent=2, default=str) + "\n")
-        for stage in STAGES:
-            if stage not in self.cfg.stages:
-                continue
+        self.cfg.save(self.out / "pipeline.json")
+        for stage in (s for s in STAGES if s in self.cfg.stages):
             if self.done(stage):
                 print(f"== {stage}: done already, skipped", flush=True)
                 self.timings[stage] = "skipped"
                 continue
-            cmd = self.command(stage)
-            print(f"== {stage}: {' '.join(cmd)}", flush=True)
             t0 = time.perf_counter()
-            rc = subprocess.run(cmd, cwd=ROOT).returncode
-            self.timings[stage] = time.perf_counter() - t0
-            if rc != 0:
-                raise StageFailed(
-                    f"stage {stage} failed (exit {rc}); fix the cause and run the same command again: "
-                    "finished stages are skipped"
-                )
+            try:
+                self.run_stage(stage)
+            finally:
+                self.timings[stage] = time.perf_counter() - t0
+                _end_process_group()
             if not self.done(stage):
-                raise StageFailed(f"stage {stage} exited 0 but left no output in {self.dirs.get(stage, self.out)}")
+                raise StageFailed(f"stage {stage} finished but left no output in {self.dirs.get(stage, self.out)}")
             print(f"== {stage}: {self.timings[stage]:.0f} s", flush=True)
         table = self.comparison()
-        (self.out / "comparison.md").write_text(table + "\n")
+        write_text_atomic(self.out / "comparison.md", table + "\n")
         print("\n" + table, flush=True)
         return table
 
     def comparison(self) -> str:
         """Base vs student: the evaluation scores and speed, the replaced layers and the diagnosis."""
         lines = [f"# RAD: {self.cfg.model} -> hybrid student", ""]
-        rep_p = self.dirs["diagnose"] / "report.json"
-        if rep_p.is_file():
-            rep = json.loads(rep_p.read_text())
-            sel = next((s for s in rep["selections"] if s["k"] == self.cfg.k), None)
-            if sel:
-                meas = sel.get("measured_speedup")
-                lines += [f"Diagnosis: k={sel['k']} attention layers {sel['layers']} ({sel.get('method')}): "
-                          f"draft acceptance {sel['acceptance_rate']:.3f}, mean accepted length "
-                          f"{sel['mean_accepted_length']:.2f}, estimated speed-up {sel['estimated_speedup']:.2f}x"
-                          + (f", measured {meas:.2f}x" if meas else "") + ".", ""]
-        summ = self.dirs["distill"] / "summary.json"
-        if summ.is_file():
-            s = json.loads(summ.read_text())
-            if s.get("final_loss") is not None:
-                lines += [f"Distillation: {s['last_step']} steps on {s['world']} rank(s), {s['tokens']} tokens, loss "
-                          f"{s['first_loss']:.4f} -> {s['final_loss']:.4f}, {s['elapsed_s']:.0f} s "
-                          f"({s['tokens_per_s']:.0f} tokens/s).", ""]
-        res_p = self.dirs["evaluate"] / "results.json"
-        if res_p.is_file():
-            res = json.loads(res_p.read_text())
-            rows = res["results"]
-            models = list(dict.fromkeys(r["model"] for r in rows))
-            tasks = list(dict.fromkeys((r["task"], r["metric"]) for r in rows))
-            lines += ["| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
-            for task, metric in tasks:
-                cells = []
-                for m in models:
-                    r = next((x for x in rows if x["model"] == m and x["task"] == task and x["metric"] == metric), None)
-                    cells.append("-" if r is None or r["score"] is None else
-                                 (f"{r['score']:.4g}" + (f" (n={r['n']})" if task != "speed" else "")))
-                lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
-            if res.get("models"):
-                lines += ["", "| model | layers (A = attention, M = Mamba2) |", "|---|---|"]
-                lines += [f"| {m} | `{v['layers']}` |" for m, v in res["models"].items()]
+        if self.cfg.report_path.is_file():
+            sel = DiagnosisReport.load(self.cfg.report_path).selection(self.cfg.k)
+            meas = f", measured {sel.measured_speedup:.2f}x" if sel.measured_speedup else ""
+            lines += [f"Diagnosis: k={sel.k} attention layers {list(sel.layers)} ({sel.method}): draft acceptance "
+                      f"{sel.acceptance_rate:.3f}, mean accepted length {sel.mean_accepted_length:.2f}, estimated "
+                      f"speed-up {sel.estimated_speedup:.2f}x{meas}.", ""]
+        s = RunSummary.load(self.dirs["distill"])
+        if s is not None and s.get("final_loss") is not None:
+            lines += [f"Distillation: {s['last_step']} steps on {s['world']} rank(s), {s['tokens']} tokens, loss "
+                      f"{s['first_loss']:.4f} -> {s['final_loss']:.4f}, {s['elapsed_s']:.0f} s "
+                      f"({s['tokens_per_s']:.0f} tokens/s).", ""]
+        if (self.dirs["evaluate"] / EvalResults.FILE).is_file():
+            lines += _results_table(EvalResults.load(self.dirs["evaluate"]))
         t = ", ".join(f"{k} {v:.0f} s" if isinstance(v, float) else f"{k} {v}" for k, v in self.timings.items())
         if t:
             lines += ["", f"Stages: {t}."]
         return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, doc: str | None = None) -> int:
+    """``rad`` / ``launchers/rad.py``: ``--config YAML`` and a few top-level overrides."""
+    import argparse
+
+    from rad_ds.core.cli import run_cli
+
+    def run(a):
+        ap = argparse.ArgumentParser(description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        ap.add_argument("--config", required=True, help="pipeline YAML (see configs/rad_demo.yaml)")
+        ap.add_argument("--out", default=None, help="override the run directory")
+        ap.add_argument("--model", default=None, help="override the base model")
+        ap.add_argument("--nproc", type=int, default=None, help="override ranks per distributed stage")
+        ap.add_argument("--hostfile", default=None, help="deepspeed hostfile for the distributed stages")
+        args = ap.parse_args(a)
+        over = {"out": args.out, "model": args.model, "nproc": args.nproc, "hostfile": args.hostfile}
+        Pipeline(PipelineConfig.load(args.config, over)).run()
+        return 0
+
+    return run_cli(run, argv)
+
+
+def _results_table(res: EvalResults) -> list[str]:
+    models = list(dict.fromkeys(r["model"] for r in res.rows))
+    tasks = list(dict.fromkeys((r["task"], r["metric"]) for r in res.rows))
+    lines = ["| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    for task, metric in tasks:
+        cells = []
+        for m in models:
+            r = res.score(m, task, metric)
+            cells.append("-" if r is None or r["score"] is None else
+                         (f"{r['score']:.4g}" + (f" (n={r['n']})" if task != "speed" else "")))
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    if res.models:
+        lines += ["", "| model | layers (A = attention, M = Mamba2) |", "|---|---|"]
+        lines += [f"| {m} | `{v['layers']}` |" for m, v in res.models.items()]
+    return lines
+
+
+def _end_process_group() -> None:
+    """A stage run in this process leaves no process group behind for the next one."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+__all__ = ["Pipeline", "PipelineConfig", "StageFailed", "main"]

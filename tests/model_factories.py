@@ -14,7 +14,12 @@ def tiny_hf_model(family: str = "llama", seed: int = 0, **overrides):
     """A randomly initialised tiny HF causal LM. Families: llama, llama3 (llama3 rope scaling, untied),
     qwen2 (q/k/v biases), mistral (sliding window), headdim (head_dim != hidden/heads)."""
     from transformers import (
-        LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
     )
 
     torch.manual_seed(seed)

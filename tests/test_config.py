@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rad_ds.config import ConfigError, RunConfig, field_help, parse_overrides
+from rad_ds.distill.config import ConfigError, RunConfig, field_help, parse_overrides
 from rad_ds.distill.engines import BatchPlan, fill_ds_config, load_ds_config, plan_batch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,10 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rad_ds.config import DataConfig
 from rad_ds.data import (
-    DataError, DistillLoader, ResumableSampler, build_packed, load_records, pack_documents, tokenize_records,
+    DataError,
+    DistillLoader,
+    ResumableSampler,
+    build_packed,
+    load_records,
+    pack_documents,
+    tokenize_records,
 )
+from rad_ds.distill.config import DataConfig
 from tests.distill_helpers import byte_tokenizer, write_chat_jsonl, write_text_jsonl
 
 

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from rad_ds.diagnosis import (
-    AcceptanceEstimator, PrefixRunner, SelfSpeculativeDecoder, SpecConfig, plain_decode, topk_mask,
+    AcceptanceEstimator,
+    PrefixRunner,
+    SelfSpeculativeDecoder,
+    SpecConfig,
+    plain_decode,
+    topk_mask,
 )
 from rad_ds.diagnosis.acceptance import AcceptanceStats
 from rad_ds.diagnosis.cost import CostModel, weights_cost_model

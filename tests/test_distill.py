@@ -13,9 +13,15 @@ import torch
 
 from rad_ds.distill.checkpoint import NonFiniteError, latest_checkpoint
 from tests.distill_helpers import (
-    launcher, load_launcher, python, run, run_args, save_base, write_chat_jsonl, write_text_jsonl,
+    launcher,
+    load_launcher,
+    python,
+    run,
+    run_args,
+    save_base,
+    write_chat_jsonl,
+    write_text_jsonl,
 )
-
 
 L = load_launcher("distill")
 
@@ -159,7 +165,7 @@ def test_export_launcher_matches_in_run_export(base, tmp_path, capsys, monkeypat
     assert all(torch.equal(a[k], b[k]) for k in a)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["layer_types"] == ["full_attention", "linear_attention", "linear_attention", "full_attention"]
-    from rad_ds.cli import run_cli
+    from rad_ds.core.cli import run_cli
 
     exp = load_launcher("export")
     for args, message in [(["--checkpoint", tmp_path, "--out", tmp_path / "exp2"], "not a rad-ds checkpoint"),
@@ -195,7 +201,7 @@ def test_nan_in_process_raises(base, tmp_path, monkeypatch):
 
 
 def _cli(args, capsys):
-    rc = __import__("rad_ds.cli", fromlist=["run_cli"]).run_cli(L.main, list(map(str, args)))
+    rc = __import__("rad_ds.core.cli", fromlist=["run_cli"]).run_cli(L.main, list(map(str, args)))
     err = capsys.readouterr().err.strip().splitlines()
     return rc, (err[-1] if err else "")
 

@@ -13,7 +13,15 @@ import torch
 
 from rad_ds.distill.checkpoint import is_complete, latest_checkpoint
 from tests.distill_helpers import (
-    assert_same_steps, free_port, launcher, metrics, one_process_run, python, run, save_base, six_step_args,
+    assert_same_steps,
+    free_port,
+    launcher,
+    metrics,
+    one_process_run,
+    python,
+    run,
+    save_base,
+    six_step_args,
     write_text_jsonl,
 )
 from tests.test_distill import L, _distill, _final_state

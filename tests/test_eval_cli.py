@@ -72,7 +72,7 @@ def test_one_process_equals_two_ranks_under_deepspeed(setup, capsys):
 def test_bad_input_is_one_line_and_nothing_is_written(setup, capsys):
     """Checked in-process through the launcher's own run_cli (as the subprocess does), plus one real exit."""
     from launchers.evaluate import main
-    from rad_ds.cli import run_cli
+    from rad_ds.core.cli import run_cli
 
     tmp, base, _, gsm, _ = setup
     bad_json = tmp / "bad.jsonl"
@@ -87,20 +87,20 @@ def test_bad_input_is_one_line_and_nothing_is_written(setup, capsys):
     m = ["--model", str(base), "--out", str(out)]
     cases = [
         (["--tasks", "gsm8k,foo"], "unknown task(s) foo"),
-        (["--tasks", ""], "--tasks is empty"),
+        (["--tasks", ""], "tasks is empty"),
         (["--tasks", "gsm8k", "--model", str(tmp / "nope")], "no such directory"),
         (["--tasks", "gsm8k", "--data", str(tmp / "missing.jsonl")], "file not found"),
         (["--tasks", "gsm8k,ppl", "--data", str(gsm)], "say which task"),
-        (["--tasks", "gsm8k", "--data", f"humaneval={gsm}"], "is not in --tasks"),
+        (["--tasks", "gsm8k", "--data", f"humaneval={gsm}"], "is not in tasks"),
         (["--tasks", "gsm8k", "--data", str(bad_json)], "line 2: not valid JSON"),
         (["--tasks", "gsm8k", "--data", str(no_answer)], "missing field(s) answer"),
         (["--tasks", "gsm8k", "--data", str(no_number)], "holds no number"),
         (["--tasks", "gsm8k", "--few-shot", "9"], "use 0..8"),
-        (["--tasks", "gsm8k", "--limit", "0"], "--limit 0: must be >= 1"),
-        (["--tasks", "speed", "--report", str(report)], "--report and --k go together"),
-        (["--tasks", "speed", "--report", str(report), "--k", "4"], "the report has k = [2]"),
-        (["--tasks", "gsm8k", "--skip-layers", "1"], "add speed to --tasks"),
-        (["--tasks", "speed", "--skip-layers", "1,x"], "give layer indices"),
+        (["--tasks", "gsm8k", "--limit", "0"], "limit = 0 must be >= 1"),
+        (["--tasks", "speed", "--report", str(report)], "report and k go together"),
+        (["--tasks", "speed", "--report", str(report), "--k", "4"], "available k: [2]"),
+        (["--tasks", "gsm8k", "--skip-layers", "1"], "add speed to tasks"),
+        (["--tasks", "speed", "--skip-layers", "1,x"], "not a list of integers"),
         (["--tasks", "humaneval", "--timeout", "0"], "must be > 0"),
         (["--tasks", "humaneval", "--sandbox-python", str(tmp / "nopython")], "not an executable file"),
     ]
@@ -112,14 +112,19 @@ def test_bad_input_is_one_line_and_nothing_is_written(setup, capsys):
     assert not out.exists()
     r = subprocess.run([PY, EVAL, *m, "--tasks", "gsm8k,foo"], capture_output=True, text=True, env=_env(),
                        timeout=300)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --tasks: unknown task(s) foo; choose "
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: tasks: unknown task(s) foo; choose "
                                                                    "from gsm8k,humaneval,cruxeval,ppl,speed"]
 
 
-def test_launcher_knows_the_runner_tasks():
-    from launchers.evaluate import TASKS, parse_data, parse_tasks
-    from rad_ds.eval.runner import TASKS as RUNNER_TASKS
+def test_data_flag_and_all_tasks(tmp_path):
+    """--data FILE goes to the one task that reads data; TASK=FILE keeps '=' in the path; 'all' = every task."""
+    from rad_ds.core.cli import parse_config
+    from rad_ds.eval.cli import FLAGS
+    from rad_ds.eval.config import TASKS, EvalConfig
 
-    assert TASKS == RUNNER_TASKS and parse_tasks("all") == list(TASKS)
-    assert parse_data(["x.jsonl"], ["humaneval"]) == {"humaneval": "x.jsonl"}
-    assert parse_data(["ppl=a=b.txt"], ["ppl"]) == {"ppl": "a=b.txt"}
+    def cfg(*args):
+        return parse_config(EvalConfig, ["--model", "m", "--out", str(tmp_path / "o"), *args], None, FLAGS)
+
+    assert cfg("--tasks", "humaneval", "--data", "x.jsonl").data == {"humaneval": "x.jsonl"}
+    assert cfg("--data", "ppl=a=b.txt", "--tasks", "ppl").data == {"ppl": "a=b.txt"}
+    assert cfg("--tasks", "all").validate(inputs_exist=False).tasks == list(TASKS)

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import tiny_config
 from rad_ds.models import Mamba2Mixer, ssm_ops
 from rad_ds.models.hybrid_cache import MambaState
 from rad_ds.models.ssd_scan import ssd_chunk_scan
+from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.gpu
 

@@ -19,8 +19,17 @@ import torch
 
 from rad_ds.distill.checkpoint import latest_checkpoint
 from tests.distill_helpers import (
-    ROOT, assert_same_steps, free_port, launcher, metrics, one_process_run, run, save_base, six_step_args,
-    unique_python, write_text_jsonl,
+    ROOT,
+    assert_same_steps,
+    free_port,
+    launcher,
+    metrics,
+    one_process_run,
+    run,
+    save_base,
+    six_step_args,
+    unique_python,
+    write_text_jsonl,
 )
 from tests.test_distill import _final_state
 

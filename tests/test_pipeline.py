@@ -1,13 +1,14 @@
-"""launchers/rad.py: the whole pipeline on a tiny model, each stage a real subprocess; a re-run skips
-finished stages and redoes only what is missing."""
-
+"""launchers/rad.py: the whole pipeline on a tiny model (stages in one process; test_smoke.py runs them
+under deepspeed); a re-run skips finished stages; the whole YAML is checked before any stage runs."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.model_factories import save_tiny_with_tokenizer
@@ -38,7 +39,7 @@ def test_pipeline_end_to_end_and_resume(tmp_path):
         "distill": {"data.path": str(chats), "data.seq_len": 32, "train.steps": 2, "train.micro_batch": 2,
                     "log.wandb": False, "log.progress": False},
         "evaluate": {"tasks": "gsm8k,ppl", "data": [f"gsm8k={gsm}", f"ppl={text}"], "max_new_tokens": 8,
-                     "ppl_window": 64, "no_progress": True},
+                     "ppl_window": 64, "progress": False},
     }
     conf = tmp_path / "rad.yaml"
     conf.write_text(yaml.safe_dump(cfg))
@@ -79,4 +80,39 @@ def test_pipeline_config_errors(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "launchers" / "rad.py"), "--config", str(conf)],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode != 0 and "unknown setting" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("section, body, message", [
+    ("diagnose", {"trails": 3}, "unknown setting 'diagnose.trails'; did you mean diagnose.trials?"),
+    ("distill", {"config": "configs/smollm2_demo.yaml", "train.stepz": 3},
+     "unknown setting 'distill.train.stepz'; did you mean distill.train.steps?"),
+    ("distill", {"train": {"colour": 1}}, "unknown setting 'distill.train.colour'; known: distill.train.steps"),
+    ("evaluate", {"limt": 3}, "unknown setting 'evaluate.limt'; did you mean evaluate.limit?"),
+    ("evaluate", {"zzz": 1}, "unknown setting 'evaluate.zzz'; known: evaluate.models, evaluate.out"),
+    ("evaluate", {"limit": 0}, "section evaluate: limit = 0 must be >= 1"),
+    ("replace", {"init": "zeros"}, "section replace: init = 'zeros': use one of attention, random"),
+])
+def test_a_typo_in_any_section_fails_before_any_stage(tmp_path, section, body, message):
+    from rad_ds.core.config import ConfigError
+    from rad_ds.pipeline import PipelineConfig
+
+    cfg = {"out": str(tmp_path / "o"), "distill": {"config": "configs/smollm2_demo.yaml"}, section: body}
+    conf = tmp_path / "rad.yaml"
+    conf.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError) as e:
+        PipelineConfig.load(conf)
+    assert message in str(e.value) and str(conf) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_typo_fails_in_seconds_from_the_command_line(tmp_path):
+    conf = tmp_path / "rad.yaml"
+    conf.write_text(yaml.safe_dump({"out": str(tmp_path / "o"), "evaluate": {"limt": 3}}))
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, str(ROOT / "launchers" / "rad.py"), "--config", str(conf)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and time.perf_counter() - t0 < 30
+    assert r.stderr.strip().splitlines() == [f"error: {conf}: unknown setting 'evaluate.limt'; did you mean "
+                                             "evaluate.limit?"]
     assert not (tmp_path / "o").exists()

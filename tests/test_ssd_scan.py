@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import mamba_ref, tiny_config
 from rad_ds.models import Mamba2Mixer, ssm_ops
 from rad_ds.models.hybrid_cache import MambaState
 from rad_ds.models.ssd_scan import ssd_chunk_scan, ssd_scan_ref, ssd_step
+from tests.helpers import mamba_ref, tiny_config
 
 # max |a - b| / max |b|; measured errors are ~1e-7 (fp32) and ~1e-15 (fp64), so these leave >= 10x margin
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2}

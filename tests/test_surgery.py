@@ -161,7 +161,7 @@ def test_launcher_end_to_end(tmp_path):
         (["--layers", "1,9"], "out of range"),
         (["--layers", "1,1"], "more than once"),
         (["--layers", "0,1,2,3"], "allow-all"),
-        (["--layers", "x"], "not a layer index"),
+        (["--layers", "x"], "not a list of integers"),
     ]
     for extra, msg in cases:
         bad = tmp_path / "bad"
@@ -205,7 +205,7 @@ def test_layers_from_report(tmp_path):
 def test_surgery_on_zero3_partitioned_model(tmp_path):
     """Under deepspeed.zero.Init the attention weights are partitioned (empty locally); surgery gathers
     them and produces the same mixer as on the plain model."""
-    code = f"""
+    code = """
 import os, datetime, torch, deepspeed
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29531", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
@@ -216,7 +216,7 @@ from rad_ds.surgery import replace_attention
 from tests.model_factories import tiny_hf_model
 src = tiny_hf_model("llama")
 cfg = config_from_hf(src.config)
-ds_cfg = {{"train_micro_batch_size_per_gpu": 1, "zero_optimization": {{"stage": 3}}}}
+ds_cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
 with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
     model = RadHybridForCausalLM(cfg)
 sd = src.state_dict()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,23 +10,35 @@ import tempfile
 from pathlib import Path
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary sibling of ``path`` and rename it into place."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path, fsync: bool = True):
+    """Yield a temporary sibling of ``path`` to write; on success it is flushed to disk and renamed into
+    place, on failure removed. Readers see the old file or the new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
 
 
-def write_json_atomic(path: str | Path, data) -> Path:
-    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+def write_text_atomic(path: str | Path, text: str, fsync: bool = True) -> Path:
+    """Write ``text`` to a temporary sibling of ``path`` and rename it into place."""
+    with atomic_path(path, fsync) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json_atomic(path: str | Path, data, fsync: bool = True) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2) + "\n", fsync)
 
 
 class ProvisionalDir:
@@ -54,4 +67,4 @@ class ProvisionalDir:
         return False
 
 
-__all__ = ["ProvisionalDir", "write_json_atomic", "write_text_atomic"]
+__all__ = ["ProvisionalDir", "atomic_path", "write_json_atomic", "write_text_atomic"]

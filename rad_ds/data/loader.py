@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from rad_ds.core.io import atomic_path
 
 from .packing import Packed, pack_documents
 from .sampler import ResumableSampler
@@ -73,11 +74,8 @@ def load_packed(data_cfg, tok, cache_dir: Path | None, rank: int = 0, barrier=No
     if rank == 0 and not path.is_file():
         try:
             packed = build_packed(data_cfg, tok)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **packed.arrays())
-            os.replace(tmp, path)
         except Exception as e:  # noqa: BLE001 - re-raised after the barrier so no rank waits forever
             err = e
     if barrier is not None:

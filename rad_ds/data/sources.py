@@ -8,12 +8,10 @@ Text files are split into documents at blank lines (``sample_by="paragraph"``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-SUFFIX_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text",
-                  ".md": "text"}
+from rad_ds.core.records import SUFFIX_FORMATS, json_records
 
 
 class DataError(ValueError):
@@ -57,35 +55,6 @@ def resolve_files(path: str, fmt: str = "auto") -> tuple[str, list[Path]]:
     return builder, files
 
 
-def _check_jsonl(path: Path) -> None:
-    """datasets' own errors on a broken json file are pages long; find the first bad line ourselves."""
-    with open(path, "rb") as f:
-        first = f.read(64).lstrip()[:1]
-    if first == b"[":  # one JSON array of records
-        try:
-            json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(
-                f"{path}: not a valid JSON array ({e}); give a JSON array of records or JSON lines"
-            ) from None
-        return
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {n}: not valid JSON ({e.msg}); fix or remove the line") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path} line {n}: a record must be a JSON object, got {type(obj).__name__}")
-        except UnicodeDecodeError as e:
-            raise DataError(
-                f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); is this a JSON lines file?"
-            ) from None
-
-
 def load_records(path: str, fmt: str = "auto", split: str = "train", text_field: str = "text",
                  messages_field: str = "messages", max_documents: int | None = None) -> Records:
     import datasets
@@ -98,8 +67,8 @@ def load_records(path: str, fmt: str = "auto", split: str = "train", text_field:
             ds = datasets.load_dataset(path, split=split)
         else:
             if builder == "json":
-                for f in files:
-                    _check_jsonl(f)
+                for f in files:  # datasets' own errors on a broken file are pages long
+                    json_records(f, "data.path", DataError)
             kw = {"sample_by": "paragraph"} if builder == "text" else {}
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kw)
     except DataError:

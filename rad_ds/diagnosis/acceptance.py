@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .skipping import PrefixRunner
-from .spec_decode import eos_set, plain_decode
+from rad_ds.decoding.eos import eos_set
+from rad_ds.decoding.skipping import PrefixRunner
+from rad_ds.decoding.spec_decode import plain_decode
 
 
 @dataclass

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import torch
 
+from rad_ds.decoding.skipping import candidate_layers
 from rad_ds.models import RadHybridCache
-
-from .skipping import candidate_layers
 
 
 @dataclass

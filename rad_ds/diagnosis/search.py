@@ -13,8 +13,9 @@ from dataclasses import dataclass, field, replace
 
 import optuna
 
+from rad_ds.decoding.skipping import topk_mask
+
 from .acceptance import AcceptanceStats
-from .skipping import topk_mask
 
 logger = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from rad_ds.config import ConfigError
+from rad_ds.core.dtypes import to_dtype
+from rad_ds.distill.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -78,7 +78,7 @@ def build_models(cfg) -> Models:
     from rad_ds.models.conversion import load_model, load_tokenizer
     from rad_ds.surgery import layers_from_report, replace_attention
 
-    dtype = DTYPES[cfg.model.dtype]
+    dtype = to_dtype(cfg.model.dtype)
     base, tok = load_model(cfg.model.path, gguf_file=cfg.model.gguf_file, dtype=dtype)
     if tok is None:
         raise ConfigError(f"model.path {cfg.model.path}: no tokenizer found; distillation needs one to read --data")

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rad_ds.core.io import write_text_atomic
+
 from .faults import fault_point
 
 logger = logging.getLogger(__name__)
@@ -51,15 +53,6 @@ class NonFiniteError(RuntimeError):
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -198,7 +191,7 @@ def save_checkpoint(engine, root: Path, step: int, state: dict, hf_files=None, k
             torch.save(gathered, tag_dir / RNG_FILE)
             if hf_files is not None:
                 hf_files(tag_dir / HF_DIR)
-            _write_atomic(tag_dir / STATE_FILE, json.dumps(state, indent=2, default=str) + "\n")
+            write_text_atomic(tag_dir / STATE_FILE, json.dumps(state, indent=2, default=str) + "\n")
         except Exception:  # noqa: BLE001
             logger.exception("writing the checkpoint metadata failed")
             ok = False
@@ -206,10 +199,10 @@ def save_checkpoint(engine, root: Path, step: int, state: dict, hf_files=None, k
         raise RuntimeError(f"saving checkpoint {tag_dir} failed on some rank; latest still names the previous one")
     if rank == 0:
         files = sorted(str(f.relative_to(tag_dir)) for f in tag_dir.rglob("*") if f.is_file())
-        _write_atomic(tag_dir / COMPLETE, json.dumps({"step": step, "world": world, "files": files}) + "\n")
+        write_text_atomic(tag_dir / COMPLETE, json.dumps({"step": step, "world": world, "files": files}) + "\n")
         _fsync_dir(tag_dir)
         fault_point("save_before_latest", step=step, rank=rank)
-        _write_atomic(root / LATEST, tag)
+        write_text_atomic(root / LATEST, tag)
         _fsync_dir(root)
         _prune(root, keep, current=tag_dir)
     if torch.distributed.is_initialized():

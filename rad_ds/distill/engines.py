@@ -1,7 +1,5 @@
-"""The distributed runtime and the two DeepSpeed engines of a distillation.
+"""The two DeepSpeed engines of a distillation and their configs (the process group: ``rad_ds.core.dist``).
 
-* ``init_distributed``: one process group (gloo on CPU, nccl on CUDA) with a timeout, under the
-  ``deepspeed`` launcher, ``torchrun`` or plain ``python`` (a world of one).
 * DeepSpeed configs stay in DeepSpeed's JSON format; ``"auto"`` entries are filled from the run config
   and the world size (batch sizes, clipping, precision), explicit values are checked against them.
 * ``teacher_engine``: ZeRO-3, no optimizer, eval mode, never gathered whole; optional CPU offload.
@@ -12,94 +10,16 @@
 from __future__ import annotations
 
 import copy
-import datetime
 import logging
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rad_ds.config import ConfigError, load_file
+from rad_ds.core.dtypes import to_dtype
+from rad_ds.distill.config import ConfigError, load_file
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DistInfo:
-    rank: int
-    world: int
-    local_rank: int
-    backend: str
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_SELF_INIT = False  # this process set RANK/WORLD_SIZE itself (no launcher)
-_ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-_SAVED_ENV: dict | None = None  # those variables as they were before, restored by release_env()
-
-
-def init_distributed(timeout_s: int = 600) -> DistInfo:
-    """Initialise (once) the default process group with a timeout on every collective."""
-    import deepspeed
-
-    # ZeRO does not use DeepSpeed's shared-memory comm op; building it costs ~100 s on a small CPU
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    global _SELF_INIT, _SAVED_ENV
-    if "RANK" not in os.environ or _SELF_INIT:
-        # plain `python launchers/distill.py` (or a library call): a world of one on a free port
-        _SELF_INIT = True
-        if _SAVED_ENV is None:
-            _SAVED_ENV = {k: os.environ.get(k) for k in _ENV_KEYS}
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        if not torch.distributed.is_initialized():
-            os.environ["MASTER_PORT"] = str(_free_port())
-    os.environ.setdefault("LOCAL_RANK", "0")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    if not torch.distributed.is_initialized():
-        _forget_deepspeed_groups()
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                   verbose=False)
-    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(),
-                    int(os.environ["LOCAL_RANK"]), backend)
-
-
-def release_env() -> None:
-    """Put back the variables a world of one set in ``os.environ`` (DeepSpeed reads them while engines are
-    built); left behind, they would make every subprocess of this process believe it is rank 0 of a
-    launched job. The process group itself stays as it is."""
-    global _SAVED_ENV
-    if _SAVED_ENV is None:
-        return
-    for k, v in _SAVED_ENV.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    _SAVED_ENV = None
-
-
-def _forget_deepspeed_groups() -> None:
-    """DeepSpeed caches process groups in module globals; after a process group was destroyed (a second
-    run in one process: a notebook, the tests) they would point at the dead group."""
-    from deepspeed.utils import groups
-
-    for name, value in vars(groups).copy().items():
-        cached = name.endswith(("_GROUP", "_GROUP_RANKS", "_WORLD_SIZE", "_RANK"))
-        if name.startswith("_") and name.isupper() and cached:
-            setattr(groups, name, {} if isinstance(value, dict) else None)
 
 
 # -- DeepSpeed configs ----------------------------------------------------------------------------
@@ -163,7 +83,7 @@ def fill_ds_config(raw: dict, plan: BatchPlan, dtype: str, source: str, grad_cli
         _fill(cfg, "gradient_clipping", float(grad_clip), source, "optim.grad_clip")
     else:
         cfg.pop("gradient_clipping", None)
-    for key, on in (("bf16", dtype == "bfloat16"), ("fp16", dtype == "float16")):
+    for key, on in (("bf16", to_dtype(dtype) == torch.bfloat16), ("fp16", to_dtype(dtype) == torch.float16)):
         sec = cfg.setdefault(key, {"enabled": "auto"})
         if sec.get("enabled", "auto") == "auto":
             sec["enabled"] = on
@@ -244,7 +164,4 @@ def student_engine(model, ds_cfg: dict, optim_cfg, total_steps: int):
     return engine
 
 
-__all__ = [
-    "BatchPlan", "DistInfo", "fill_ds_config", "init_distributed", "load_ds_config", "plan_batch", "release_env",
-    "student_engine", "teacher_engine",
-]
+__all__ = ["BatchPlan", "fill_ds_config", "load_ds_config", "plan_batch", "student_engine", "teacher_engine"]

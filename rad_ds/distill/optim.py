@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from rad_ds.config import TRAINABLE
+from rad_ds.distill.config import TRAINABLE
 
 
 def trainable_prefixes(trainable: str, replaced_layers: list[int]) -> list[str] | None:

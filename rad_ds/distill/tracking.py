@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import sys
 from pathlib import Path
 
 import torch
+
+from rad_ds.core.io import write_text_atomic
+from rad_ds.core.tracking import start_wandb
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +35,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(k + "\n" for k in kept))
 
 
 class Tracker:
@@ -51,17 +51,8 @@ class Tracker:
             return
         self._file = open(self.metrics_path, "a")
         if run_cfg.log.wandb:
-            try:
-                import wandb
-
-                os.environ.setdefault("WANDB_MODE", "offline")
-                os.environ.setdefault("WANDB_SILENT", "true")
-                self._wandb = wandb.init(
-                    project=run_cfg.log.project, name=run_cfg.log.run_name or Path(out).name, dir=str(out),
-                    config=run_cfg.to_dict(), resume="allow", id=_wandb_id(out),
-                )
-            except Exception as e:  # noqa: BLE001 - logging must not stop training
-                logger.warning("wandb disabled: %s", e)
+            self._wandb = start_wandb(out, run_cfg.log.project, run_cfg.log.run_name or Path(out).name,
+                                      run_cfg.to_dict(), "distill", resume="allow", id=_wandb_id(out))
         if run_cfg.log.progress:
             from tqdm.auto import tqdm
 

@@ -5,34 +5,43 @@ forward/backward. Loss terms are sums over tokens divided by the token counts of
 so a step computes the same loss and gradient on any number of ranks and micro-batches (up to
 floating-point summation order). Before the optimizer applies a step, the step's loss terms are summed
 over ranks and checked: a NaN/inf loss stops the run with the last good checkpoint as ``latest``.
+
+``DistillRun`` is one run on one rank: ``setup`` (resume point, models, data, engines, taps), ``resume``
+(engine state, sampler, RNG, metrics), ``fit`` (the step loop), ``finish`` (export, summary). The NaN/inf
+guard, fault injection, metrics tracking and checkpoint cadence are callbacks on the loop (``callbacks``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from rad_ds.config import ConfigError, RunConfig
+from rad_ds.core.dist import init_distributed, release_env
 from rad_ds.core.io import ProvisionalDir
 from rad_ds.data import DistillLoader, data_fingerprint, load_packed
 
 from . import checkpoint as ckpt
 from .build import build_models, check_fingerprint
+from .callbacks import Callback, Checkpointing, FaultInjection, NonFiniteGuard, Tracking
 from .checkpoint import to_universal
+from .config import ConfigError, RunConfig
 from .engines import (
-    fill_ds_config, init_distributed, load_ds_config, plan_batch, release_env, student_engine, teacher_engine,
+    fill_ds_config,
+    load_ds_config,
+    plan_batch,
+    student_engine,
+    teacher_engine,
 )
-from .faults import fault_point, inject_nan
 from .losses import ce_loss_sum, hidden_loss_sum, kd_loss_sum
 from .optim import set_trainable
+from .summary import RunSummary
 from .taps import LayerTaps
 from .tracking import Tracker, peak_memory_mb, truncate_metrics
 
@@ -118,213 +127,285 @@ def distill(cfg: RunConfig) -> DistillResult:
     """Run (or resume) a distillation as described by ``cfg``; collective: call it on every rank."""
     cfg.validate()
     _quiet()
-    info = init_distributed(cfg.train.dist_timeout_s)
+    info = init_distributed(cfg.train.dist_timeout_s, deepspeed=True)
     try:
         # a run that fails before its first step (bad --data, --layers, --model) leaves no --out behind
         with ProvisionalDir(cfg.out, owner=info.rank == 0) as out_dir:
-            return _distill(cfg, info, out_dir)
+            return DistillRun(cfg, info, out_dir).run()
     finally:
         release_env()
 
 
-def _distill(cfg: RunConfig, info, out_dir: ProvisionalDir) -> DistillResult:
-    rank, world = info.rank, info.world
-    dist = torch.distributed
-    out = Path(cfg.out)
-    root = out / "checkpoints"
-    plan = plan_batch(cfg.train, world)
-    # -- where to start (every rank reads the same files) -------------------------------------------------
-    tag_dir = _resume_point(cfg, root)
-    state = ckpt.read_state(tag_dir) if tag_dir is not None else None
-    if state is not None and state["step"] >= cfg.train.steps:
-        if rank == 0:
-            logger.info("checkpoint %s is at step %d >= train.steps=%d: nothing to do", tag_dir, state["step"],
-                        cfg.train.steps)
-        return DistillResult(out, state["step"], cfg.train.steps, checkpoint=tag_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+class DistillRun:
+    """One run on one rank; ``run()`` is setup, resume, fit, finish. Callbacks see it as ``callback.run``."""
 
-    torch.manual_seed(cfg.train.seed)
-    models = build_models(cfg)
-    if state is not None:
-        check_fingerprint(state.get("fingerprint", {}), models.fingerprint, tag_dir)
-    set_trainable(models.student, cfg.student.trainable, models.replaced_layers)
-    if cfg.student.gradient_checkpointing:
-        if hasattr(models.student, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            models.student.activation_checkpointing_enable({"use_reentrant": False})
-        else:  # pragma: no cover
-            models.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    tok = models.tokenizer
+    def __init__(self, cfg: RunConfig, info, out_dir: ProvisionalDir):
+        self.cfg, self.out_dir = cfg, out_dir
+        self.rank, self.world = info.rank, info.world
+        self.out = Path(cfg.out)
+        self.root = self.out / "checkpoints"
+        self.callbacks: list[Callback] = []
+        self.rows: list[dict] = []
+        self.start_step = self.tokens_seen = self.tokens_run = 0
+        self.elapsed = 0.0
 
-    packed = load_packed(cfg.data, tok, out / "data", rank=rank, barrier=dist.barrier)
-    data_fp = data_fingerprint(packed)
-    if state is not None and state.get("data_fingerprint") not in (None, data_fp):
-        raise ConfigError(
-            f"checkpoint {tag_dir} was trained on other data ({state.get('data_rows')} packed rows); now "
-            f"{len(packed)} rows: resume with the same --data, data.seq_len and data.packing, or start a new --out"
-        )
-    loader = DistillLoader(packed, plan.micro_batch, plan.grad_accum, rank, world, cfg.train.seed, cfg.data.shuffle)
+    def run(self) -> DistillResult:
+        done = self.setup()
+        if done is not None:
+            return done
+        self.resume()
+        # the tracker appends to metrics.jsonl, so it opens only after resume() has truncated it; at a step's
+        # end the row is logged, then the kill point, then the checkpoint is saved
+        tracker = Tracker(self.out, self.cfg, enabled=self.rank == 0, total_steps=self.cfg.train.steps,
+                          start_step=self.start_step)
+        for cb in (NonFiniteGuard(), FaultInjection(), Tracking(tracker),
+                   Checkpointing(self.cfg.checkpoint.every, self.cfg.train.steps)):
+            self.add_callback(cb)
+        self.fit()
+        return self.finish()
 
-    s_ds = fill_ds_config(load_ds_config(cfg.deepspeed), plan, cfg.model.dtype, cfg.deepspeed,
-                          grad_clip=cfg.optim.grad_clip or None)
-    t_ds = fill_ds_config(load_ds_config(cfg.teacher.deepspeed), plan, cfg.model.dtype, cfg.teacher.deepspeed,
-                          offload_params=cfg.teacher.offload, optimizer=False)
-    if t_ds.get("zero_optimization", {}).get("stage") != 3:
-        logger.warning("teacher.deepspeed %s is not ZeRO-3: the teacher is replicated on every rank",
-                       cfg.teacher.deepspeed)
-    load_dir, universal = tag_dir, None
-    if state is not None and state.get("world") != world:
-        # ZeRO shards are per rank: DeepSpeed's universal format re-partitions them for this world size
-        if rank == 0:
-            logger.warning("checkpoint %s was saved by %s ranks, resuming on %d: converting it (universal format); "
-                           "the data order continues exactly", tag_dir, state.get("world"), world)
-        universal = to_universal(tag_dir, root / "universal", rank)
-        load_dir = universal
-        s_ds.setdefault("checkpoint", {})["load_universal"] = True
-    teacher = teacher_engine(models.teacher, t_ds)
-    student = student_engine(models.student, s_ds, cfg.optim, cfg.train.steps)
-    student_module = student.module
+    def add_callback(self, cb: Callback) -> None:
+        cb.run = self
+        self.callbacks.append(cb)
 
-    start_step, tokens_seen = 0, 0
-    if state is not None:
-        ckpt.load_engine_state(student, load_dir, universal=universal is not None)
-        if universal is not None:
-            dist.barrier()
-            if rank == 0:
-                shutil.rmtree(universal.parent, ignore_errors=True)
-        loader.load_state_dict(state["sampler"])
-        ckpt.restore_rng(tag_dir, rank, world)
-        start_step, tokens_seen = int(state["step"]), int(state["tokens"])
-        if rank == 0:
-            truncate_metrics(out / "metrics.jsonl", start_step)
-            logger.info("resumed from %s at step %d", tag_dir, start_step)
-    if rank == 0:
-        cfg.save(out / "run_config.json")
+    def _hook(self, name: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, name)(*args)
 
-    losses = LossComputer(cfg.loss, models.replaced_layers, models.vocab_limit)
-    t_taps = s_taps = None
-    if losses.hidden_on:
-        t_taps = LayerTaps(teacher, models.replaced_layers, capture_inputs=cfg.loss.layerwise)
-        feed = ({i: (lambda i=i: t_taps.inputs[i].detach()) for i in models.replaced_layers}
-                if cfg.loss.layerwise else None)
-        s_taps = LayerTaps(student, models.replaced_layers, feed=feed)
+    # -- setup ---------------------------------------------------------------------------------------------
 
-    def client_state(step: int) -> dict:
-        return {
-            "step": step, "tokens": tokens_seen, "world": world, "sampler": loader.state_dict(),
-            "data_fingerprint": data_fp, "data_rows": len(packed), "fingerprint": models.fingerprint,
-            "replaced_layers": models.replaced_layers, "selection": models.selection,
-            "teacher": models.teacher_path, "model": cfg.model.path, "config": cfg.to_dict(),
-            "batch": {"micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "world": world},
-        }
+    def setup(self) -> DistillResult | None:
+        """Build everything a step needs; a result (and nothing built) when the checkpoint is already done."""
+        cfg = self.cfg
+        self.plan = plan_batch(cfg.train, self.world)
+        # every rank reads the same files
+        self.tag_dir = _resume_point(cfg, self.root)
+        self.state = ckpt.read_state(self.tag_dir) if self.tag_dir is not None else None
+        if self.state is not None and self.state["step"] >= cfg.train.steps:
+            if self.rank == 0:
+                logger.info("checkpoint %s is at step %d >= train.steps=%d: nothing to do", self.tag_dir,
+                            self.state["step"], cfg.train.steps)
+            return DistillResult(self.out, self.state["step"], cfg.train.steps, checkpoint=self.tag_dir)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        torch.distributed.barrier()
+        self._build_models()
+        self._build_data()
+        self._build_engines()
+        self.losses = LossComputer(cfg.loss, self.models.replaced_layers, self.models.vocab_limit)
+        self.t_taps = self.s_taps = None
+        if self.losses.hidden_on:
+            layers = self.models.replaced_layers
+            self.t_taps = LayerTaps(self.teacher, layers, capture_inputs=cfg.loss.layerwise)
+            feed = {i: partial(self._teacher_input, i) for i in layers} if cfg.loss.layerwise else None
+            self.s_taps = LayerTaps(self.student, layers, feed=feed)
+        return None
 
-    def hf_files(d: Path) -> None:
-        d.mkdir(parents=True, exist_ok=True)
-        student_module.config.save_pretrained(str(d))
-        tok.save_pretrained(str(d))
+    def _teacher_input(self, i: int) -> torch.Tensor:
+        return self.t_taps.inputs[i].detach()
 
-    def save(step: int) -> Path:
-        saved = ckpt.save_checkpoint(student, root, step, client_state(step), hf_files=hf_files,
-                                     keep=cfg.checkpoint.keep, rank=rank, world=world)
-        if rank == 0:
+    def _build_models(self) -> None:
+        cfg, state = self.cfg, self.state
+        torch.manual_seed(cfg.train.seed)
+        self.models = models = build_models(cfg)
+        if state is not None:
+            check_fingerprint(state.get("fingerprint", {}), models.fingerprint, self.tag_dir)
+        set_trainable(models.student, cfg.student.trainable, models.replaced_layers)
+        if cfg.student.gradient_checkpointing:
+            if hasattr(models.student, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                models.student.activation_checkpointing_enable({"use_reentrant": False})
+            else:  # pragma: no cover
+                models.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.tok = models.tokenizer
+
+    def _build_data(self) -> None:
+        cfg, state, plan = self.cfg, self.state, self.plan
+        self.packed = load_packed(cfg.data, self.tok, self.out / "data", rank=self.rank,
+                                  barrier=torch.distributed.barrier)
+        self.data_fp = data_fingerprint(self.packed)
+        if state is not None and state.get("data_fingerprint") not in (None, self.data_fp):
+            raise ConfigError(
+                f"checkpoint {self.tag_dir} was trained on other data ({state.get('data_rows')} packed rows); now "
+                f"{len(self.packed)} rows: resume with the same --data, data.seq_len and data.packing, or start a "
+                "new --out"
+            )
+        self.loader = DistillLoader(self.packed, plan.micro_batch, plan.grad_accum, self.rank, self.world,
+                                    cfg.train.seed, cfg.data.shuffle)
+
+    def _build_engines(self) -> None:
+        cfg, state, plan, tag_dir = self.cfg, self.state, self.plan, self.tag_dir
+        s_ds = fill_ds_config(load_ds_config(cfg.deepspeed), plan, cfg.model.dtype, cfg.deepspeed,
+                              grad_clip=cfg.optim.grad_clip or None)
+        t_ds = fill_ds_config(load_ds_config(cfg.teacher.deepspeed), plan, cfg.model.dtype, cfg.teacher.deepspeed,
+                              offload_params=cfg.teacher.offload, optimizer=False)
+        if t_ds.get("zero_optimization", {}).get("stage") != 3:
+            logger.warning("teacher.deepspeed %s is not ZeRO-3: the teacher is replicated on every rank",
+                           cfg.teacher.deepspeed)
+        self.load_dir, self.universal = tag_dir, None
+        if state is not None and state.get("world") != self.world:
+            # ZeRO shards are per rank: DeepSpeed's universal format re-partitions them for this world size
+            if self.rank == 0:
+                logger.warning("checkpoint %s was saved by %s ranks, resuming on %d: converting it (universal "
+                               "format); the data order continues exactly", tag_dir, state.get("world"), self.world)
+            self.universal = to_universal(tag_dir, self.root / "universal", self.rank)
+            self.load_dir = self.universal
+            s_ds.setdefault("checkpoint", {})["load_universal"] = True
+        self.teacher = teacher_engine(self.models.teacher, t_ds)
+        self.student = student_engine(self.models.student, s_ds, cfg.optim, cfg.train.steps)
+        self.device = self.student.device
+
+    # -- resume --------------------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Continue from the checkpoint, if any (collective), and record the run config."""
+        state, tag_dir = self.state, self.tag_dir
+        self.last_saved = tag_dir if state is not None else None
+        if state is not None:
+            ckpt.load_engine_state(self.student, self.load_dir, universal=self.universal is not None)
+            if self.universal is not None:
+                torch.distributed.barrier()
+                if self.rank == 0:
+                    shutil.rmtree(self.universal.parent, ignore_errors=True)
+            self.loader.load_state_dict(state["sampler"])
+            ckpt.restore_rng(tag_dir, self.rank, self.world)
+            self.start_step, self.tokens_seen = int(state["step"]), int(state["tokens"])
+            if self.rank == 0:
+                truncate_metrics(self.out / "metrics.jsonl", self.start_step)
+                logger.info("resumed from %s at step %d", tag_dir, self.start_step)
+        if self.rank == 0:
+            self.cfg.save(self.out / "run_config.json")
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        t_run = time.perf_counter()
+        self.out_dir.keep()
+        try:
+            for step in range(self.start_step + 1, self.cfg.train.steps + 1):
+                row = self.train_step(step)
+                self.rows.append(row)
+                self._hook("on_step_end", step, row)
+                if self.stop_reached(step):
+                    break
+        except BaseException as e:
+            self._hook("on_error", e)
+            raise
+        self.elapsed = time.perf_counter() - t_run
+
+    def stop_reached(self, step: int) -> bool:
+        stop_after = self.cfg.train.stop_after
+        return stop_after is not None and step - self.start_step >= stop_after
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step over the step's micro-batches; its metrics row."""
+        t0 = time.perf_counter()
+        self._hook("on_step_start", step)
+        batch = self.loader.next_step()
+        lr = self.student.get_lr()[0]
+        acc = {}
+        for a, mb in enumerate(batch.micro):
+            for k, v in self.micro_step(step, mb, batch).items():
+                acc[k] = acc.get(k, 0.0) + v.detach().float()
+            if a < len(batch.micro) - 1:
+                self.student.step()
+        loss, terms = self.global_loss(acc, batch)
+        self._hook("pre_optim_step", step, loss, terms)
+        self.student.step()
+        grad_norm = self.student.get_global_grad_norm()  # None where DeepSpeed did not compute it
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        self._hook("post_optim_step", step, grad_norm)
+        dt = time.perf_counter() - t0
+        self.tokens_seen += batch.n_token
+        self.tokens_run += batch.n_token
+        return {"step": step, "loss": loss, **terms, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
+                "tokens_per_s": batch.n_token / dt, "step_s": dt, "mem_mb": peak_memory_mb()}
+
+    def micro_step(self, step: int, mb, batch) -> dict:
+        """Teacher forward, student forward/backward of one micro-batch; its loss sums."""
+        mb.input_ids, mb.target, mb.token = (x.to(self.device) for x in (mb.input_ids, mb.target, mb.token))
+        with torch.no_grad():
+            t_logits = self.teacher(mb.input_ids, use_cache=False).logits
+        s_logits = self.student(mb.input_ids, use_cache=False).logits
+        sums = self.losses.sums(s_logits, t_logits, mb, self.s_taps, self.t_taps)
+        for cb in self.callbacks:
+            sums = cb.on_loss(step, sums)
+        total, _ = self.losses.weighted(sums, batch.n_target, batch.n_token)
+        # DeepSpeed divides by grad_accum and averages gradients over ranks: undo both so the
+        # gradient is that of the global per-token mean
+        self.student.backward(total * (self.plan.grad_accum * self.world))
+        for taps in (self.t_taps, self.s_taps):
+            if taps is not None:
+                taps.clear()
+        return sums
+
+    def global_loss(self, acc: dict, batch):
+        """The step's loss terms summed over ranks (collective), normalised by the global token counts."""
+        keys = sorted(acc)
+        vec = torch.stack([acc[k].reshape(()) for k in keys]).to(self.device) if keys else torch.zeros(0)
+        if self.world > 1 and keys:
+            torch.distributed.all_reduce(vec)
+        glob = {k: float(v) for k, v in zip(keys, vec.cpu().tolist())}
+        return self.losses.weighted(glob, batch.n_target, batch.n_token)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def save(self, step: int) -> Path:
+        """Save a checkpoint of this step (collective); its directory."""
+        saved = ckpt.save_checkpoint(self.student, self.root, step, self.client_state(step), hf_files=self._hf_files,
+                                     keep=self.cfg.checkpoint.keep, rank=self.rank, world=self.world)
+        if self.rank == 0:
             logger.info("saved %s", saved.path)
         return saved.path
 
-    tracker = Tracker(out, cfg, enabled=rank == 0, total_steps=cfg.train.steps, start_step=start_step)
-    rows: list[dict] = []
-    last_saved = tag_dir if state is not None else None
-    device = student.device
-    t_run = time.perf_counter()
-    tokens_run = 0
-    out_dir.keep()
-    try:
-        for step in range(start_step + 1, cfg.train.steps + 1):
-            t0 = time.perf_counter()
-            batch = loader.next_step()
-            acc = {}
-            lr = student.get_lr()[0]
-            for a, mb in enumerate(batch.micro):
-                mb.input_ids, mb.target, mb.token = (x.to(device) for x in (mb.input_ids, mb.target, mb.token))
-                with torch.no_grad():
-                    t_logits = teacher(mb.input_ids, use_cache=False).logits
-                s_logits = student(mb.input_ids, use_cache=False).logits
-                sums = losses.sums(s_logits, t_logits, mb, s_taps, t_taps)
-                if inject_nan(step, rank):
-                    sums = {k: v * float("nan") for k, v in sums.items()}
-                total, _ = losses.weighted(sums, batch.n_target, batch.n_token)
-                # DeepSpeed divides by grad_accum and averages gradients over ranks: undo both so the
-                # gradient is that of the global per-token mean
-                student.backward(total * (plan.grad_accum * world))
-                for k, v in sums.items():
-                    acc[k] = acc.get(k, 0.0) + v.detach().float()
-                for taps in (t_taps, s_taps):
-                    if taps is not None:
-                        taps.clear()
-                del t_logits, s_logits, total
-                if a < len(batch.micro) - 1:
-                    student.step()
-            keys = sorted(acc)
-            vec = torch.stack([acc[k].reshape(()) for k in keys]).to(device) if keys else torch.zeros(0)
-            if world > 1 and keys:
-                dist.all_reduce(vec)
-            glob = {k: float(v) for k, v in zip(keys, vec.cpu().tolist())}
-            loss, terms = losses.weighted(glob, batch.n_target, batch.n_token)
-            if not math.isfinite(loss):
-                where = f"; the last good checkpoint is {last_saved}" if last_saved else ""
-                raise ckpt.NonFiniteError(
-                    f"step {step}: the loss is not finite ({', '.join(f'{k}={v}' for k, v in terms.items())}); "
-                    f"stopped before the optimizer step, nothing saved{where}. Lower optim.lr or check the data"
-                )
-            student.step()
-            grad_norm = student.get_global_grad_norm()  # None where DeepSpeed did not compute it
-            grad_norm = float(grad_norm) if grad_norm is not None else None
-            if grad_norm is not None and not math.isfinite(grad_norm):
-                raise ckpt.NonFiniteError(
-                    f"step {step}: the gradient norm is {grad_norm} (DeepSpeed skipped the update); stopped, nothing "
-                    f"saved. Lower optim.lr or check the data"
-                )
-            dt = time.perf_counter() - t0
-            tokens_seen += batch.n_token
-            tokens_run += batch.n_token
-            row = {"step": step, "loss": loss, **terms, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-                   "tokens_per_s": batch.n_token / dt, "step_s": dt, "mem_mb": peak_memory_mb()}
-            rows.append(row)
-            tracker.log(row)
-            fault_point("step_end", step=step, rank=rank)
-            every = cfg.checkpoint.every
-            stop = cfg.train.stop_after is not None and step - start_step >= cfg.train.stop_after
-            if step == cfg.train.steps or (every and step % every == 0) or stop:
-                last_saved = save(step)
-            if stop:
-                break
-    except BaseException:
-        tracker.close()
-        raise
-    elapsed = time.perf_counter() - t_run
-    export_dir = None
-    finished = bool(rows) and rows[-1]["step"] == cfg.train.steps
-    if cfg.checkpoint.export_final and finished:
-        if rank == 0:
-            from .export import export_checkpoint
+    def client_state(self, step: int) -> dict:
+        cfg, models, world = self.cfg, self.models, self.world
+        return {
+            "step": step, "tokens": self.tokens_seen, "world": world, "sampler": self.loader.state_dict(),
+            "data_fingerprint": self.data_fp, "data_rows": len(self.packed), "fingerprint": models.fingerprint,
+            "replaced_layers": models.replaced_layers, "selection": models.selection,
+            "teacher": models.teacher_path, "model": cfg.model.path, "config": cfg.to_dict(),
+            "batch": {"micro_batch": self.plan.micro_batch, "grad_accum": self.plan.grad_accum, "world": world},
+        }
 
-            export_dir = export_checkpoint(last_saved, out / "final", overwrite=True)
-        dist.barrier()
-    summary = {
-        "steps": cfg.train.steps, "start_step": start_step, "last_step": rows[-1]["step"] if rows else start_step,
-        "first_loss": rows[0]["loss"] if rows else None, "final_loss": rows[-1]["loss"] if rows else None,
-        "tokens": tokens_seen, "elapsed_s": elapsed,
-        "tokens_per_s": tokens_run / elapsed if elapsed > 0 else None, "peak_mem_mb": peak_memory_mb(),
-        "world": world, "replaced_layers": models.replaced_layers, "checkpoint": str(last_saved),
-        "export": str(export_dir) if export_dir else None,
-    }
-    tracker.close(summary)
-    if rank == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    for taps in (t_taps, s_taps):
-        if taps is not None:
-            taps.remove()
-    return DistillResult(out, start_step, cfg.train.steps, rows, last_saved, export_dir, summary, engine=student)
+    def _hf_files(self, d: Path) -> None:
+        d.mkdir(parents=True, exist_ok=True)
+        self.student.module.config.save_pretrained(str(d))
+        self.tok.save_pretrained(str(d))
+
+    # -- finish --------------------------------------------------------------------------------------------
+
+    def finish(self) -> DistillResult:
+        """Export (when the last step ran and ``checkpoint.export_final``), write the summary, remove the taps."""
+        cfg, rows = self.cfg, self.rows
+        export_dir = None
+        finished = bool(rows) and rows[-1]["step"] == cfg.train.steps
+        if cfg.checkpoint.export_final and finished:
+            if self.rank == 0:
+                from .export import export_checkpoint
+
+                export_dir = export_checkpoint(self.last_saved, self.out / "final", overwrite=True)
+            torch.distributed.barrier()
+        summary = self.summary(export_dir)
+        self._hook("on_finish", summary)
+        if self.rank == 0:
+            RunSummary(summary).write(self.out)
+        for taps in (self.t_taps, self.s_taps):
+            if taps is not None:
+                taps.remove()
+        return DistillResult(self.out, self.start_step, cfg.train.steps, rows, self.last_saved, export_dir, summary,
+                             engine=self.student)
+
+    def summary(self, export_dir: Path | None) -> dict:
+        rows, elapsed = self.rows, self.elapsed
+        return {
+            "steps": self.cfg.train.steps, "start_step": self.start_step,
+            "last_step": rows[-1]["step"] if rows else self.start_step,
+            "first_loss": rows[0]["loss"] if rows else None, "final_loss": rows[-1]["loss"] if rows else None,
+            "tokens": self.tokens_seen, "elapsed_s": elapsed,
+            "tokens_per_s": self.tokens_run / elapsed if elapsed > 0 else None, "peak_mem_mb": peak_memory_mb(),
+            "world": self.world, "replaced_layers": self.models.replaced_layers, "checkpoint": str(self.last_saved),
+            "export": str(export_dir) if export_dir else None,
+        }
 
 
 __all__ = ["DistillResult", "LossComputer", "distill"]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from rad_ds.decoding.eos import model_eos_ids
+
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first, ties by index: deterministic)."""
@@ -41,17 +43,6 @@ class Generated:
     truncated_prompt: bool = False
 
 
-def _eos_ids(tokenizer, model) -> set[int]:
-    ids = set()
-    for e in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None),
-              getattr(model.config, "eos_token_id", None)):
-        if isinstance(e, int):
-            ids.add(e)
-        elif isinstance(e, (list, tuple)):
-            ids.update(int(x) for x in e)
-    return ids
-
-
 class StopOnStrings:
     """Stop a row once its generated text contains a stop string (any tokenizer: the recent tokens are
     decoded, where transformers' ``stop_strings`` needs a tokenizer with a subword vocabulary)."""
@@ -70,7 +61,7 @@ class StopOnStrings:
 def generate_batch(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int,
                    stop_strings: tuple[str, ...] = ()) -> tuple[list[Generated], float]:
     """Greedy continuations of ``prompts`` (1-D id tensors), left-padded into one batch; (results, seconds)."""
-    eos = _eos_ids(tokenizer, model)
+    eos = model_eos_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos) if eos else 0
     ctx = getattr(model.config, "max_position_embeddings", None)
     budget = max(1, ctx - max_new_tokens) if ctx else None

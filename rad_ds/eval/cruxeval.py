@@ -17,7 +17,8 @@ from __future__ import annotations
 import ast
 import re
 
-from .records import read_records
+from rad_ds.core.records import read_records
+
 from .sandbox import SandboxLimits, run_programs
 from .tasks import GenerationTask, Sample
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import re
 
+from rad_ds.core.records import read_records
+
 from .answers import extract_answer, is_correct, reference_answer
-from .records import read_records
 from .tasks import GenerationTask, Sample
 
 INSTRUCTION = "Solve the problem step by step. End with the final answer as: The answer is N."

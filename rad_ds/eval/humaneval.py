@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import re
 
-from .records import read_records
+from rad_ds.core.records import read_records
+
 from .sandbox import SandboxLimits, run_programs
 from .tasks import GenerationTask, Sample, cut_at_stop
 

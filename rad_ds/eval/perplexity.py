@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .records import read_records
+from rad_ds.core.records import read_records
 
 _HEAD_CHUNK = 256  # positions per LM-head call
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from pathlib import Path
 
-from rad_ds.diagnosis.report import write_json_atomic, write_text_atomic
+from rad_ds.core.io import write_json_atomic, write_text_atomic
+from rad_ds.core.tracking import start_wandb
 
 logger = logging.getLogger(__name__)
 
@@ -70,29 +70,56 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+class EvalResults:
+    """``results.json`` (and its table ``results.md``) as a type: the one reader and writer of the files."""
+
+    FILE, TABLE = "results.json", "results.md"
+
+    def __init__(self, data: dict):
+        self.data = data
+
+    @classmethod
+    def load(cls, out: str | Path) -> "EvalResults":
+        p = Path(out)
+        p = p / cls.FILE if p.is_dir() else p
+        try:
+            data = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{p}: no evaluation results (run launchers/evaluate.py)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not valid JSON ({e.msg}); run the evaluation again") from None
+        if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+            raise ValueError(f"{p}: no 'results' list; is this a results.json of launchers/evaluate.py?")
+        return cls(data)
+
+    def write(self, out: str | Path) -> tuple[Path, Path]:
+        out = Path(out)
+        return write_json_atomic(out / self.FILE, self.data), write_text_atomic(out / self.TABLE, markdown(self.data))
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.data["results"]
+
+    @property
+    def models(self) -> dict:
+        """label -> {path, layers, parameters, dtype, ...}"""
+        return self.data.get("models") or {}
+
+    def score(self, model: str, task: str, metric: str | None = None) -> dict | None:
+        """The row of ``model`` on ``task`` (and ``metric``), or None."""
+        return next((r for r in self.rows if r["model"] == model and r["task"] == task
+                     and (metric is None or r["metric"] == metric)), None)
+
+
 def write_results(out: Path, results: dict) -> tuple[Path, Path]:
-    j = write_json_atomic(out / "results.json", results)
-    m = out / "results.md"
-    write_text_atomic(m, markdown(results))
-    return j, m
+    return EvalResults(results).write(out)
 
 
 class WandbLog:
     """A wandb run on rank 0, offline unless ``WANDB_MODE`` says otherwise; logging never stops the run."""
 
     def __init__(self, enabled: bool, project: str, name: str | None, out: Path, config: dict):
-        self.run = None
-        if not enabled:
-            return
-        try:
-            import wandb
-
-            os.environ.setdefault("WANDB_MODE", "offline")
-            os.environ.setdefault("WANDB_SILENT", "true")
-            out.mkdir(parents=True, exist_ok=True)
-            self.run = wandb.init(project=project, name=name, dir=str(out), config=config, job_type="evaluate")
-        except Exception as e:  # noqa: BLE001
-            logger.warning("wandb disabled: %s", e)
+        self.run = start_wandb(out, project, name, config, "evaluate") if enabled else None
 
     def row(self, row: dict) -> None:
         if self.run is None:
@@ -114,4 +141,4 @@ class WandbLog:
         self.run.finish()
 
 
-__all__ = ["WandbLog", "markdown", "safe_name", "write_results", "write_samples"]
+__all__ = ["EvalResults", "WandbLog", "markdown", "safe_name", "write_results", "write_samples"]

@@ -10,104 +10,32 @@ from __future__ import annotations
 import datetime
 import gc
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from rad_ds.diagnosis import dist
+from rad_ds.core import dist
+from rad_ds.core.dtypes import dtype_name, to_dtype
+from rad_ds.core.layers import layers_string
+from rad_ds.decoding.eos import model_eos_ids
 
 from .batching import gather, generate_batch, length_sorted_batches, my_batches
+from .config import GENERATION_TASKS, TASKS, EvalConfig
 from .cruxeval import CruxEvalTask
 from .gsm8k import Gsm8kTask
 from .humaneval import HumanEvalTask
-from .perplexity import load_texts, summarize as ppl_summary, timed_window_nll, windows
+from .perplexity import load_texts, timed_window_nll, windows
+from .perplexity import summarize as ppl_summary
 from .results import WandbLog, markdown, write_results, write_samples
 from .sandbox import SandboxLimits, sandbox_guards
-from .speed import SkipMask, decode_prompts, mask_from_report, summarize as speed_summary, usable_mask
+from .speed import SkipMask, decode_prompts, mask_from_report, usable_mask
+from .speed import summarize as speed_summary
 from .tasks import accuracy, cut_at_stop
 
 logger = logging.getLogger(__name__)
 
-GENERATION_TASKS = ("gsm8k", "humaneval", "cruxeval")
-TASKS = GENERATION_TASKS + ("ppl", "speed")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class EvalConfig:
-    models: list[str]
-    out: str
-    tasks: list[str] = field(default_factory=lambda: ["gsm8k", "humaneval", "ppl"])
-    data: dict[str, str] = field(default_factory=dict)  # task -> local file
-    limit: int | None = None  # first N samples of each task (ppl: documents)
-    few_shot: int = 0  # GSM8K chain-of-thought exemplars
-    max_new_tokens: int | None = None  # None: each task's default
-    batch_size: int = 8
-    chat: bool = True  # apply the chat template when the tokenizer has one
-    seed: int = 0
-    dtype: str | None = None  # default: bf16 on CUDA, fp32 on CPU
-    report: str | None = None  # diagnosis report.json for speculative decoding (with k)
-    k: int | None = None
-    skip_layers: list[int] | None = None  # or an explicit mask
-    speed_prompts: int = 4
-    draft_len: int = 4
-    ppl_window: int = 1024
-    ppl_stride: int | None = None  # None: = window
-    timeout: float = 10.0  # seconds per program in the sandbox
-    sandbox_memory_mb: int = 1024
-    sandbox_workers: int = 2
-    sandbox_python: str | None = None  # interpreter for generated code (default: this one)
-    wandb: bool = False
-    wandb_project: str = "rad-ds"
-    wandb_run: str | None = None
-    progress: bool = True
-
-    def validate(self) -> None:
-        from rad_ds.models.conversion import EMBEDDED
-
-        if not self.models:
-            raise ValueError("give at least one --model")
-        for m in self.models:
-            if m not in EMBEDDED and not Path(m).exists():
-                raise FileNotFoundError(f"--model {m}: no such directory or file; give an HF model dir, a .gguf file "
-                                        f"or one of {', '.join(EMBEDDED)}")
-        if not self.tasks:
-            raise ValueError(f"--tasks is empty; choose from {','.join(TASKS)}")
-        bad = [t for t in self.tasks if t not in TASKS]
-        if bad:
-            raise ValueError(f"--tasks: unknown task(s) {','.join(bad)}; choose from {','.join(TASKS)}")
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"--tasks {','.join(self.tasks)}: a task is listed twice")
-        for task, path in self.data.items():
-            if task not in self.tasks:
-                raise ValueError(f"--data {task}={path}: task {task!r} is not in --tasks {','.join(self.tasks)}")
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"--data {task}={path}: file not found")
-        for name, v, lo in (("--limit", self.limit, 1), ("--batch-size", self.batch_size, 1),
-                            ("--max-new-tokens", self.max_new_tokens, 1), ("--speed-prompts", self.speed_prompts, 1),
-                            ("--draft-len", self.draft_len, 1), ("--ppl-window", self.ppl_window, 2),
-                            ("--ppl-stride", self.ppl_stride, 1), ("--sandbox-memory-mb", self.sandbox_memory_mb, 64),
-                            ("--sandbox-workers", self.sandbox_workers, 1)):
-            if v is not None and v < lo:
-                raise ValueError(f"{name} {v}: must be >= {lo}")
-        if self.ppl_stride is not None and self.ppl_stride > self.ppl_window:
-            raise ValueError(f"--ppl-stride {self.ppl_stride} exceeds --ppl-window {self.ppl_window}")
-        if not self.timeout > 0:
-            raise ValueError(f"--timeout {self.timeout}: must be > 0 seconds")
-        if (self.report is None) != (self.k is None):
-            raise ValueError("--report and --k go together: the k-layer mask of a diagnosis report")
-        if self.report and self.skip_layers:
-            raise ValueError("give either --report/--k or --skip-layers, not both")
-        if (self.report or self.skip_layers) and "speed" not in self.tasks:
-            raise ValueError("--report/--skip-layers are for the speed task; add speed to --tasks")
-        if self.sandbox_python is not None and not os.access(self.sandbox_python, os.X_OK):
-            raise FileNotFoundError(f"--sandbox-python {self.sandbox_python}: not an executable file")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"--dtype {self.dtype}: use one of {', '.join(DTYPES)}")
-        Gsm8kTask(self.few_shot)  # checks the range
 
 
 def _mask(cfg: EvalConfig) -> SkipMask | None:
@@ -123,12 +51,8 @@ def _labels(models: list[str]) -> list[str]:
     return [s if short.count(s) == 1 else m for s, m in zip(short, models)]
 
 
-def _layers_string(config) -> str:
-    return "".join("A" if t == "attention" else "M" for t in config.layer_types)
-
-
 def _encode(tok, sample, chat: bool) -> torch.Tensor:
-    from rad_ds.diagnosis.prompts import encode
+    from rad_ds.decoding.prompts import encode
 
     return encode(tok, "chat", sample.messages) if chat else encode(tok, "text", sample.text, chat=False)
 
@@ -227,13 +151,14 @@ def run_ppl(model, tok, texts: list[str], cfg: EvalConfig, rank: int, world: int
 
 
 def run_speed(model, tok, cfg: EvalConfig, mask: SkipMask | None, rank: int, world: int, chat: bool):
-    from rad_ds.diagnosis.prompts import load_prompts
+    from rad_ds.decoding.prompts import load_prompts
 
     max_new = cfg.max_new_tokens or 64
     prompts = load_prompts(tok, cfg.data.get("speed"), cfg.speed_prompts, cfg.seed, chat, max_new,
-                           getattr(model.config, "max_position_embeddings", None))
+                           getattr(model.config, "max_position_embeddings", None), what="--data speed")
     use, why_not = usable_mask(model, mask)
-    rows = decode_prompts(model, prompts[rank::world], max_new, tok.eos_token_id, use, cfg.draft_len)
+    eos = sorted(model_eos_ids(tok, model))
+    rows = decode_prompts(model, prompts[rank::world], max_new, eos, use, cfg.draft_len)
     s = speed_summary(gather(rows))
     details = {"plain_tokens_per_second": s["plain_tokens_per_second"], "prompts": s["prompts"],
                "plain_tokens": s["plain_tokens"], "max_new_tokens": max_new, "draft_len": cfg.draft_len}
@@ -268,9 +193,9 @@ def load_task_data(cfg: EvalConfig) -> dict:
             continue
         else:
             if data:
-                from rad_ds.diagnosis.prompts import _rows_from_file
+                from rad_ds.decoding.prompts import rows_from_file
 
-                _rows_from_file(Path(data))  # fail now on an unusable file
+                rows_from_file(data, what="--data speed")  # fail now on an unusable file
             out[name] = (None, None)
             continue
         out[name] = (task, task.load(data, cfg.limit, cfg.seed))
@@ -285,7 +210,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     rank, world = dist.init_from_env()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    dtype = DTYPES[cfg.dtype] if cfg.dtype else (torch.bfloat16 if cuda else torch.float32)
+    dtype = to_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     mask = _mask(cfg)
@@ -306,9 +231,9 @@ def evaluate(cfg: EvalConfig) -> dict:
             raise ValueError(f"--model {path}: no tokenizer saved with the model; save one next to the weights")
         model.to(device).eval()
         chat = cfg.chat and bool(getattr(tok, "chat_template", None))
-        models[label] = {"path": path, "layers": _layers_string(model.config),
+        models[label] = {"path": path, "layers": layers_string(model.config),
                          "parameters": sum(p.numel() for p in model.parameters()),
-                         "dtype": str(dtype).replace("torch.", ""), "chat_template": chat}
+                         "dtype": dtype_name(dtype), "chat_template": chat}
         for name in cfg.tasks:
             task, payload = data[name]
             t0 = time.perf_counter()

@@ -1,5 +1,5 @@
 """Decoding speed: tokens/s of plain greedy decoding (batch 1, with the cache), and of self-speculative
-decoding whose draft skips the attention layers of a diagnosis mask (``rad_ds.diagnosis.spec_decode``).
+decoding whose draft skips the attention layers of a diagnosis mask (``rad_ds.decoding.spec_decode``).
 
 Greedy verification reproduces plain greedy decoding, so both decode the same tokens (checked and
 reported as ``same_tokens``); the speed-up is the ratio of the two throughputs on the same prompts.
@@ -8,12 +8,10 @@ Prompts: the diagnosis prompt set (GSM-style math and HumanEval code, built in) 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
-from rad_ds.diagnosis.skipping import check_mask
-from rad_ds.diagnosis.spec_decode import SelfSpeculativeDecoder, SpecConfig, plain_decode
+from rad_ds.decoding.skipping import check_mask
+from rad_ds.decoding.spec_decode import SelfSpeculativeDecoder, SpecConfig, plain_decode
 
 
 @dataclass(frozen=True)
@@ -23,20 +21,11 @@ class SkipMask:
 
 
 def mask_from_report(path: str, k: int) -> SkipMask:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--report {p}: file not found (a diagnosis report.json)")
-    try:
-        report = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--report {p}: not valid JSON ({e.msg}); give a diagnosis report.json") from None
-    sels = report.get("selections") if isinstance(report, dict) else None
-    if not isinstance(sels, list):
-        raise ValueError(f"--report {p}: no 'selections'; is this a report.json from launchers/diagnose.py?")
-    for s in sels:
-        if s.get("k") == k:
-            return SkipMask(tuple(sorted(int(i) for i in s["layers"])), f"{p} k={k}")
-    raise ValueError(f"--k {k}: the report has k = {sorted(s.get('k') for s in sels)}; pick one of them")
+    """The draft mask of a diagnosis report's selection for ``k``."""
+    from rad_ds.core.report import DiagnosisReport
+
+    report = DiagnosisReport.load(path, "--report")
+    return SkipMask(report.selection(k).layers, f"{report.path} k={k}")
 
 
 def usable_mask(model, mask: SkipMask | None) -> tuple[frozenset[int] | None, str | None]:

@@ -22,7 +22,7 @@ class GenerationResult:
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
     """Token ids ``(1, L)`` of ``prompt``; with ``chat`` and a chat template, as one user turn."""
-    from rad_ds.diagnosis.prompts import encode
+    from rad_ds.decoding.prompts import encode
 
     return encode(tokenizer, "text", prompt, chat).view(1, -1)
 

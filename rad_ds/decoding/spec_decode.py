@@ -26,6 +26,8 @@ import torch
 
 from rad_ds.models import RadHybridCache
 
+from .eos import eos_set
+
 
 @dataclass
 class SpecConfig:
@@ -45,12 +47,6 @@ class SpecConfig:
 
     def eos_set(self) -> set[int]:
         return eos_set(self.eos_token_id)
-
-
-def eos_set(eos_token_id) -> set[int]:
-    """``None``, one id or a list of ids -> a set of ids."""
-    e = eos_token_id
-    return set() if e is None else ({e} if isinstance(e, int) else set(e))
 
 
 @dataclass
@@ -135,72 +131,21 @@ class SelfSpeculativeDecoder:
             remaining = cfg.max_new_tokens - (len(seq) - n_prompt)
             gamma = min(cfg.draft_len, remaining - 1)
             base = len(seq)  # seq ends with the pending token, whose successor is unknown
-
-            # ---- draft
-            drafts, qs = [], []
-            if gamma > 0:
-                if cfg.share_kv:
-                    draft.cache, draft.fed = full.cache.snapshot(), full.fed
-                logits = draft.feed(seq[draft.fed:])[-1]
-                draft.fed = base
-                d_snap = draft.cache.snapshot() if self.has_mamba and not cfg.share_kv else None
-                for j in range(gamma):
-                    if j > 0:
-                        logits = draft.feed([drafts[-1]])[-1]
-                        draft.fed += 1
-                    q = self._probs(logits)
-                    if cfg.adaptive_exit and j > 0 and float(q.max()) < threshold:
-                        break  # the first token is always drafted, so the threshold keeps adapting
-                    d = int(torch.multinomial(q, 1, generator=generator)) if cfg.sampling else int(logits.argmax())
-                    drafts.append(d)
-                    qs.append(q)
-            # ---- verify (also feeds whatever the full cache has not consumed yet)
+            drafts, qs, d_snap = self._draft(draft, full, seq, base, gamma, threshold, generator)
+            # verify (also feeds whatever the full cache has not consumed yet)
             f_snap = full.cache.snapshot() if self.has_mamba else None
             f_snap_len = full.fed
             vlogits = full.feed(seq[full.fed:] + drafts, n_logits=len(drafts) + 1)
             full.fed = base + len(drafts)
-
-            n, stop, new = 0, False, []
             if cfg.sampling:
-                ps = self._probs(vlogits)
-                for j, d in enumerate(drafts):
-                    p, q = ps[j], qs[j]
-                    r = torch.rand((), generator=generator, device=p.device)
-                    if float(r) < min(1.0, float(p[d] / q[d])):
-                        n += 1
-                        new.append(d)
-                        if d in eos:
-                            stop = True
-                            break
-                    else:
-                        resid = torch.clamp(p - q, min=0)
-                        resid = resid / resid.sum() if float(resid.sum()) > 0 else p
-                        new.append(int(torch.multinomial(resid, 1, generator=generator)))
-                        break
-                else:
-                    new.append(int(torch.multinomial(ps[len(drafts)], 1, generator=generator)))
+                n, stop, new = self._accept_sampled(vlogits, drafts, qs, eos, generator)
             else:
-                preds = vlogits.argmax(-1).tolist()
-                for j, d in enumerate(drafts):
-                    if d != preds[j]:
-                        break
-                    n += 1
-                    new.append(d)
-                    if d in eos:
-                        stop = True
-                        break
-                if not stop:
-                    new.append(preds[n])
-
+                n, stop, new = _accept_greedy(vlogits, drafts, eos)
             res.accepted.append(n)
             res.drafted.append(len(drafts))
             if cfg.adaptive_exit and drafts:
-                rate = n / len(drafts)
-                ema = rate if ema is None else cfg.exit_beta * ema + (1 - cfg.exit_beta) * rate
-                threshold += cfg.exit_step if ema < cfg.exit_target else -cfg.exit_step
-                threshold = min(max(threshold, 0.0), 1.0)
-
-            # ---- keep the caches to what was accepted: seq[:base] + drafts[:n]
+                threshold, ema = self._adapt(threshold, ema, n / len(drafts))
+            # keep the caches to what was accepted: seq[:base] + drafts[:n]
             valid = base + n
             full.rollback(valid, base + len(drafts), f_snap, f_snap_len)
             if drafts and not cfg.share_kv:
@@ -216,6 +161,72 @@ class SelfSpeculativeDecoder:
         res.seconds = time.perf_counter() - t0
         res.tokens = seq[n_prompt:]
         return res
+
+    def _draft(self, draft: _Side, full: _Side, seq: list[int], base: int, gamma: int, threshold: float,
+               generator) -> tuple[list[int], list[torch.Tensor], RadHybridCache | None]:
+        """Up to ``gamma`` draft tokens (and their distributions), and the draft cache's snapshot."""
+        cfg = self.cfg
+        drafts, qs, d_snap = [], [], None
+        if gamma <= 0:
+            return drafts, qs, d_snap
+        if cfg.share_kv:
+            draft.cache, draft.fed = full.cache.snapshot(), full.fed
+        logits = draft.feed(seq[draft.fed:])[-1]
+        draft.fed = base
+        d_snap = draft.cache.snapshot() if self.has_mamba and not cfg.share_kv else None
+        for j in range(gamma):
+            if j > 0:
+                logits = draft.feed([drafts[-1]])[-1]
+                draft.fed += 1
+            q = self._probs(logits)
+            if cfg.adaptive_exit and j > 0 and float(q.max()) < threshold:
+                break  # the first token is always drafted, so the threshold keeps adapting
+            d = int(torch.multinomial(q, 1, generator=generator)) if cfg.sampling else int(logits.argmax())
+            drafts.append(d)
+            qs.append(q)
+        return drafts, qs, d_snap
+
+    def _accept_sampled(self, vlogits, drafts, qs, eos, generator) -> tuple[int, bool, list[int]]:
+        """Speculative sampling (Leviathan et al.): accept d with min(1, p/q), else sample the residual."""
+        n, stop, new = 0, False, []
+        ps = self._probs(vlogits)
+        for j, d in enumerate(drafts):
+            p, q = ps[j], qs[j]
+            r = torch.rand((), generator=generator, device=p.device)
+            if float(r) < min(1.0, float(p[d] / q[d])):
+                n += 1
+                new.append(d)
+                if d in eos:
+                    return n, True, new
+            else:
+                resid = torch.clamp(p - q, min=0)
+                resid = resid / resid.sum() if float(resid.sum()) > 0 else p
+                new.append(int(torch.multinomial(resid, 1, generator=generator)))
+                return n, stop, new
+        new.append(int(torch.multinomial(ps[len(drafts)], 1, generator=generator)))
+        return n, stop, new
+
+    def _adapt(self, threshold: float, ema: float | None, rate: float) -> tuple[float, float]:
+        """Draft & Verify's adaptive exit: move the confidence threshold towards the target acceptance."""
+        cfg = self.cfg
+        ema = rate if ema is None else cfg.exit_beta * ema + (1 - cfg.exit_beta) * rate
+        threshold += cfg.exit_step if ema < cfg.exit_target else -cfg.exit_step
+        return min(max(threshold, 0.0), 1.0), ema
+
+
+def _accept_greedy(vlogits, drafts, eos) -> tuple[int, bool, list[int]]:
+    """Greedy verification: the longest prefix of drafts equal to the full model's argmax, then its token."""
+    preds = vlogits.argmax(-1).tolist()
+    n, new = 0, []
+    for j, d in enumerate(drafts):
+        if d != preds[j]:
+            break
+        n += 1
+        new.append(d)
+        if d in eos:
+            return n, True, new
+    new.append(preds[n])
+    return n, False, new
 
 
 @torch.no_grad()

@@ -1,13 +1,11 @@
-"""The diagnosis report (``report.json``), its chart (``redundancy.png``) and the printed summary.
-Files are written to a temporary name and renamed, so a good report is never replaced by a partial one."""
+"""The diagnosis chart (``redundancy.png``): per-layer redundancy with the selected layers marked per k,
+and acceptance / speed-up against k."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-from rad_ds.core.io import write_json_atomic, write_text_atomic  # noqa: F401 - re-exported
+from rad_ds.core.io import atomic_path
 
 
 def draw_chart(report: dict, path: str | Path) -> Path:
@@ -52,23 +50,12 @@ def draw_chart(report: dict, path: str | Path) -> Path:
     ax2.set_xticks(ks)
     ax2.set_title("acceptance and speed-up vs k")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 
-def summary_table(report: dict) -> str:
-    rows = ["| k | layers | method | acceptance | mean accepted | est. speed-up | measured speed-up |",
-            "|---|---|---|---|---|---|---|"]
-    for s in sorted(report["selections"], key=lambda s: s["k"]):
-        meas = "-" if s.get("measured_speedup") is None else f"{s['measured_speedup']:.2f}x"
-        rows.append(f"| {s['k']} | {','.join(map(str, s['layers']))} | {s.get('method', '')} | "
-                    f"{s['acceptance_rate']:.3f} | {s['mean_accepted_length']:.2f} | "
-                    f"{s['estimated_speedup']:.2f}x | {meas} |")
-    return "\n".join(rows)
+__all__ = ["draw_chart"]

@@ -1,0 +1,77 @@
+"""Command lines of every stage: a typed config from ``--config FILE``, flags and dotted settings
+(``parse_config``); user errors as one line and a non-zero exit (``run_cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# errors that come from the user's input: print one line, no traceback
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError, TimeoutError)
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
+    try:
+        rc = main(argv)
+    except USER_ERRORS as e:
+        msg = str(e).strip().strip('"') or type(e).__name__
+        print(f"error: {msg.splitlines()[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag that is not simply ``--<setting>``: a rename (``--model`` -> ``model.path``), a
+    switch setting a constant (``--no-chat`` -> ``chat=false``) or a repeatable flag (``--model A --model B``)."""
+
+    key: str
+    const: Any = None
+    append: bool = False
+    help: str = ""
+    parse: Callable[[Any, Any], Any] | None = None  # (value, config) -> value; applied after the other settings
+
+
+def parse_config(cls, argv: list[str] | None, doc: str | None, flags: dict[str, Flag] | None = None,
+                 required: tuple[str, ...] = ()):
+    """A ``cls`` config from ``--config FILE`` (YAML/JSON), then ``flags``, then ``--setting=value`` /
+    ``--setting value`` / ``--section.setting=value`` for every other setting (dashes = underscores).
+    ``--help`` lists every setting with its help and default. Not validated: the stage does that."""
+    flags = flags or {}
+    settings = "\n".join(f"  --{k if '.' in k else k.replace('_', '-')}  {h} (default: {d!r})"
+                         for k, h, d in cls.field_help())
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="settings (--name=value or --name value; --config FILE first):\n" + settings,
+                                 allow_abbrev=False)
+    ap.add_argument("--config", help="settings from a YAML or JSON file, applied before the flags")
+    for name, f in flags.items():
+        dest = "flag_" + name.lstrip("-").replace("-", "_")
+        if f.const is not None:
+            ap.add_argument(name, dest=dest, action="store_const", const=f.const, default=None, help=f.help)
+        else:
+            ap.add_argument(name, dest=dest, action="append" if f.append else "store", default=None,
+                            metavar=f.key.split(".")[-1].upper(), help=f.help or f"= --{f.key}")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    args, rest = ap.parse_known_args(argv)
+    cfg = cls.load(args.config) if args.config else cls()
+    given = {name: getattr(args, "flag_" + name.lstrip("-").replace("-", "_")) for name in flags}
+    for name, f in flags.items():
+        if given[name] is not None and f.parse is None:
+            cfg.set(f.key, given[name], source=f"command line {name}")
+    cfg.apply_overrides(rest)
+    for name, f in flags.items():
+        if given[name] is not None and f.parse is not None:
+            cfg.set(f.key, f.parse(given[name], cfg), source=f"command line {name}")
+    missing = [k for k in required if cfg.get(k) in (None, [], {})]
+    if missing:
+        names = {f.key: name for name, f in flags.items()}
+        ap.error("missing " + ", ".join(names.get(k, f"--{k.replace('_', '-')}") for k in missing))
+    return cfg

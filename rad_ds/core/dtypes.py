@@ -1,0 +1,34 @@
+"""Dtype names: one table for every stage, in both vocabularies users write (``bf16`` and ``bfloat16``)."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+NAMES = tuple(DTYPES)
+
+
+def check_dtype(name: str | None, field: str, allowed: tuple[str, ...] = NAMES) -> None:
+    """Raise a one-line ValueError naming ``field`` when ``name`` is not a dtype name in ``allowed``."""
+    if name is not None and name not in allowed:
+        raise ValueError(f"{field} = {name!r}: use one of {', '.join(allowed)}")
+
+
+def to_dtype(name: str | None, device: torch.device | str | None = None) -> torch.dtype:
+    """The torch dtype of ``name``; ``None``: bf16 on CUDA, fp32 elsewhere."""
+    if name is None:
+        return torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).replace("torch.", "")
+
+
+__all__ = ["DTYPES", "NAMES", "check_dtype", "dtype_name", "to_dtype"]

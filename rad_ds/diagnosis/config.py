@@ -1,0 +1,55 @@
+"""``DiagnoseConfig``: the diagnosis stage's settings (model, k values, prompts, search budget)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rad_ds.core.config import Config, ConfigError, at_least, choice, setting
+from rad_ds.core.dtypes import NAMES as DTYPE_NAMES
+
+OBJECTIVES = ("estimated", "measured")
+
+
+@dataclass
+class DiagnoseConfig(Config):
+    model: str | None = setting(None, "model dir, .gguf file, or embedded:smollm2")
+    out: str | None = setting(None, "output directory (report.json, redundancy.png, cost_model.json)")
+    k: list[int] = setting([2, 4, 8], "numbers of attention layers to skip, e.g. 2,4,8")
+    gguf_file: str | None = setting(None, "GGUF file name inside model")
+    prompts: str | None = setting(None, "jsonl/parquet/json/csv/txt with a 'messages' or text field "
+                                        "(unset: the built-in math + code mix)")
+    num_prompts: int = setting(8, "prompts to use (<= 0: all of prompts)")
+    chat: bool = setting(True, "apply the chat template (--no-chat: plain prompts)")
+    max_new_tokens: int = setting(64, "tokens generated per prompt")
+    draft_len: int = setting(4, "tokens drafted per round")
+    trials: int = setting(60, "Bayesian-optimisation trials per k")
+    seed: int = setting(0, "seed of the prompts and the search")
+    objective: str = setting("estimated", "estimated: exact acceptance x cost model (fast); measured: real "
+                                          "decoder wall-clock")
+    cost_model: str = setting("measured", "measured (timed here), weights (memory-bound analytic), or a "
+                                          "cost_model.json")
+    greedy_baseline: bool = setting(False, "also run the greedy build-up baseline")
+    recheck_prompts: int = setting(4, "prompts per rank for the real-decoder re-check of the chosen sets (0: skip)")
+    dtype: str | None = setting(None, "fp32, bf16, fp16, fp64, ... (unset: bf16 on CUDA, fp32 on CPU)")
+    wandb: bool = setting(False, "log to wandb (offline unless WANDB_MODE says otherwise)")
+    wandb_project: str = setting("rad-ds", "wandb project")
+    wandb_run: str | None = setting(None, "wandb run name")
+    progress: bool = setting(True, "tqdm progress bar on rank 0")
+
+    def validate(self) -> "DiagnoseConfig":
+        if not self.model:
+            raise ConfigError("model is not set: give --model DIR (or embedded:smollm2)")
+        if not self.out:
+            raise ConfigError("out is not set: give --out DIR (report.json, redundancy.png)")
+        if not self.k:
+            raise ConfigError("k is empty; give e.g. --k 2,4,8")
+        at_least(self, ("trials", "max_new_tokens", "draft_len"), 1)
+        at_least(self, ("recheck_prompts",), 0)
+        choice("objective", self.objective, OBJECTIVES)
+        if self.dtype is not None:
+            choice("dtype", self.dtype, DTYPE_NAMES)
+        self.k = sorted(set(self.k))
+        return self
+
+
+__all__ = ["DiagnoseConfig", "OBJECTIVES"]

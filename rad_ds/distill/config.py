@@ -1,0 +1,230 @@
+"""``RunConfig``: the distillation stage's settings, a typed tree on ``rad_ds.core.config`` (YAML/JSON,
+dotted overrides such as ``--train.steps=200``, ``--help`` from field docs, ``validate()``), stored in every
+checkpoint. DeepSpeed's own settings stay in DeepSpeed's JSON format (``deepspeed`` names the file);
+the values rad-ds derives (batch sizes, clipping, precision) are filled into its ``"auto"`` entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rad_ds.core.config import (  # noqa: F401 - ConfigError, load_file, parse_overrides: part of this API
+    Config,
+    ConfigError,
+    at_least,
+    choice,
+    load_file,
+    parse_overrides,
+    resolve_shipped,
+    setting,
+)
+from rad_ds.core.dtypes import NAMES as _DTYPE_NAMES
+from rad_ds.surgery.init import INIT_MODES
+
+KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "none")
+HIDDEN_KINDS = ("mse", "cosine", "none")
+VOCAB_MODES = ("strict", "truncate")
+TRAINABLE = ("mamba", "mamba_mlp", "replaced", "all")
+PACKING = ("greedy", "none")
+DATA_FORMATS = ("auto", "json", "parquet", "text", "hub")
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = tuple(n for n in _DTYPE_NAMES if n not in ("float64", "fp64"))
+_f = setting
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("embedded:smollm2", "base model (HF dir, .gguf, embedded:smollm2) or a student checkpoint")
+    gguf_file: str | None = _f(None, "GGUF file name inside model.path")
+    dtype: str = _f("float32", f"weights and compute dtype: {', '.join(DTYPES)}")
+
+
+@dataclass
+class TeacherConfig:
+    path: str | None = _f(None, "teacher model; default: the base model itself (self-distillation)")
+    gguf_file: str | None = _f(None, "GGUF file name inside teacher.path")
+    offload: bool = _f(False, "offload the teacher's ZeRO-3 parameters to CPU memory")
+    deepspeed: str = _f("ds_configs/zero3_teacher.json", "DeepSpeed config of the teacher engine")
+
+
+@dataclass
+class StudentConfig:
+    layers: list[int] | None = _f(None, "attention layers to replace with Mamba2, e.g. 22,25 or 4-6")
+    report: str | None = _f(None, "diagnosis report.json to take the layers from (with student.k)")
+    k: int | None = _f(None, "with student.report: how many layers to replace")
+    init: str = _f("attention", "Mamba2 init: attention (MambaInLlama mapping) or random")
+    seed: int = _f(0, "seed of the Mamba2 init")
+    allow_all: bool = _f(False, "allow replacing every attention layer")
+    trainable: str = _f(
+        "mamba",
+        "what trains: mamba (new mixers only, RAD), mamba_mlp (+ MLPs of replaced layers), "
+        "replaced (whole replaced layers), all",
+    )
+    gradient_checkpointing: bool = _f(False, "recompute student activations in backward")
+
+
+@dataclass
+class DataConfig:
+    path: str | None = _f(None, "jsonl/json/parquet/txt file, a directory of them, or a hub dataset name")
+    format: str = _f("auto", f"{', '.join(DATA_FORMATS)} (auto: from the file suffix)")
+    split: str = _f("train", "split of a hub dataset")
+    text_field: str = _f("text", "field holding plain text")
+    messages_field: str = _f("messages", "field holding chat messages [{role, content}, ...]")
+    seq_len: int = _f(512, "tokens per packed sequence")
+    packing: str = _f("greedy", "greedy: whole documents best-fit into rows; none: one document per row")
+    mask_prompt: bool = _f(True, "chat data: logit losses only on assistant tokens")
+    add_eos: bool = _f(True, "append EOS to plain-text documents")
+    max_documents: int | None = _f(None, "use at most this many documents")
+    min_tokens: int = _f(2, "drop documents with fewer tokens (after templating)")
+    shuffle: bool = _f(True, "shuffle rows each epoch (seeded by train.seed and the epoch)")
+
+
+@dataclass
+class LossConfig:
+    kd: str = _f("forward_kl", f"logit distillation: {', '.join(KD_KINDS)}")
+    kd_weight: float = _f(1.0, "weight of the logit loss")
+    temperature: float = _f(1.0, "softmax temperature of the logit loss (the loss is scaled by T^2)")
+    jsd_beta: float = _f(0.5, "JSD mixture weight: M = beta*teacher + (1-beta)*student")
+    hidden: str = _f("mse", f"replaced-layer output loss: {', '.join(HIDDEN_KINDS)}")
+    hidden_weight: float = _f(0.0, "weight of the replaced-layer loss (0 = off)")
+    layerwise: bool = _f(
+        False, "each replaced student layer gets the teacher's input to that layer (MOHAWK-style stage)"
+    )
+    ce_weight: float = _f(0.0, "weight of cross-entropy on the data (0 = off)")
+    chunk_tokens: int = _f(1024, "tokens per chunk when computing the logit losses (bounds memory)")
+    vocab: str = _f("strict", "strict: teacher and student vocab sizes must match; truncate: compare the "
+                    "tokenizer's tokens when one vocab is a padded version of the other")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    betas: list[float] = _f([0.9, 0.95], "AdamW betas")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    schedule: str = _f("cosine", f"learning-rate schedule after warmup: {', '.join(SCHEDULES)}")
+    warmup_steps: int = _f(0, "linear warmup steps")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of optim.lr")
+    grad_clip: float = _f(1.0, "clip the global gradient norm (0 = off)")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(100, "optimizer steps")
+    micro_batch: int = _f(1, "sequences per rank per forward")
+    grad_accum: int | None = _f(None, "micro-batches per step and rank (default: from global_batch, else 1)")
+    global_batch: int | None = _f(None, "sequences per optimizer step (= micro_batch x grad_accum x world)")
+    seed: int = _f(0, "seed of data order, init and RNG")
+    stop_after: int | None = _f(None, "stop (with a checkpoint) after this many steps in this invocation; "
+                                      "for time-limited jobs, continue with --resume auto")
+    dist_timeout_s: int = _f(600, "timeout of every collective (a dead rank ends the job, no hang)")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(0, "save every N steps (0: only at the end)")
+    keep: int = _f(2, "keep the last K complete checkpoints")
+    resume: str | None = _f(None, "auto (latest complete checkpoint in out/checkpoints, or fresh) or a path")
+    export_final: bool = _f(True, "write out/final (HF directory) at the end")
+
+
+@dataclass
+class LogConfig:
+    wandb: bool = _f(True, "log to Weights & Biases (offline unless WANDB_MODE says otherwise)")
+    project: str = _f("rad-ds", "wandb project")
+    run_name: str | None = _f(None, "wandb run name (default: the out directory's name)")
+    progress: bool = _f(True, "tqdm progress bar on rank 0")
+
+
+@dataclass
+class RunConfig(Config):
+    out: str | None = _f(None, "run directory: checkpoints/, final/, metrics.jsonl")
+    deepspeed: str = _f("ds_configs/zero3.json", "DeepSpeed config of the student engine")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    # -- checks ----------------------------------------------------------------------------------
+    def validate(self) -> RunConfig:
+        """Fail early, naming the field and the fix, on anything that cannot run."""
+        choice("model.dtype", self.model.dtype, DTYPES)
+        choice("student.init", self.student.init, INIT_MODES)
+        choice("student.trainable", self.student.trainable, TRAINABLE)
+        choice("data.format", self.data.format, DATA_FORMATS)
+        choice("data.packing", self.data.packing, PACKING)
+        choice("loss.kd", self.loss.kd, KD_KINDS)
+        choice("loss.hidden", self.loss.hidden, HIDDEN_KINDS)
+        choice("loss.vocab", self.loss.vocab, VOCAB_MODES)
+        choice("optim.schedule", self.optim.schedule, SCHEDULES)
+        if not self.out:
+            raise ConfigError("out is not set: give --out DIR (the run directory)")
+        if not self.data.path:
+            raise ConfigError("data.path is not set: give --data FILE (jsonl/parquet/txt) or a hub dataset name")
+        if resolve_shipped(self.data.path).exists():
+            self.data.path = str(resolve_shipped(self.data.path))
+        if self.student.layers is not None and self.student.report is not None:
+            raise ConfigError("student.layers and student.report are both set: give one of --layers or --report/--k")
+        if self.student.report is not None and self.student.k is None:
+            raise ConfigError("student.report needs student.k (--k K, the number of layers to replace)")
+        if self.student.layers is not None and not self.student.layers:
+            raise ConfigError("student.layers is empty; give e.g. --layers 3,7")
+        at_least(self, ("data.seq_len", "train.steps", "train.micro_batch", "loss.chunk_tokens",
+                        "train.dist_timeout_s"), 1)
+        if self.data.seq_len < 2:
+            raise ConfigError(f"data.seq_len = {self.data.seq_len} must be >= 2 (a token and its successor)")
+        at_least(self, ("train.grad_accum", "train.global_batch", "train.stop_after"), 1, optional=True)
+        at_least(self, ("checkpoint.every", "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay",
+                        "loss.kd_weight", "loss.hidden_weight", "loss.ce_weight"), 0)
+        at_least(self, ("checkpoint.keep",), 1)
+        if not self.optim.lr > 0:
+            raise ConfigError(f"optim.lr = {self.optim.lr} must be > 0")
+        if not 0 <= self.optim.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio = {self.optim.min_lr_ratio} must be in [0, 1]")
+        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
+            raise ConfigError(f"optim.betas = {self.optim.betas}: give two numbers in [0, 1), e.g. 0.9,0.95")
+        if not self.loss.temperature > 0:
+            raise ConfigError(f"loss.temperature = {self.loss.temperature} must be > 0")
+        if not 0 < self.loss.jsd_beta < 1:
+            raise ConfigError(f"loss.jsd_beta = {self.loss.jsd_beta} must be in (0, 1)")
+        kd_on = self.loss.kd != "none" and self.loss.kd_weight > 0
+        hid_on = self.loss.hidden != "none" and self.loss.hidden_weight > 0
+        if not (kd_on or hid_on or self.loss.ce_weight > 0):
+            raise ConfigError(
+                "every loss term is off: set loss.kd_weight > 0 (with loss.kd), loss.hidden_weight > 0 "
+                "(with loss.hidden) or loss.ce_weight > 0"
+            )
+        if self.loss.layerwise and not hid_on:
+            raise ConfigError(
+                "loss.layerwise trains each replaced layer on its own output: set loss.hidden_weight > 0 "
+                "(and loss.hidden mse or cosine)"
+            )
+        if self.checkpoint.resume not in (None, "auto", "none") and not Path(self.checkpoint.resume).exists():
+            raise ConfigError(
+                f"checkpoint.resume: {self.checkpoint.resume} does not exist; give 'auto' or a checkpoint "
+                "directory (OUT/checkpoints or a step_* directory inside it)"
+            )
+        for key in ("deepspeed", "teacher.deepspeed"):
+            p = resolve_shipped(self.get(key))
+            if not p.is_file():
+                raise ConfigError(f"{key}: {self.get(key)} not found; give a DeepSpeed JSON config (see ds_configs/)")
+            self.set(key, str(p))
+        return self
+
+
+def field_help() -> list[tuple[str, str, Any]]:
+    """(dotted name, help, default) of every run setting, for ``--help``."""
+    return RunConfig.field_help()
+
+
+__all__ = [
+    "CheckpointConfig", "ConfigError", "DataConfig", "LogConfig", "LossConfig", "ModelConfig", "OptimConfig",
+    "RunConfig", "StudentConfig", "TeacherConfig", "TrainConfig", "field_help", "load_file", "parse_overrides",
+]

@@ -1,0 +1,23 @@
+"""``rad-replace`` / ``launchers/replace.py``: the replace stage from the command line."""
+
+from __future__ import annotations
+
+from rad_ds.core.cli import parse_config, run_cli
+
+from .config import ReplaceConfig
+
+
+def run(argv: list[str] | None = None, doc: str | None = None) -> int:
+    from .run import replace
+
+    cfg = parse_config(ReplaceConfig, argv, doc or __doc__, required=("model", "out"))
+    record = replace(cfg)
+    print(f"replaced layers {record.layers} (init={record.init}) -> {cfg.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None, doc: str | None = None) -> int:
+    return run_cli(lambda a: run(a, doc), argv)
+
+
+__all__ = ["main", "run"]

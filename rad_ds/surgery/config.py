@@ -1,0 +1,49 @@
+"""``ReplaceConfig``: the replace stage's settings (a base model, the layers or a report, the init)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rad_ds.core.config import Config, ConfigError, choice, setting
+
+from .init import INIT_MODES
+
+
+@dataclass
+class ReplaceConfig(Config):
+    model: str | None = setting(None, "base model: HF dir (Llama/Qwen2/Mistral/SmolLM or rad_hybrid), .gguf, "
+                                      "or embedded:smollm2")
+    gguf_file: str | None = setting(None, "GGUF file name inside model")
+    layers: list[int] | None = setting(None, "attention layers to replace, e.g. 3,7,11 or 4-6")
+    report: str | None = setting(None, "a diagnosis report.json to take the layers from; use with k")
+    k: int | None = setting(None, "with report: how many layers (a k the report holds)")
+    out: str | None = setting(None, "output directory for the student checkpoint")
+    init: str = setting("attention", "attention: MambaInLlama mapping (V->x, K->B, Q->C, O->out_proj); "
+                                     "random: ablation")
+    allow_all: bool = setting(False, "allow replacing every attention layer")
+    seed: int = setting(0, "seed of the Mamba2 init (z, dt, conv, A)")
+    overwrite: bool = setting(False, "replace an existing non-empty out")
+
+    def validate(self, inputs_exist: bool = True) -> "ReplaceConfig":
+        """``inputs_exist=False``: the report is written by an earlier stage (the pipeline checks it later)."""
+        if not self.model:
+            raise ConfigError("model is not set: give --model DIR (or embedded:smollm2)")
+        if not self.out:
+            raise ConfigError("out is not set: give --out DIR (the student checkpoint)")
+        if (self.layers is None) == (self.report is None):
+            raise ConfigError("give either layers (--layers 3,7) or report with k (--report report.json --k 2)")
+        if self.report is not None and self.k is None:
+            raise ConfigError("report needs k (--k K, the number of layers to replace)")
+        if self.layers is not None and not self.layers:
+            raise ConfigError("layers is empty; give e.g. --layers 3,7")
+        choice("init", self.init, INIT_MODES)
+        out = Path(self.out)
+        if out.exists() and any(out.iterdir()) and not self.overwrite:
+            raise ConfigError(f"out {out} exists and is not empty; choose a new directory or pass --overwrite")
+        if inputs_exist and self.report is not None and not Path(self.report).exists():
+            raise FileNotFoundError(f"report {self.report}: file not found (a diagnosis report.json)")
+        return self
+
+
+__all__ = ["ReplaceConfig"]

@@ -1,0 +1,90 @@
+"""The house plan (docs/design.md), checked: which package may import which, short functions, thin
+launchers, one implementation of each shared mechanism, and every console command importable."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "rad_ds"
+
+
+def _imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+def _modules(sub: str) -> list[Path]:
+    return sorted((PKG / sub).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package, forbidden", [
+    ("eval", ("rad_ds.diagnosis", "rad_ds.distill", "rad_ds.surgery", "rad_ds.pipeline")),
+    ("diagnosis", ("rad_ds.eval", "rad_ds.distill", "rad_ds.surgery", "rad_ds.pipeline")),
+    ("surgery", ("rad_ds.eval", "rad_ds.diagnosis", "rad_ds.distill", "rad_ds.pipeline")),
+    ("distill", ("rad_ds.eval", "rad_ds.diagnosis", "rad_ds.pipeline")),
+    ("decoding", ("rad_ds.eval", "rad_ds.diagnosis", "rad_ds.distill", "rad_ds.surgery", "rad_ds.pipeline")),
+    ("core", ("rad_ds.models", "rad_ds.eval", "rad_ds.diagnosis", "rad_ds.distill", "rad_ds.surgery",
+              "rad_ds.decoding", "rad_ds.data", "rad_ds.pipeline")),
+])
+def test_packages_import_only_the_floors_below(package, forbidden):
+    bad = [(p.relative_to(ROOT).as_posix(), m) for p in _modules(package) for m in _imports(p)
+           if m.startswith(forbidden)]
+    assert bad == []
+
+
+def test_model_files_are_self_contained():
+    """save_pretrained copies these next to the weights: they may import only torch, transformers, each other."""
+    for name in ("configuration_rad_hybrid", "modeling_rad_hybrid", "mamba2_mixer", "ssm_ops", "ssd_scan",
+                 "hybrid_cache"):
+        assert not [m for m in _imports(PKG / "models" / f"{name}.py") if m.startswith("rad_ds")], name
+
+
+def test_functions_are_short_and_launchers_thin():
+    long = [f"{p.relative_to(ROOT)}:{n.name} ({n.end_lineno - n.lineno + 1} lines)"
+            for p in sorted(PKG.rglob("*.py")) for n in ast.walk(ast.parse(p.read_text()))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80]
+    assert long == []
+    fat = [p.name for p in (ROOT / "launchers").glob("*.py") if len(p.read_text().splitlines()) > 60]
+    assert fat == []
+    for p in (ROOT / "launchers").glob("*.py"):
+        assert "sys.path" not in p.read_text(), p.name
+
+
+@pytest.mark.parametrize("pattern, home", [
+    (r"init_process_group\(|deepspeed\.init_distributed\(|ds\.init_distributed\(", "rad_ds/core/dist.py"),
+    (r"wandb\.init\(", "rad_ds/core/tracking.py"),
+    (r"os\.replace\(", "rad_ds/core/io.py"),
+    (r"\"bf16\": torch\.bfloat16|\"bfloat16\": torch\.bfloat16", "rad_ds/core/dtypes.py"),
+    (r"^INIT_MODES = ", "rad_ds/surgery/init.py"),
+    (r"^def eos_set\(", "rad_ds/decoding/eos.py"),
+    (r"^def parse_int_list\(", "rad_ds/core/layers.py"),
+    (r"^def read_records\(", "rad_ds/core/records.py"),
+    (r"class DiagnosisReport|^def layers_from_report|^def mask_from_report", None),
+])
+def test_one_implementation_of_each_shared_mechanism(pattern, home):
+    where = sorted({p.relative_to(ROOT).as_posix() for p in PKG.rglob("*.py")
+                    if re.search(pattern, p.read_text(), re.M)})
+    if home is None:  # the report's reader and the two that use it: each exists once, in its own module
+        assert where == ["rad_ds/core/report.py", "rad_ds/eval/speed.py", "rad_ds/surgery/replace.py"]
+    else:
+        assert where == [home]
+
+
+def test_console_commands_resolve():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"rad", "rad-diagnose", "rad-replace", "rad-distill", "rad-export", "rad-evaluate"} <= set(scripts)
+    for target in scripts.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
