@@ -1,12 +1,24 @@
-"""Data: loading and its errors, chat-template masks, packing invariants, the resumable sampler."""
+"""Data: loading and its errors, chat-template masks, packing invariants and document boundaries, the
+resumable sampler, the build-once cache.
+
+The fast paths are compared with references kept here: the per-prefix chat mask and the list-based
+best-fit packer that rad-ds used before (``_reference_*``), and token-level oracles (unique ids per
+document and position) for ``position_ids``."""
 
 from __future__ import annotations
 
+import bisect
 import json
+import logging
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from rad_ds.data import (
     DataError,
@@ -18,7 +30,7 @@ from rad_ds.data import (
     tokenize_records,
 )
 from rad_ds.distill.config import DataConfig
-from tests.distill_helpers import byte_tokenizer, write_chat_jsonl, write_text_jsonl
+from tests.distill_helpers import CHATML, ROOT, byte_tokenizer, write_chat_jsonl, write_text_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +158,17 @@ def test_chat_mask_with_the_real_smollm2_template(tmp_path):
     (ids, tgt), = tokenize_records(load_records(str(p)), real)
     predicted = real.decode(ids[1:][tgt[:-1].astype(bool)])
     assert predicted == "2+3 = 5.<|im_end|>\nYou're welcome.<|im_end|>\n"
+    # one render per conversation = the per-prefix definition, token for token (BPE merges across the
+    # span boundaries included), with and without a system prompt, over several turns
+    from rad_ds.data.tokenization import tokenize_documents
+
+    convs = _CONVERSATIONS + [[(r, c) for r, c in zip(["user", "assistant"] * 2, [m["content"] for m in msgs])]]
+    recs = load_records(str(_write_conversations(tmp_path / "many.jsonl", convs)))
+    docs = tokenize_documents(recs, real, min_tokens=1, num_proc=1)
+    assert len(docs) == len(convs) and docs.stats["slow_masks"] == 0
+    for (ids, tgt), msgs in zip(docs, recs.dataset["messages"]):
+        ref_ids, ref_tgt = _reference_chat_doc(msgs, real)
+        assert np.array_equal(ids, ref_ids) and np.array_equal(tgt, ref_tgt), msgs
 
 
 # -- packing ---------------------------------------------------------------------------------------------
@@ -268,9 +291,375 @@ def test_data_cache_key_follows_files_and_settings(tmp_path, tok):
     k1 = data_cache_key(cfg, tok)
     assert data_cache_key(DataConfig(path=str(p), seq_len=64), tok) != k1
     first = load_packed(cfg, tok, tmp_path / "cache")
-    assert (tmp_path / "cache" / f"{k1}.npz").is_file()
+    assert (tmp_path / "cache" / k1 / "packed.npz").is_file()
     again = load_packed(cfg, tok, tmp_path / "cache")
     assert np.array_equal(first.input_ids, again.input_ids)
     write_text_jsonl(p, n=12, seed=1)
     assert data_cache_key(cfg, tok) != k1
     assert Path(p).exists()
+
+
+# -- references: what rad-ds computed before, kept to test the fast paths against ------------------------
+
+
+def _reference_chat_doc(msgs, tok):
+    """The per-prefix definition of the answer mask (rad-ds' former ``_chat_doc``, mask_prompt=True):
+    two extra renders per assistant turn."""
+    msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] == "assistant":
+            start = tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
+            end = tok.apply_chat_template(msgs[:i + 1], tokenize=False)
+            assert text.startswith(start) and text.startswith(end)
+            spans.append((len(start), len(end)))
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    starts = np.asarray([a for a, _ in enc["offset_mapping"]], dtype=np.int64)
+    is_answer = np.zeros(len(ids), dtype=bool)
+    for a, b in spans:
+        is_answer |= (starts >= a) & (starts < b)
+    target = np.zeros(len(ids), dtype=np.uint8)
+    target[:-1] = is_answer[1:]
+    return ids, target
+
+
+def _reference_best_fit(lengths, capacity):
+    """rad-ds' former best-fit decreasing: a sorted list of (remaining capacity, bin id), insort/pop."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins, free = [], []
+    for i in order:
+        n = lengths[i]
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            rem, b = free.pop(k)
+            bins[b].append(i)
+            if rem - n > 0:
+                bisect.insort(free, (rem - n, b))
+        else:
+            bins.append([i])
+            if capacity - n > 0:
+                bisect.insort(free, (capacity - n, len(bins) - 1))
+    return [sorted(b) for b in bins]
+
+
+def _reference_rows(docs, seq_len, mode):
+    """rad-ds' former packer: (ids, target) of every row before padding."""
+    pieces = []
+    for ids, target in docs:
+        if len(ids) <= seq_len:
+            pieces.append((ids, target))
+            continue
+        for s in range(0, len(ids), seq_len):
+            ids_p, tgt_p = ids[s:s + seq_len], target[s:s + seq_len].copy()
+            if s + seq_len < len(ids):
+                tgt_p[-1] = 0
+            if tgt_p.any():
+                pieces.append((ids_p, tgt_p))
+    bins = (_reference_best_fit([len(p[0]) for p in pieces], seq_len) if mode == "greedy"
+            else [[i] for i in range(len(pieces))])
+    return [(np.concatenate([pieces[i][0] for i in b]), np.concatenate([pieces[i][1] for i in b])) for b in bins]
+
+
+# -- document boundaries: position_ids ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["greedy", "none"])
+def test_position_ids_restart_at_every_document_and_continue_into_padding(mode):
+    L = 32
+    docs = _docs(np.random.default_rng(4), 60, 2, 80)  # token i of document k is 1000 * (k + 1) + i
+    packed = pack_documents(docs, L, mode)
+    pos, ids, real = packed.position_ids, packed.input_ids, packed.token.astype(bool)
+    assert pos.dtype == np.int32 and pos.shape == ids.shape
+    for r in range(len(packed)):
+        n = int(real[r].sum())
+        # a real token's position is its index in its document piece (pieces of a split document start at
+        # multiples of seq_len); padding continues the count of the row's last document
+        assert np.array_equal(pos[r, :n], (ids[r, :n] % 1000) % L)
+        assert np.array_equal(pos[r, n:], pos[r, n - 1] + np.arange(1, L - n + 1))
+        starts = np.nonzero(pos[r] == 0)[0]
+        assert len(starts) == len(np.unique(ids[r, :n] // 1000 * 100 + (ids[r, :n] % 1000) // L))
+    one_doc = [r for r in range(len(packed)) if (pos[r] == 0).sum() == 1]
+    assert all(np.array_equal(pos[r], np.arange(L)) for r in one_doc)  # no restart: the plain causal path
+    if mode == "none":
+        assert len(one_doc) == len(packed)
+    else:
+        assert len(one_doc) < len(packed)  # packing did put several documents in rows
+
+
+def test_loader_serves_position_ids():
+    packed = pack_documents(_docs(np.random.default_rng(0), 80, 2, 30), 32)
+    loader = DistillLoader(packed, micro_batch=2, grad_accum=2, seed=1)
+    step = loader.next_step()
+    for mb, rows in zip(step.micro, ResumableSampler.shard(step.rows, 0, 1, 2)):
+        assert mb.position_ids.dtype == torch.long and mb.position_ids.shape == mb.input_ids.shape
+        assert np.array_equal(mb.position_ids.numpy(), packed.position_ids[rows])
+
+
+# -- packing = the former best-fit -------------------------------------------------------------------------
+
+
+def test_best_fit_equals_the_former_packer_on_random_lengths():
+    from rad_ds.data.packing import _best_fit_decreasing
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        cap = int(rng.integers(1, 70))
+        lengths = rng.integers(1, cap + 1, size=int(rng.integers(0, 250))).tolist()  # many ties
+        bin_of = _best_fit_decreasing(lengths, cap).tolist()
+        bins = [[i for i, b in enumerate(bin_of) if b == k] for k in range(max(bin_of, default=-1) + 1)]
+        assert bins == _reference_best_fit(lengths, cap), (cap, lengths)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "none"])
+def test_rows_equal_the_former_packer(mode):
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        L = int(rng.integers(4, 48))
+        docs = []
+        for k in range(int(rng.integers(1, 80))):
+            ids = rng.integers(0, 250, size=int(rng.integers(1, 3 * L)))
+            tgt = (rng.random(len(ids)) < 0.6).astype(np.uint8)
+            tgt[-1] = 0
+            docs.append((ids, tgt))
+        packed = pack_documents(docs, L, mode, pad_id=5)
+        ref = _reference_rows(docs, L, mode)
+        assert len(packed) == len(ref)
+        for r, (ids, tgt) in enumerate(ref):
+            n = len(ids)
+            assert np.array_equal(packed.input_ids[r, :n], ids) and np.array_equal(packed.target[r, :n], tgt)
+            assert packed.token[r, :n].all() and not packed.token[r, n:].any() and (packed.input_ids[r, n:] == 5).all()
+
+
+# -- long and unusable documents ----------------------------------------------------------------------------
+
+
+def test_truncate_keeps_the_first_seq_len_tokens_and_split_keeps_all():
+    L = 32
+    docs = [d for d in _docs(np.random.default_rng(3), 60, 2, 100) if len(d[0]) % L != 1][:40]  # no 1-token tails
+    n_long = sum(len(d[0]) > L for d in docs)
+    split, cut = pack_documents(docs, L, long_documents="split"), pack_documents(docs, L, long_documents="truncate")
+    assert n_long > 0 and (split.n_split, split.n_truncated) == (n_long, 0) and (cut.n_split, cut.n_truncated) == (0, n_long)
+    assert split.token.sum() == sum(len(d[0]) for d in docs)
+    assert cut.token.sum() == sum(min(len(d[0]), L) for d in docs)
+    kept = cut.input_ids[cut.token.astype(bool)]
+    assert (kept % 1000 < L).all() and len(np.unique(kept // 1000)) == len(docs)  # every document, its head only
+    # the last kept position of a truncated document predicts a token that is gone: not counted
+    assert int(cut.target.sum()) == sum(min(len(d[0]), L) - 1 for d in docs)
+    with pytest.raises(ValueError, match="long_documents 'cut'"):
+        pack_documents(docs, L, long_documents="cut")
+
+
+@pytest.mark.parametrize("long_documents", ["split", "truncate"])
+def test_split_truncated_and_dropped_documents_are_counted_in_the_log(tmp_path, tok, caplog, long_documents):
+    p = tmp_path / "a.jsonl"
+    texts = ["x" * 100, "y" * 70, "short one", "", ""]  # 2 longer than seq_len 48 (bytes + EOS); 2 EOS only
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    with caplog.at_level(logging.INFO, logger="rad_ds.data.loader"):
+        packed = build_packed(DataConfig(path=str(p), seq_len=48, long_documents=long_documents), tok)
+    line = [r.getMessage() for r in caplog.records if r.name == "rad_ds.data.loader"][-1]
+    assert "5 records -> 3 documents (dropped 2: 0 empty, 2 shorter than data.min_tokens=2, 0 with nothing" in line
+    expected = "2 split, 0 truncated" if long_documents == "split" else "0 split, 2 truncated"
+    assert f"2 longer than data.seq_len=48 ({expected}" in line
+    assert (packed.n_split, packed.n_truncated) == ((2, 0) if long_documents == "split" else (0, 2))
+    # chat: a conversation without an assistant turn has nothing to learn
+    c = tmp_path / "c.jsonl"
+    c.write_text(json.dumps({"messages": [{"role": "user", "content": "only a question"}]}) + "\n"
+                 + json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+                 + "\n")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rad_ds.data.loader"):
+        build_packed(DataConfig(path=str(c), seq_len=48), tok)
+    assert "(dropped 1: 0 empty, 0 shorter than data.min_tokens=2, 1 with nothing to learn)" in caplog.text
+
+
+def test_config_checks_the_new_data_settings():
+    from rad_ds.distill.config import ConfigError, RunConfig
+
+    def cfg(**data):
+        c = RunConfig()
+        c.out, c.data.path, c.student.layers = "runs/x", str(ROOT / "rad_ds" / "data" / "demo_chat.jsonl"), [1]
+        for k, v in data.items():
+            setattr(c.data, k, v)
+        return c
+
+    cfg(long_documents="truncate", num_proc=1).validate()
+    with pytest.raises(ConfigError, match="data.long_documents = 'cut': use one of split, truncate"):
+        cfg(long_documents="cut").validate()
+    with pytest.raises(ConfigError, match="data.num_proc = 0 must be >= 1"):
+        cfg(num_proc=0).validate()
+
+
+# -- chat masks: one render per conversation = the per-prefix definition ------------------------------------
+
+_CONVERSATIONS = [
+    [("user", "what is 2 plus 3?"), ("assistant", "5.")],
+    [("system", "Answer briefly."), ("user", "hi"), ("assistant", "hello"), ("user", "and bye?"), ("assistant", "bye!")],
+    [("user", "say assistant"), ("assistant", "assistant")],  # the answer is in the prompt and in the markup
+    [("user", "repeat: ok"), ("assistant", "ok"), ("user", "ok"), ("assistant", "ok")],
+    [("user", "nothing?"), ("assistant", ""), ("user", "two\nlines"), ("assistant", " line one\nline two\n ")],
+    [("assistant", "I start."), ("user", "fine"), ("assistant", "good")],
+    [("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d"), ("user", "e"), ("assistant", "f"),
+     ("user", "g"), ("assistant", "h")],
+]
+SMOLLM2_LIKE = (  # SmolLM2's template: a default system prompt when the conversation has none
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
+    "You are a helpful assistant<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TRIMMING = CHATML.replace("{{ m['content'] }}", "{{ m['content'] | trim }}")  # no single turn shape for " x "
+GENERATION = (  # ChatML with {% generation %} blocks: the template marks the answers itself
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+    "{{ m['content'] }}<|im_end|>\n{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _write_conversations(path, conversations):
+    path.write_text("".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in conv]}) + "\n"
+                            for conv in conversations))
+    return path
+
+
+@pytest.mark.parametrize("template", ["chatml", "smollm2_like", "trimming", "generation"])
+def test_chat_mask_equals_the_per_prefix_definition(tmp_path, template):
+    from rad_ds.data.tokenization import tokenize_documents
+
+    t = byte_tokenizer({"chatml": CHATML, "smollm2_like": SMOLLM2_LIKE, "trimming": TRIMMING,
+                        "generation": GENERATION}[template])
+    recs = load_records(str(_write_conversations(tmp_path / "c.jsonl", _CONVERSATIONS)))
+    docs = tokenize_documents(recs, t, min_tokens=1, num_proc=1)
+    assert len(docs) == len(_CONVERSATIONS)
+    for (ids, tgt), msgs in zip(docs, recs.dataset["messages"]):
+        ref_ids, ref_tgt = _reference_chat_doc(msgs, t)
+        if template == "generation" and msgs[0]["role"] == "assistant":
+            # the definition counts an opening answer's header too (no prompt to cut it at); the template's
+            # own blocks mark the answers only
+            assert np.array_equal(ids, ref_ids)
+            assert t.decode(ids[1:][tgt[:-1].astype(bool)]) == "I start.<|im_end|>\ngood<|im_end|>\n"
+            continue
+        assert np.array_equal(ids, ref_ids) and np.array_equal(tgt, ref_tgt), msgs
+    # one render per conversation, except where a trimmed turn is not in the rendering as it was given
+    assert docs.stats["slow_masks"] == (1 if template == "trimming" else 0)
+
+
+def test_chat_mask_in_two_processes_and_from_the_cache(tmp_path, tok, monkeypatch):
+    import rad_ds.data.tokenization as T
+
+    convs = _CONVERSATIONS * 6
+    one = T.tokenize_documents(load_records(str(_write_conversations(tmp_path / "a.jsonl", convs))), tok, num_proc=1)
+    monkeypatch.setattr(T, "MIN_RECORDS_PER_PROC", 1)
+    two = T.tokenize_documents(load_records(str(_write_conversations(tmp_path / "b.jsonl", convs))), tok, num_proc=2)
+    assert np.array_equal(one.ids, two.ids) and np.array_equal(one.target, two.target)
+    assert np.array_equal(one.offsets, two.offsets)
+
+    def not_again(*a, **k):
+        raise AssertionError("tokenised again: datasets' cache was not used")
+
+    monkeypatch.setattr(T, "encode_batch", not_again)  # same data, tokenizer and settings: read from the cache
+    again = T.tokenize_documents(load_records(str(tmp_path / "a.jsonl")), tok, num_proc=2)
+    assert np.array_equal(again.ids, one.ids) and np.array_equal(again.target, one.target)
+
+
+def test_chat_mask_where_spans_cannot_be_located_is_a_clear_error(tmp_path):
+    from rad_ds.data.tokenization import tokenize_documents
+
+    # a template that renders the last message differently: prefixes are not prefixes of the whole
+    odd = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if loop.last %} <end>{% endif %}\n"
+           "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    p = _write_conversations(tmp_path / "c.jsonl", [_CONVERSATIONS[1]])
+    with pytest.raises(DataError, match="record 0: the chat template does not render a conversation prefix .* "
+                                        "set data.mask_prompt=false"):
+        tokenize_documents(load_records(str(p)), byte_tokenizer(odd), num_proc=1)
+    (_, tgt), = tokenize_documents(load_records(str(p)), byte_tokenizer(odd), mask_prompt=False, num_proc=1)
+    assert tgt[:-1].all() and tgt[-1] == 0
+
+
+# -- the packed cache: built once per filesystem, identical everywhere ------------------------------------------
+
+_LOAD = """
+import hashlib, json, sys, time
+sys.path.insert(0, {root!r})
+import numpy as np
+import rad_ds.data.loader as L
+from rad_ds.distill.config import DataConfig
+from tests.distill_helpers import byte_tokenizer
+
+build = L.build_packed
+
+def slow_build(cfg, tok):  # long enough for the other process to arrive while this one builds
+    print("BUILD", flush=True)
+    time.sleep(1.5)
+    return build(cfg, tok)
+
+L.build_packed = slow_build
+p = L.load_packed(DataConfig(path=sys.argv[1], seq_len=48), byte_tokenizer(), sys.argv[2], rank=int(sys.argv[3]))
+h = hashlib.sha1()
+for name, a in sorted(p.arrays().items()):
+    h.update(name.encode() + np.ascontiguousarray(a).tobytes())
+print(json.dumps({{"arrays": h.hexdigest(), "rows": len(p)}}), flush=True)
+"""
+
+
+def test_two_processes_on_a_cold_cache_build_it_once(tmp_path):
+    data = write_chat_jsonl(tmp_path / "c.jsonl", n=30)
+    script = tmp_path / "load.py"
+    script.write_text(_LOAD.format(root=str(ROOT)))
+    cache = tmp_path / "out" / "data"
+    procs = [subprocess.Popen([sys.executable, str(script), str(data), str(cache), str(r)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    lines = [o[0].strip().splitlines() for o in outs]
+    assert sum(ln.count("BUILD") for ln in lines) == 1  # one built, the other waited on the lock and read it
+    results = [json.loads(ln[-1]) for ln in lines]
+    assert results[0] == results[1] and results[0]["rows"] > 0
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == [
+        __import__("rad_ds.data.loader", fromlist=["x"]).data_cache_key(DataConfig(path=str(data), seq_len=48),
+                                                                       byte_tokenizer())]
+    assert not [p for p in cache.iterdir() if ".tmp-" in p.name or p.name.endswith(".error.json")]
+
+
+def test_a_failed_build_is_the_waiting_ranks_error_too(tmp_path, tok, monkeypatch):
+    import rad_ds.data.loader as L
+
+    cfg = DataConfig(path=str(write_text_jsonl(tmp_path / "a.jsonl", n=6)), seq_len=32)
+    real, calls, errors = L.build_packed, [], []
+
+    def failing(cfg, tok):
+        calls.append(1)
+        time.sleep(1.0)
+        raise DataError("a.jsonl record 3: broken (the fix)")
+
+    def rank():
+        try:
+            L.load_packed(cfg, tok, tmp_path / "cache")
+        except DataError as e:
+            errors.append(str(e))
+
+    monkeypatch.setattr(L, "build_packed", failing)
+    ranks = [threading.Thread(target=rank) for _ in range(2)]
+    ranks[0].start()
+    time.sleep(0.3)
+    ranks[1].start()
+    for t in ranks:
+        t.join(60)
+    assert errors == ["a.jsonl record 3: broken (the fix)"] * 2 and len(calls) == 1  # built (and failed) once
+    monkeypatch.setattr(L, "build_packed", real)  # a later start, after the fix, builds
+    assert len(L.load_packed(cfg, tok, tmp_path / "cache")) > 0
+    assert not list((tmp_path / "cache").glob(".*.error.json"))
+
+
+def test_the_cache_file_is_the_same_bytes_wherever_it_is_built(tmp_path, tok):
+    from rad_ds.data.loader import read_packed, save_packed
+
+    cfg = DataConfig(path=str(write_chat_jsonl(tmp_path / "c.jsonl", n=20)), seq_len=64)
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    save_packed(build_packed(cfg, tok), a)
+    time.sleep(1.1)  # a zip timestamp would differ now
+    save_packed(build_packed(cfg, tok), b)
+    assert a.read_bytes() == b.read_bytes()
+    back = read_packed(a)
+    assert np.array_equal(back.position_ids, build_packed(cfg, tok).position_ids)

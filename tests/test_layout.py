@@ -6,10 +6,10 @@ from __future__ import annotations
 import ast
 import importlib
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "rad_ds"

@@ -6,6 +6,6 @@ from .skipping import PrefixRunner, candidate_layers, topk_mask
 from .spec_decode import SelfSpeculativeDecoder, SpecConfig, SpecResult, plain_decode
 
 __all__ = [
-    "PrefixRunner", "SelfSpeculativeDecoder", "SpecConfig", "SpecResult", "candidate_layers", "eos_set", "model_eos_ids",
-    "plain_decode", "topk_mask",
+    "PrefixRunner", "SelfSpeculativeDecoder", "SpecConfig", "SpecResult", "candidate_layers", "eos_set",
+    "model_eos_ids", "plain_decode", "topk_mask",
 ]

@@ -60,7 +60,8 @@ def encode(tokenizer, kind: str, value, chat: bool = True) -> torch.Tensor:
 
 
 def load_prompts(tokenizer, path: str | None = None, n: int = 8, seed: int = 0, chat: bool = True,
-                 max_new_tokens: int = 64, max_positions: int | None = None, what: str = "prompts") -> list[torch.Tensor]:
+                 max_new_tokens: int = 64, max_positions: int | None = None,
+                 what: str = "prompts") -> list[torch.Tensor]:
     """Token ids of ``n`` prompts (all of the file's when ``n`` <= 0); ``what`` names the setting in errors."""
     if tokenizer is None:
         raise ValueError("the model has no tokenizer; diagnosis needs one to encode prompts")

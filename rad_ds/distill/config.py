@@ -28,6 +28,7 @@ HIDDEN_KINDS = ("mse", "cosine", "none")
 VOCAB_MODES = ("strict", "truncate")
 TRAINABLE = ("mamba", "mamba_mlp", "replaced", "all")
 PACKING = ("greedy", "none")
+LONG_DOCUMENTS = ("split", "truncate")
 DATA_FORMATS = ("auto", "json", "parquet", "text", "hub")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = tuple(n for n in _DTYPE_NAMES if n not in ("float64", "fp64"))
@@ -79,6 +80,10 @@ class DataConfig:
     max_documents: int | None = _f(None, "use at most this many documents")
     min_tokens: int = _f(2, "drop documents with fewer tokens (after templating)")
     shuffle: bool = _f(True, "shuffle rows each epoch (seeded by train.seed and the epoch)")
+    long_documents: str = _f("split", "documents longer than data.seq_len: split (into seq_len pieces, each a "
+                                      "document of its own) or truncate (keep the first seq_len tokens)")
+    num_proc: int | None = _f(None, "processes that tokenise the data (default: min(cpu count, 8), at most one "
+                                    "per 1000 records; 1: no multiprocessing)")
 
 
 @dataclass
@@ -160,6 +165,7 @@ class RunConfig(Config):
         choice("student.trainable", self.student.trainable, TRAINABLE)
         choice("data.format", self.data.format, DATA_FORMATS)
         choice("data.packing", self.data.packing, PACKING)
+        choice("data.long_documents", self.data.long_documents, LONG_DOCUMENTS)
         choice("loss.kd", self.loss.kd, KD_KINDS)
         choice("loss.hidden", self.loss.hidden, HIDDEN_KINDS)
         choice("loss.vocab", self.loss.vocab, VOCAB_MODES)
@@ -180,7 +186,8 @@ class RunConfig(Config):
                         "train.dist_timeout_s"), 1)
         if self.data.seq_len < 2:
             raise ConfigError(f"data.seq_len = {self.data.seq_len} must be >= 2 (a token and its successor)")
-        at_least(self, ("train.grad_accum", "train.global_batch", "train.stop_after"), 1, optional=True)
+        at_least(self, ("train.grad_accum", "train.global_batch", "train.stop_after", "data.num_proc"), 1,
+                 optional=True)
         at_least(self, ("checkpoint.every", "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay",
                         "loss.kd_weight", "loss.hidden_weight", "loss.ce_weight"), 0)
         at_least(self, ("checkpoint.keep",), 1)

@@ -56,10 +56,11 @@ class ReferenceDistiller:
         lr = self.opt.param_groups[0]["lr"]
         acc = {}
         for mb in batch.micro:
-            mb.input_ids, mb.target, mb.token = (x.to(self.device) for x in (mb.input_ids, mb.target, mb.token))
+            mb.input_ids, mb.target, mb.token, mb.position_ids = (
+                x.to(self.device) for x in (mb.input_ids, mb.target, mb.token, mb.position_ids))
             with torch.no_grad():
-                t_logits = self.teacher(mb.input_ids, use_cache=False).logits
-            s_logits = self.student(mb.input_ids, use_cache=False).logits
+                t_logits = self.teacher(mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
+            s_logits = self.student(mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
             sums = self.losses.sums(s_logits, t_logits, mb, self.s_taps, self.t_taps)
             total, _ = self.losses.weighted(sums, batch.n_target, batch.n_token)
             total.backward()

@@ -322,10 +322,11 @@ class DistillRun:
 
     def micro_step(self, step: int, mb, batch) -> dict:
         """Teacher forward, student forward/backward of one micro-batch; its loss sums."""
-        mb.input_ids, mb.target, mb.token = (x.to(self.device) for x in (mb.input_ids, mb.target, mb.token))
+        mb.input_ids, mb.target, mb.token, mb.position_ids = (
+            x.to(self.device) for x in (mb.input_ids, mb.target, mb.token, mb.position_ids))
         with torch.no_grad():
-            t_logits = self.teacher(mb.input_ids, use_cache=False).logits
-        s_logits = self.student(mb.input_ids, use_cache=False).logits
+            t_logits = self.teacher(mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
+        s_logits = self.student(mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
         sums = self.losses.sums(s_logits, t_logits, mb, self.s_taps, self.t_taps)
         for cb in self.callbacks:
             sums = cb.on_loss(step, sums)

@@ -49,6 +49,7 @@ class RadHybridCache:
         self.layer_types = list(config.layer_types)
         self.layers = [AttentionState() if t == "attention" else MambaState() for t in self.layer_types]
         self.seen_tokens = 0
+        self.doc_start: torch.Tensor | None = None  # (b,) after a packed prompt: where its last document starts
 
     def __getitem__(self, idx: int):
         return self.layers[idx]
@@ -89,6 +90,8 @@ class RadHybridCache:
         return new
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
+        if self.doc_start is not None:
+            self.doc_start = self.doc_start.index_select(0, beam_idx.to(self.doc_start.device))
         for layer in self.layers:
             for name in layer.__slots__:
                 t = getattr(layer, name)

@@ -103,10 +103,13 @@ class Mamba2Mixer(nn.Module):
         return dt
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None):
+    def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None,
+                seq_idx: torch.Tensor | None = None):
         """``hidden_states (b, l, d)``. ``cache``: a per-layer state object with ``conv_state`` and
         ``ssm_state`` (``None`` in both = start from zeros); updated in place when given.
-        ``attention_mask (b, l)``: 0 marks padding, which contributes nothing to the state."""
+        ``attention_mask (b, l)``: 0 marks padding, which contributes nothing to the state.
+        ``seq_idx (b, l)``: the document of each position of a packed row; conv and SSM state restart at
+        each document, so a document computes what it computes alone."""
         b, l, _ = hidden_states.shape
         if cache is not None and cache.ssm_state is not None and l == 1:
             return self._step(hidden_states, cache, attention_mask)
@@ -117,7 +120,7 @@ class Mamba2Mixer(nn.Module):
             xBC = xBC * m
         conv_state = cache.conv_state if cache is not None else None
         w = self.conv1d.weight.squeeze(1)
-        xBC_t, new_conv = causal_conv1d(xBC.transpose(1, 2), w, self.conv1d.bias, conv_state)
+        xBC_t, new_conv = causal_conv1d(xBC.transpose(1, 2), w, self.conv1d.bias, conv_state, seq_idx=seq_idx)
         xBC = xBC_t.transpose(1, 2)
         if attention_mask is not None:
             xBC = xBC * m  # conv bias would otherwise leak into the state at padded positions
@@ -127,7 +130,7 @@ class Mamba2Mixer(nn.Module):
         C = C.reshape(b, l, self.ngroups, self.d_state)
         A = -torch.exp(self.A_log.float())
         init = cache.ssm_state if cache is not None else None
-        y, final = chunk_scan(x, self._dt(dt), A, B, C, self.D, self.chunk_size, initial_states=init)
+        y, final = chunk_scan(x, self._dt(dt), A, B, C, self.D, self.chunk_size, initial_states=init, seq_idx=seq_idx)
         if cache is not None:
             cache.conv_state = new_conv.detach()
             cache.ssm_state = final.detach().float()

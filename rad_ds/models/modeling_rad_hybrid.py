@@ -172,13 +172,13 @@ class RadDecoderLayer(_LayerBase):
         return self.self_attn if self.layer_type == "attention" else self.mamba
 
     def forward(self, hidden_states, position_embeddings=None, attn_mask=None, padding_mask=None,
-                cache=None, skip_mixer: bool = False):
+                cache=None, skip_mixer: bool = False, seq_idx=None):
         if not skip_mixer:
             x = self.input_layernorm(hidden_states)
             if self.layer_type == "attention":
                 x = self.self_attn(x, position_embeddings, attn_mask=attn_mask, cache=cache)
             else:
-                x = self.mamba(x, cache=cache, attention_mask=padding_mask)
+                x = self.mamba(x, cache=cache, attention_mask=padding_mask, seq_idx=seq_idx)
             hidden_states = hidden_states + x
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -229,10 +229,43 @@ def _position_ids_from_mask(attention_mask, past: int, length: int):
     return pos[:, past:past + length]
 
 
-def _build_attn_mask(attention_mask, b, q_len, past, device, sliding_window=None, dtype=torch.bool):
-    """Boolean (b, 1, q, k) mask, True = attend; ``None`` when plain causal attention is exact."""
+def documents_from_positions(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """``seq_idx (b, l)``, the document index of each position of packed rows, from ``position_ids`` that
+    restart at 0 at every document (transformers' convention, ``DataCollatorWithFlattening``); ``None``
+    when no row restarts (one document per row). Rows that restart must start at 0 and count up by one.
+    With padding (``attention_mask``), only a restart between two real tokens starts a document: the
+    first token after left padding is position 0 without being a new document."""
+    restart = position_ids[:, 1:] == 0
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        restart = restart & real[:, 1:] & real[:, :-1]
+    if not bool(restart.any()):
+        return None
+    if attention_mask is not None:
+        return F.pad(restart.long(), (1, 0)).cumsum(-1)
+    bad_start = (position_ids[:, 0] != 0).nonzero()
+    if len(bad_start):
+        r = int(bad_start[0, 0])
+        raise ValueError(f"position_ids of packed rows must start at 0 in every row; row {r} starts at "
+                         f"{int(position_ids[r, 0])}")
+    ok = (position_ids[:, 1:] == position_ids[:, :-1] + 1) | restart
+    if not bool(ok.all()):
+        r, t = (int(v) for v in (~ok).nonzero()[0])
+        raise ValueError(f"position_ids must count up by one inside a document and restart at 0 for the next; "
+                         f"row {r} goes from {int(position_ids[r, t])} to {int(position_ids[r, t + 1])} at {t + 1}")
+    return F.pad(restart.long(), (1, 0)).cumsum(-1)
+
+
+def _last_document_start(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(b,) index of the first position of each row's last document."""
+    return (seq_idx != seq_idx[:, -1:]).sum(-1)
+
+
+def _build_attn_mask(attention_mask, b, q_len, past, device, sliding_window=None, dtype=torch.bool, seq_idx=None):
+    """Boolean (b, 1, q, k) mask, True = attend; ``None`` when plain causal attention is exact. With
+    ``seq_idx`` (packed rows, no cache) attention is block-diagonal: a document sees only itself."""
     k_len = past + q_len
-    if attention_mask is None and sliding_window is None and (past == 0 or q_len == 1):
+    if attention_mask is None and sliding_window is None and seq_idx is None and (past == 0 or q_len == 1):
         return None
     q_pos = torch.arange(past, k_len, device=device)[:, None]
     k_pos = torch.arange(k_len, device=device)[None, :]
@@ -240,6 +273,8 @@ def _build_attn_mask(attention_mask, b, q_len, past, device, sliding_window=None
     if sliding_window is not None:
         mask = mask & (q_pos - k_pos < sliding_window)
     mask = mask[None, None].expand(b, 1, q_len, k_len)
+    if seq_idx is not None:
+        mask = mask & (seq_idx[:, None, :, None] == seq_idx[:, None, None, :])
     if attention_mask is not None:
         mask = mask & attention_mask[:, None, None, :k_len].bool()
         # a padded query row would see nothing and give NaN; let it see everything (its output is unused)
@@ -265,6 +300,40 @@ class RadHybridModel(RadHybridPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    def _masks(self, attention_mask, position_ids, cache, past: int, b: int, l: int, device):
+        """(padding mask or None, position_ids, attention mask or None, seq_idx or None) of one forward."""
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("attention_mask must be 2-D (batch, past + new tokens), 1 = real token, 0 = padding")
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # nothing padded: take the fast causal path
+        seq_idx = self._documents(position_ids, attention_mask, past, cache)
+        if past and cache is not None and getattr(cache, "doc_start", None) is not None and position_ids is None:
+            # decoding after a packed prompt: only its last document is context (as if the rest were padding)
+            keep = torch.arange(past + l, device=device)[None] >= cache.doc_start[:, None]
+            attention_mask = keep if attention_mask is None else attention_mask.bool() & keep
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = _position_ids_from_mask(attention_mask, past, l)
+            else:
+                position_ids = torch.arange(past, past + l, device=device)[None].expand(b, l)
+        attn_mask = _build_attn_mask(attention_mask, b, l, past, device, self.config.sliding_window, seq_idx=seq_idx)
+        return attention_mask, position_ids, attn_mask, seq_idx
+
+    @staticmethod
+    def _documents(position_ids, attention_mask, past: int, cache):
+        """``seq_idx`` of packed rows (see ``documents_from_positions``), checked against the other inputs."""
+        if position_ids is None:
+            return None
+        mask = attention_mask[:, -position_ids.size(1):] if attention_mask is not None else None
+        seq_idx = documents_from_positions(position_ids, mask)
+        if seq_idx is None:
+            return None
+        if past:
+            raise ValueError("packed rows (position_ids restarting at 0) need an empty cache")
+        if cache is not None:
+            cache.doc_start = _last_document_start(seq_idx)
+        return seq_idx
+
     def forward(
         self,
         input_ids=None,
@@ -287,16 +356,8 @@ class RadHybridModel(RadHybridPreTrainedModel):
         if use_cache and cache is None:
             cache = RadHybridCache(self.config)
         past = cache.seen_tokens if cache is not None else 0
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("attention_mask must be 2-D (batch, past + new tokens), 1 = real token, 0 = padding")
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # nothing padded: take the fast causal path
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = _position_ids_from_mask(attention_mask, past, l)
-            else:
-                position_ids = torch.arange(past, past + l, device=inputs_embeds.device)[None].expand(b, l)
-        attn_mask = _build_attn_mask(attention_mask, b, l, past, inputs_embeds.device, self.config.sliding_window)
+        attention_mask, position_ids, attn_mask, seq_idx = self._masks(
+            attention_mask, position_ids, cache, past, b, l, inputs_embeds.device)
         pos_emb = self.rotary_emb(inputs_embeds, position_ids)
         skip = frozenset(skip_layers or ())
 
@@ -307,7 +368,7 @@ class RadHybridModel(RadHybridPreTrainedModel):
                 all_hidden.append(h)
             h = layer(
                 h, position_embeddings=pos_emb, attn_mask=attn_mask, padding_mask=attention_mask,
-                cache=cache[i] if cache is not None else None, skip_mixer=i in skip,
+                cache=cache[i] if cache is not None else None, skip_mixer=i in skip, seq_idx=seq_idx,
             )
         h = self.norm(h)
         if all_hidden is not None:
@@ -389,6 +450,8 @@ class RadHybridForCausalLM(RadHybridPreTrainedModel, GenerationMixin):
             cache = RadHybridCache(self.config)
         past = cache.seen_tokens if cache is not None else 0
         inputs = {"attention_mask": attention_mask, "cache": cache, "use_cache": use_cache is not False}
+        if past == 0 and kwargs.get("position_ids") is not None:  # a packed prompt (several documents)
+            inputs["position_ids"] = kwargs["position_ids"]
         if inputs_embeds is not None and past == 0:
             inputs["inputs_embeds"] = inputs_embeds
         else:

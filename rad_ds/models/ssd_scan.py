@@ -37,6 +37,18 @@ def _expand_groups(t: torch.Tensor, nheads: int) -> torch.Tensor:
     return t.repeat_interleave(nheads // g, dim=2)
 
 
+def _pad_to_chunks(chunk_size: int, x, dt, B, C, seq_idx):
+    """Pad the length to a multiple of ``chunk_size``. Padded steps have dt = 0: no decay (exp(0) = 1) and
+    no input, so the final state is exact; they belong to the last document."""
+    pad = (-x.size(1)) % chunk_size
+    if not pad:
+        return x, dt, B, C, seq_idx
+    if seq_idx is not None:
+        seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1)
+    return (F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad)), F.pad(B, (0, 0, 0, 0, 0, pad)),
+            F.pad(C, (0, 0, 0, 0, 0, pad)), seq_idx)
+
+
 def ssd_chunk_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -47,9 +59,12 @@ def ssd_chunk_scan(
     D: torch.Tensor | None = None,
     initial_states: torch.Tensor | None = None,
     return_final_states: bool = False,
+    seq_idx: torch.Tensor | None = None,
 ):
     """Chunked SSD scan for any length, with an optional state in and out; differentiable.
 
+    ``seq_idx (b, l)``: the document index of each position in a packed row (non-decreasing); the state
+    is reset where it changes, as mamba-ssm's kernels do: no position sees an earlier document.
     Computation runs in float32 (or float64 if the inputs are float64); the output has ``x``'s dtype.
     """
     b, l, h, p = x.shape
@@ -60,16 +75,11 @@ def ssd_chunk_scan(
     B_ = _expand_groups(B, h).to(cdt)
     C_ = _expand_groups(C, h).to(cdt)
 
-    pad = (-l) % chunk_size
-    if pad:
-        # padded steps have dt = 0: no decay (exp(0) = 1) and no input, so the final state is exact
-        x_ = F.pad(x_, (0, 0, 0, 0, 0, pad))
-        dt_ = F.pad(dt_, (0, 0, 0, pad))
-        B_ = F.pad(B_, (0, 0, 0, 0, 0, pad))
-        C_ = F.pad(C_, (0, 0, 0, 0, 0, pad))
-    L = l + pad
+    x_, dt_, B_, C_, seq_idx = _pad_to_chunks(chunk_size, x_, dt_, B_, C_, seq_idx)
+    L = x_.size(1)
     c = L // chunk_size
     Q = chunk_size
+    same = _DocMasks(seq_idx, c, Q, cdt) if seq_idx is not None else None
 
     X = (x_ * dt_[..., None]).reshape(b, c, Q, h, p)  # discretised input
     Adt = (A_[None, None, :] * dt_).reshape(b, c, Q, h).permute(0, 3, 1, 2)  # (b, h, c, Q)
@@ -78,12 +88,16 @@ def ssd_chunk_scan(
     A_cum = torch.cumsum(Adt, dim=-1)  # (b, h, c, Q)
 
     # 1. within each chunk: y = (C B^T * decay mask) X
-    decay = torch.exp(_segsum(Adt))  # (b, h, c, Q, Q)
+    # a document start's decay is -inf here, so every pair across it decays to exactly 0 (_segsum adds, never
+    # subtracts, so no inf - inf)
+    decay = torch.exp(_segsum(Adt if same is None else Adt.masked_fill(same.starts, float("-inf"))))
     CB = torch.einsum("bclhn,bcshn->bhcls", Cc, Bc)
     Y_diag = torch.einsum("bhcls,bcshp->bclhp", CB * decay, X)
 
-    # 2. the state each chunk leaves behind (from its own inputs only)
+    # 2. the state each chunk leaves behind (from its own inputs only; with documents, its last one's)
     decay_states = torch.exp(A_cum[..., -1:] - A_cum)  # (b, h, c, Q)
+    if same is not None:
+        decay_states = decay_states * same.to_chunk_end
     states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_states, X)
 
     # 3. carry states across chunk boundaries (short recurrence over c chunks)
@@ -93,11 +107,16 @@ def ssd_chunk_scan(
         init = initial_states.to(cdt)[:, None]
     states = torch.cat([init, states], dim=1)  # (b, c+1, h, p, n)
     chunk_decay = torch.exp(_segsum(F.pad(A_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    if same is not None:
+        chunk_decay = chunk_decay * same.across
     new_states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
     states, final_state = new_states[:, :-1], new_states[:, -1]
 
     # 4. what the carried-in state contributes to each position
-    Y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, states, torch.exp(A_cum))
+    carry = torch.exp(A_cum)
+    if same is not None:
+        carry = carry * same.from_chunk_start
+    Y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, states, carry)
 
     y = (Y_diag + Y_off).reshape(b, L, h, p)[:, :l]
     if D is not None:
@@ -106,6 +125,25 @@ def ssd_chunk_scan(
     if return_final_states:
         return y, final_state
     return y
+
+
+class _DocMasks:
+    """Where documents of a packed row start, and which interactions of the chunked scan stay inside one
+    document (1) or would cross a boundary (0), from ``seq_idx (b, L)`` with ``L = c * Q``. "Boundary" ``z`` of the
+    chunk recurrence is the state entering chunk ``z`` (``z = 0``: the initial state, taken to belong to
+    the row's first document); it belongs to the document of the last position before it."""
+
+    def __init__(self, seq_idx: torch.Tensor, c: int, Q: int, dtype: torch.dtype):
+        b = seq_idx.size(0)
+        s = seq_idx.reshape(b, c, Q)
+        end = s[:, :, -1]  # (b, c): the document at each chunk's end
+        bound = torch.cat([s[:, :1, 0], end], dim=1)  # (b, c+1)
+        flat = seq_idx.reshape(b, -1)
+        before = torch.cat([flat[:, :1], flat[:, :-1]], dim=1)  # the row's first position starts nothing
+        self.starts = (flat != before).reshape(b, c, Q)[:, None]  # (b, 1, c, Q): a document starts here
+        self.to_chunk_end = (s == end[..., None])[:, None].to(dtype)  # (b, 1, c, Q)
+        self.across = (bound[:, :, None] == bound[:, None, :])[:, None].to(dtype)  # (b, 1, c+1, c+1)
+        self.from_chunk_start = (s == bound[:, :-1, None])[:, None].to(dtype)  # (b, 1, c, Q)
 
 
 def ssd_scan_ref(
@@ -117,8 +155,10 @@ def ssd_scan_ref(
     D: torch.Tensor | None = None,
     initial_states: torch.Tensor | None = None,
     return_final_states: bool = False,
+    seq_idx: torch.Tensor | None = None,
 ):
-    """Step-by-step recurrence: the plain reference that the chunked scan is tested against."""
+    """Step-by-step recurrence: the plain reference that the chunked scan is tested against (the state
+    is zeroed where ``seq_idx`` changes)."""
     b, l, h, p = x.shape
     n = B.size(-1)
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -131,6 +171,8 @@ def ssd_scan_ref(
     )
     ys = []
     for t in range(l):
+        if seq_idx is not None and t > 0:
+            state = state * (seq_idx[:, t] == seq_idx[:, t - 1]).to(cdt)[:, None, None, None]
         state = ssd_step(state, x[:, t].to(cdt), dt[:, t].to(cdt), A.to(cdt), Bh[:, t], Ch[:, t])
         ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))
     y = torch.stack(ys, dim=1) if ys else x.new_zeros(b, 0, h, p, dtype=cdt)

@@ -73,10 +73,13 @@ def causal_conv1d(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     conv_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ):
     """Depthwise causal conv + SiLU. ``x (b, d, l)``, ``weight (d, w)``, ``conv_state (b, d, w-1)``.
+    ``seq_idx (b, l)``: document index per position of a packed row; no output sees an earlier document.
 
-    Returns ``(y (b, d, l), new_state (b, d, w-1))``: the new state is the last ``w-1`` inputs.
+    Returns ``(y (b, d, l), new_state (b, d, w-1))``: the new state is the last ``w-1`` inputs (those of
+    the last document only, when ``seq_idx`` is given).
     """
     w = weight.size(-1)
     if conv_state is None:
@@ -85,11 +88,39 @@ def causal_conv1d(
         full = torch.cat([conv_state.to(x.dtype), x], dim=-1)
     new_state = full[..., full.size(-1) - (w - 1):]
     k = _kernels() if x.is_cuda else None
+    if seq_idx is not None:
+        # the positions before the row: none (-1) from scratch; the row's first document after a state
+        first = seq_idx[:, :1] if conv_state is not None else torch.full_like(seq_idx[:, :1], -1)
+        seq_full = torch.cat([first.expand(-1, w - 1), seq_idx], dim=1)
+        new_state = new_state * (seq_full[:, -(w - 1):] == seq_idx[:, -1:]).to(x.dtype)[:, None, :]
+        if k is not None and k["conv"] is not None and conv_state is None:
+            # causal-conv1d takes seq_idx with a channel-last layout only
+            x_cl = x.transpose(1, 2).contiguous().transpose(1, 2)
+            return k["conv"](x_cl, weight, bias, seq_idx=seq_idx.to(torch.int32), activation="silu"), new_state
+        return F.silu(_conv_within_documents(full, weight, bias, seq_full)), new_state
     if k is not None and k["conv"] is not None and conv_state is None:
         y = k["conv"](x, weight, bias, activation="silu")
     else:
         y = F.silu(F.conv1d(full, weight.unsqueeze(1), bias, groups=x.size(1)))
     return y, new_state
+
+
+def _conv_within_documents(full, weight, bias, seq_full):
+    """The causal conv of every document of a packed row on its own, in one ``F.conv1d``: each document is
+    moved right by ``w-1`` zero columns per earlier document, so its window starts on zeros, as alone.
+    ``full (b, d, w-1+l)`` holds the ``w-1`` positions before the row; ``seq_full (b, w-1+l)`` their
+    documents (-1: nothing before the row)."""
+    w = weight.size(-1)
+    b, d, n = full.size(0), full.size(1), full.size(-1) - (w - 1)
+    seq = seq_full[:, w - 1:]
+    doc = seq - seq[:, :1]  # 0 for the row's first document (which may continue a state)
+    at = torch.arange(w - 1, n + w - 1, device=full.device)[None] + (w - 1) * doc  # (b, n)
+    width = int(at.max()) + 1
+    spread = full.new_zeros(b, d, width)
+    spread[..., :w - 1] = full[..., :w - 1]  # the state before the row (zeros from scratch)
+    spread = spread.scatter(2, at[:, None, :].expand(b, d, n), full[..., w - 1:])
+    y = F.conv1d(spread, weight.unsqueeze(1), bias, groups=d)  # (b, d, width - (w-1))
+    return y.gather(2, (at - (w - 1))[:, None, :].expand(b, d, n))
 
 
 def conv_step(x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_state: torch.Tensor):
@@ -117,15 +148,18 @@ def gated_rmsnorm_ref(x, z, weight, eps: float, group_size: int):
     return (h.reshape(shape) * weight.float()).to(dtype)
 
 
-def chunk_scan(x, dt, A, B, C, D, chunk_size: int, initial_states=None):
-    """Chunked SSD scan returning ``(y, final_state)``; Triton on CUDA, torch otherwise."""
+def chunk_scan(x, dt, A, B, C, D, chunk_size: int, initial_states=None, seq_idx=None):
+    """Chunked SSD scan returning ``(y, final_state)``; Triton on CUDA, torch otherwise. ``seq_idx (b, l)``
+    resets the state at each document of a packed row."""
     if use_kernels(x):
+        kw = {"seq_idx": seq_idx.to(torch.int32).contiguous()} if seq_idx is not None else {}
         y, final = _kernels()["scan"](
-            x, dt, A, B, C, chunk_size, D=D, initial_states=initial_states, return_final_states=True
+            x, dt, A, B, C, chunk_size, D=D, initial_states=initial_states, return_final_states=True, **kw
         )
         return y, final
     return ssd_chunk_scan(
-        x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_states=initial_states, return_final_states=True
+        x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_states=initial_states, return_final_states=True,
+        seq_idx=seq_idx,
     )
 
 
