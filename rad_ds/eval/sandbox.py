@@ -145,10 +145,9 @@ def run_program(source: str, limits: SandboxLimits | None = None, filename: str 
             passed = bool(report.get("passed"))
             return SandboxResult(passed, "passed" if passed else "failed", report.get("error"), out, err, seconds,
                                  proc.returncode, list(report.get("guards") or []))
-        if timed_out:
-            return SandboxResult(False, "timeout", f"killed after {limits.timeout_s:g} s", out, err, seconds,
-                                 proc.returncode)
         rc = proc.returncode
+        if timed_out or rc == -signal.SIGXCPU:  # RLIMIT_CPU (= the wall limit) may fire first on a busy machine
+            return SandboxResult(False, "timeout", f"killed after {limits.timeout_s:g} s", out, err, seconds, rc)
         why = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exited with {rc} before the end"
         return SandboxResult(False, "crashed", why, out, err, seconds, rc)
     finally:

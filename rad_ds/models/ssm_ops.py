@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 import sys
 import types
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .ssd_scan import ssd_chunk_scan, ssd_step
+
+logger = logging.getLogger(__name__)
 
 
 def _import_triton_kernels():
@@ -31,12 +34,21 @@ def _import_triton_kernels():
     return {"scan": mamba_chunk_scan_combined, "step": selective_state_update, "norm": rmsnorm_fn}
 
 
+_WHY_NOT: list[str] = []  # why the kernels could not be imported (for the error message)
+
+
+def _disabled() -> bool:
+    return os.environ.get("RAD_DS_DISABLE_KERNELS", "0") not in ("", "0")
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels():
-    """The GPU kernels as a dict, or ``None`` where they cannot be imported."""
-    if os.environ.get("RAD_DS_DISABLE_KERNELS", "0") not in ("", "0"):
+    """The GPU kernels as a dict, or ``None`` where they cannot be imported (the reason in ``_WHY_NOT``)."""
+    if _disabled():
         return None
-    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("mamba_ssm") is None:
+    missing = [m for m in ("triton", "mamba_ssm") if importlib.util.find_spec(m) is None]
+    if missing:
+        _WHY_NOT.append(f"{' and '.join(missing)} not installed")
         return None
     try:
         found = _import_triton_kernels()
@@ -44,15 +56,18 @@ def _kernels():
         # mamba-ssm installed without its CUDA build (MAMBA_SKIP_CUDA_BUILD): the package __init__ wants
         # the compiled Mamba1 scan, which rad-ds never calls; its Triton kernels work without it
         if "selective_scan_cuda" not in str(e):
+            _WHY_NOT.append(f"{type(e).__name__}: {e}")
             return None
         for name in [n for n in sys.modules if n.split(".")[0] == "mamba_ssm"]:
             del sys.modules[name]
         sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
         try:
             found = _import_triton_kernels()
-        except Exception:  # noqa: BLE001
+        except Exception as e2:  # noqa: BLE001
+            _WHY_NOT.append(f"{type(e2).__name__}: {e2}")
             return None
-    except Exception:  # noqa: BLE001 - any other import failure means "no kernels"
+    except Exception as e:  # noqa: BLE001 - any other import failure means "no kernels"
+        _WHY_NOT.append(f"{type(e).__name__}: {e}")
         return None
     try:
         from causal_conv1d import causal_conv1d_fn
@@ -60,12 +75,33 @@ def _kernels():
         found["conv"] = causal_conv1d_fn
     except Exception:  # noqa: BLE001
         found["conv"] = None
+        logger.info("causal-conv1d is not importable: Mamba2's conv runs as F.conv1d (its kernels are optional)")
     return found
 
 
+@functools.lru_cache(maxsize=None)
+def _announce(path: str) -> None:
+    logger.info("Mamba2 ops on CUDA: %s", path)
+
+
 def use_kernels(t: torch.Tensor) -> bool:
-    """True when ``t`` lives on CUDA and mamba-ssm's kernels are importable."""
-    return t.is_cuda and _kernels() is not None
+    """True when ``t`` lives on CUDA and mamba-ssm's kernels are importable. On CUDA without them this is an
+    error, never a silent fall-back to the far slower torch scan, unless ``RAD_DS_DISABLE_KERNELS=1`` asks
+    for the torch path."""
+    if not t.is_cuda:
+        return False
+    if _kernels() is not None:
+        _announce("mamba-ssm Triton kernels")
+        return True
+    if _disabled():
+        _announce("the pure-PyTorch scan (RAD_DS_DISABLE_KERNELS=1)")
+        return False
+    why = _WHY_NOT[-1] if _WHY_NOT else "unknown reason"
+    raise RuntimeError(
+        f"mamba-ssm's Triton kernels are not importable on this CUDA machine ({why}); install them with "
+        "`pip install --no-build-isolation mamba-ssm==2.3.2.post1 causal-conv1d` (scripts/setup.sh does), or "
+        "set RAD_DS_DISABLE_KERNELS=1 to run the pure-PyTorch scan (correct, far slower)"
+    )
 
 
 def causal_conv1d(
@@ -87,7 +123,7 @@ def causal_conv1d(
     else:
         full = torch.cat([conv_state.to(x.dtype), x], dim=-1)
     new_state = full[..., full.size(-1) - (w - 1):]
-    k = _kernels() if x.is_cuda else None
+    k = _kernels() if use_kernels(x) else None
     if seq_idx is not None:
         # the positions before the row: none (-1) from scratch; the row's first document after a state
         first = seq_idx[:, :1] if conv_state is not None else torch.full_like(seq_idx[:, :1], -1)
