@@ -34,6 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rad_ds.data import tokenization as T
+from rad_ds.data.chat_mask import prefix_spans
 from rad_ds.data.packing import _best_fit_decreasing, pack_documents
 from rad_ds.data.sources import DataError, load_records
 
@@ -43,16 +44,9 @@ from rad_ds.data.sources import DataError, load_records
 def _old_chat_doc(msgs, tok, mask_prompt, index, source):
     msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
     text = tok.apply_chat_template(msgs, tokenize=False)
-    spans = []
-    if mask_prompt:
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            start = tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
-            end = tok.apply_chat_template(msgs[:i + 1], tokenize=False)
-            if not (text.startswith(start) and text.startswith(end) and len(start) <= len(end)):
-                raise DataError(f"{source} record {index}: prefix")
-            spans.append((len(start), len(end)))
+    spans = prefix_spans(msgs, tok, text) if mask_prompt else []  # 2 renders per assistant turn, as before
+    if spans is None:
+        raise DataError(f"{source} record {index}: prefix")
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=mask_prompt)
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     if mask_prompt:

@@ -595,7 +595,7 @@ def slow_build(cfg, tok):  # long enough for the other process to arrive while t
     return build(cfg, tok)
 
 L.build_packed = slow_build
-p = L.load_packed(DataConfig(path=sys.argv[1], seq_len=48), byte_tokenizer(), sys.argv[2], rank=int(sys.argv[3]))
+p = L.load_packed(DataConfig(path=sys.argv[1], seq_len=48), byte_tokenizer(), sys.argv[2])
 h = hashlib.sha1()
 for name, a in sorted(p.arrays().items()):
     h.update(name.encode() + np.ascontiguousarray(a).tobytes())
@@ -608,8 +608,8 @@ def test_two_processes_on_a_cold_cache_build_it_once(tmp_path):
     script = tmp_path / "load.py"
     script.write_text(_LOAD.format(root=str(ROOT)))
     cache = tmp_path / "out" / "data"
-    procs = [subprocess.Popen([sys.executable, str(script), str(data), str(cache), str(r)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(data), str(cache)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     lines = [o[0].strip().splitlines() for o in outs]

@@ -11,12 +11,7 @@ DTYPES = {
     "float64": torch.float64, "fp64": torch.float64,
 }
 NAMES = tuple(DTYPES)
-
-
-def check_dtype(name: str | None, field: str, allowed: tuple[str, ...] = NAMES) -> None:
-    """Raise a one-line ValueError naming ``field`` when ``name`` is not a dtype name in ``allowed``."""
-    if name is not None and name not in allowed:
-        raise ValueError(f"{field} = {name!r}: use one of {', '.join(allowed)}")
+NAMES_32_16 = tuple(n for n in NAMES if DTYPES[n] != torch.float64)  # what training and evaluation run in
 
 
 def to_dtype(name: str | None, device: torch.device | str | None = None) -> torch.dtype:
@@ -31,4 +26,4 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-__all__ = ["DTYPES", "NAMES", "check_dtype", "dtype_name", "to_dtype"]
+__all__ = ["DTYPES", "NAMES", "NAMES_32_16", "dtype_name", "to_dtype"]

@@ -28,15 +28,9 @@ def parse_int_list(text, what: str = "--layers", error: type[Exception] = ValueE
     return out
 
 
-def parse_str_list(text, what: str = "list") -> list[str]:
-    """'a, b,c' -> ['a', 'b', 'c']; a list passes through (items stripped)."""
-    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
-    return [str(x).strip() for x in items if str(x).strip()]
-
-
 def layers_string(config) -> str:
     """The per-layer layout of a hybrid config: ``A`` for attention, ``M`` for Mamba2."""
     return "".join("A" if t == "attention" else "M" for t in config.layer_types)
 
 
-__all__ = ["layers_string", "parse_int_list", "parse_str_list"]
+__all__ = ["layers_string", "parse_int_list"]

@@ -121,14 +121,13 @@ def _mtime(path: Path) -> int | None:
         return None
 
 
-def load_packed(data_cfg, tok, cache_dir: Path | None, rank: int = 0, barrier=None) -> Packed:
+def load_packed(data_cfg, tok, cache_dir: Path | None) -> Packed:
     """The packed rows, built once and cached under ``cache_dir`` (``None``: no cache, every caller builds).
 
     Every rank calls this; the first to take the cache's file lock builds, the others wait on the lock
     and read the result. A build that fails leaves its error beside the cache, so the ranks that waited
-    on it raise the same error instead of each building again. ``rank`` and ``barrier`` are accepted for
-    older callers and not used: no collective is needed (or risked under its timeout) while one builds."""
-    del rank, barrier
+    on it raise the same error instead of each building again. No collective is needed (or risked under
+    its timeout) while one builds."""
     if cache_dir is None:
         return build_packed(data_cfg, tok)
     cache_dir = Path(cache_dir)

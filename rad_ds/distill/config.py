@@ -20,7 +20,7 @@ from rad_ds.core.config import (  # noqa: F401 - ConfigError, load_file, parse_o
     resolve_shipped,
     setting,
 )
-from rad_ds.core.dtypes import NAMES as _DTYPE_NAMES
+from rad_ds.core.dtypes import NAMES_32_16
 from rad_ds.surgery.init import INIT_MODES
 
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "none")
@@ -31,7 +31,7 @@ PACKING = ("greedy", "none")
 LONG_DOCUMENTS = ("split", "truncate")
 DATA_FORMATS = ("auto", "json", "parquet", "text", "hub")
 SCHEDULES = ("cosine", "linear", "constant")
-DTYPES = tuple(n for n in _DTYPE_NAMES if n not in ("float64", "fp64"))
+DTYPES = NAMES_32_16
 _f = setting
 
 

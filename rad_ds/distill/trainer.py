@@ -220,8 +220,7 @@ class DistillRun:
 
     def _build_data(self) -> None:
         cfg, state, plan = self.cfg, self.state, self.plan
-        self.packed = load_packed(cfg.data, self.tok, self.out / "data", rank=self.rank,
-                                  barrier=torch.distributed.barrier)
+        self.packed = load_packed(cfg.data, self.tok, self.out / "data")
         self.data_fp = data_fingerprint(self.packed)
         if state is not None and state.get("data_fingerprint") not in (None, self.data_fp):
             raise ConfigError(

@@ -7,10 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rad_ds.core.config import Config, ConfigError, at_least, setting
+from rad_ds.core.dtypes import NAMES_32_16 as DTYPES
 
 GENERATION_TASKS = ("gsm8k", "humaneval", "cruxeval")
 TASKS = GENERATION_TASKS + ("ppl", "speed")
-DTYPES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
+
+
+def expand_tasks(tasks: list[str]) -> list[str]:
+    """Task names lower-cased; ``all`` is every task."""
+    tasks = [t.lower() for t in tasks]
+    return list(TASKS) if tasks == ["all"] else tasks
 
 
 @dataclass
@@ -49,7 +55,7 @@ class EvalConfig(Config):
         """``inputs_exist=False``: models and the report are written by earlier stages (checked when they run)."""
         from rad_ds.models.conversion import EMBEDDED
 
-        self.tasks = list(TASKS) if [t.lower() for t in self.tasks] == ["all"] else [t.lower() for t in self.tasks]
+        self.tasks = expand_tasks(self.tasks)
         if not self.models:
             raise ConfigError("models is empty: give at least one --model")
         if not self.out:
@@ -105,7 +111,7 @@ class EvalConfig(Config):
 def data_flag(values: list[str], cfg: EvalConfig) -> dict[str, str]:
     """``--data TASK=FILE`` pairs, or one bare ``--data FILE`` when exactly one of the tasks reads data."""
     out = dict(cfg.data)
-    tasks = list(TASKS) if cfg.tasks == ["all"] else [t.lower() for t in cfg.tasks]
+    tasks = expand_tasks(cfg.tasks)
     given: dict[str, str] = {}
     for v in values:
         task, sep, path = v.partition("=")
@@ -124,4 +130,4 @@ def data_flag(values: list[str], cfg: EvalConfig) -> dict[str, str]:
     return out
 
 
-__all__ = ["DTYPES", "EvalConfig", "GENERATION_TASKS", "TASKS", "data_flag"]
+__all__ = ["DTYPES", "EvalConfig", "GENERATION_TASKS", "TASKS", "data_flag", "expand_tasks"]
