@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run THERE (a CUDA machine): installs the carried wheels (.whl/) if packages are missing, runs the
-# gpu-marked tests and the scan benchmark in fp32 and bf16, and writes results to $OUT (or
+# gpu-marked tests (mamba-ssm kernels, packed documents, ZeRO-3 construction + one-copy teacher), the scan,
+# distill-step and one-copy benchmarks in fp32/bf16, and writes results to $OUT (or
 # benchmarks/results/gpu/). Prepare the wheels here first with scripts/gpu_wheels.sh.
 #   device run: bash scripts/gpu_check.sh      (carry: [".whl"])
 set -uo pipefail
@@ -32,5 +33,8 @@ done
 timeout 900 $PY benchmarks/distill_step.py --device cuda --dtype bfloat16 --ranks 1 --threads 4 \
   --hidden 1024 --num-layers 12 --layers 3,7 --vocab 32768 --seq-len 1024 --micro-batch 8 --steps 10 \
   --peak-tflops "${PEAK_TFLOPS:-989}" --out "$RES/distill_cuda_bf16.json" 2>&1 | tee -a "$RES/bench.txt" || rc=1
+# one-copy self-distillation vs two engines (ZeRO-3 construction, kernel path), bf16
+timeout 600 $PY benchmarks/one_copy.py --dtype bfloat16 --seq-len 1024 --micro-batch 4 \
+  --out "$RES/one_copy_cuda_bf16.json" 2>&1 | tee -a "$RES/bench.txt" || rc=1
 echo "gpu_check rc=$rc; results in $RES"
 exit $rc

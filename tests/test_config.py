@@ -112,7 +112,7 @@ def test_yaml_and_json_files(tmp_path):
     ({"data__path": None}, "data.path is not set"),
     ({"student__report": "r.json"}, "student.layers and student.report are both set"),
     ({"student__layers": None, "student__report": "r.json"}, "student.report needs student.k"),
-    ({"loss__kd": "kl"}, "loss.kd = 'kl': use one of forward_kl, reverse_kl, jsd, none"),
+    ({"loss__kd": "kl"}, "loss.kd = 'kl': use one of forward_kl, reverse_kl, jsd, skew_kl, skew_rkl, tv, none"),
     ({"loss__kd_weight": 0.0}, "every loss term is off"),
     ({"loss__layerwise": True}, "loss.layerwise trains each replaced layer on its own output: set loss.hidden_weight"),
     ({"data__seq_len": 1}, "data.seq_len = 1 must be >= 2"),

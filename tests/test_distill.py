@@ -65,6 +65,8 @@ CASES = {
                      "student.gradient_checkpointing": "true", "teacher.offload": "true", "data": "chat"},
     # layer-wise: replaced layers get the teacher's input, trained on their own output only
     "layerwise": {"loss.layerwise": "true", "loss.kd": "none", "loss.hidden_weight": 1.0, "optim.schedule": "linear"},
+    # DistiLLM's skew KL with its mixture weight from the run config
+    "skew_kl": {"loss.kd": "skew_kl", "loss.skew_alpha": 0.2, "loss.hidden_weight": 0.0},
     # a larger teacher (6 layers, wider MLP) sharing the tokenizer; reverse KL; layers from a diagnosis report
     "larger_teacher": {"teacher": "big", "loss.hidden_weight": 0.0, "loss.kd": "reverse_kl", "report": True},
 }

@@ -33,13 +33,19 @@ def _reference(s, t, kind, temperature, beta):
         d = _kl(pt, ps)
     elif kind == "reverse_kl":
         d = _kl(ps, pt)
+    elif kind == "skew_kl":  # DistiLLM: KL(T || a T + (1-a) S)
+        d = _kl(pt, beta * pt + (1 - beta) * ps)
+    elif kind == "skew_rkl":  # KL(S || a S + (1-a) T)
+        d = _kl(ps, beta * ps + (1 - beta) * pt)
+    elif kind == "tv":
+        d = 0.5 * (ps - pt).abs().sum(-1)
     else:
         m = beta * pt + (1 - beta) * ps
         d = beta * _kl(pt, m) + (1 - beta) * _kl(ps, m)
     return d * temperature**2
 
 
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("kind", KD_KINDS)
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_divergences_match_definitions(kind, temperature):
     torch.manual_seed(0)
@@ -62,7 +68,22 @@ def test_jsd_is_symmetric_at_half_and_bounded():
     assert (a <= math.log(2) + 1e-6).all()
 
 
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_skew_kl_stays_bounded_where_kl_explodes_and_tv_is_a_distance():
+    """A teacher token the student gives (nearly) no mass: KL grows without bound, skew KL is at most
+    log(1/alpha) (DistiLLM's argument); TV lies in [0, 1] and is symmetric."""
+    t = torch.tensor([[0.0, 0.0, -60.0]])
+    s = torch.tensor([[0.0, -80.0, 0.0]])  # the teacher's second token is all but impossible for the student
+    kl = token_divergence(s, t, "forward_kl")
+    skew = token_divergence(s, t, "skew_kl", beta=0.1)
+    assert kl.item() > 30 and skew.item() <= math.log(1 / 0.1) + 1e-6
+    rskew = token_divergence(t, s, "skew_rkl", beta=0.1)  # the same situation seen from the student's side
+    assert rskew.item() <= math.log(1 / 0.1) + 1e-6
+    a, b = token_divergence(s, t, "tv"), token_divergence(t, s, "tv")
+    torch.testing.assert_close(a, b)
+    assert 0 <= a.item() <= 1
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
 def test_identical_logits_give_zero(kind):
     x = torch.randn(2, 5, 40) * 4
     assert kd_loss_sum(x, x.clone(), torch.ones(2, 5, dtype=torch.bool), kind).abs().item() < 1e-5
@@ -80,7 +101,7 @@ def test_masking_everything_gives_zero_not_nan_and_zero_grad():
     s = torch.randn(2, 4, 16, requires_grad=True)
     t = torch.randn(2, 4, 16)
     none = torch.zeros(2, 4, dtype=torch.bool)
-    for kind in ("forward_kl", "reverse_kl", "jsd"):
+    for kind in KD_KINDS:
         v = kd_loss_sum(s, t, none, kind)
         assert v.item() == 0.0 and not torch.isnan(v)
     m = mean_kd_loss(s, t, none)
@@ -93,7 +114,7 @@ def test_masking_everything_gives_zero_not_nan_and_zero_grad():
     assert hidden_loss_sum(h, torch.zeros(2, 4, 8), torch.zeros(2, 4, dtype=torch.bool)).item() == 0.0
 
 
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("kind", KD_KINDS)
 def test_chunked_equals_unchunked_values_and_grads(kind):
     torch.manual_seed(2)
     t = torch.randn(3, 33, 64)
@@ -338,3 +359,18 @@ def test_ce_ignore_index_as_before():
     torch.testing.assert_close(new, old)
     torch.testing.assert_close(a.grad, b.grad)
     assert a.grad[0, 2].abs().max() == 0 and a.grad[1, 0].abs().max() == 0
+
+
+@pytest.mark.parametrize("kind, key", [("jsd", "jsd_beta"), ("skew_kl", "skew_alpha"), ("skew_rkl", "skew_alpha")])
+def test_the_run_config_mixture_weight_reaches_the_loss(kind, key):
+    from types import SimpleNamespace
+
+    from rad_ds.distill.config import LossConfig
+    from rad_ds.distill.trainer import LossComputer
+
+    s, t, mask = _logits(torch.float32, seed=3)
+    cfg = LossConfig(kd=kind, hidden_weight=0.0, **{key: 0.27})
+    mb = SimpleNamespace(target=mask, token=mask)
+    got = LossComputer(cfg, [], None).sums(s, t, mb, None, None)["kd"]
+    torch.testing.assert_close(got, kd_loss_sum(s, t, mask, kind, cfg.temperature, 0.27))
+    assert not torch.allclose(got, kd_loss_sum(s, t, mask, kind, cfg.temperature, 0.5))

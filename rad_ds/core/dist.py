@@ -41,11 +41,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_world_size(world: int) -> int:
+    """Ranks on this node (torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE), else ``world``."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+
+
 def _split_cpu_threads(world: int) -> None:
     """CPU ranks on one node share its cores: without this each takes them all and they thrash."""
     if world > 1 and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world_size(world), 1)))
 
 
 def init_distributed(timeout_s: int = 600, deepspeed: bool = False) -> DistInfo:

@@ -30,6 +30,29 @@ def atomic_path(path: str | Path, fsync: bool = True):
         raise
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a temporary sibling directory of ``path`` to fill; on success it replaces ``path`` (an existing
+    one is moved aside first and removed after), on failure it is removed. No half-written directory."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            backup = out.with_name(f".{out.name}.old")
+            if backup.exists():
+                shutil.rmtree(backup)
+            out.rename(backup)
+            tmp.rename(out)
+            shutil.rmtree(backup)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_text_atomic(path: str | Path, text: str, fsync: bool = True) -> Path:
     """Write ``text`` to a temporary sibling of ``path`` and rename it into place."""
     with atomic_path(path, fsync) as tmp:

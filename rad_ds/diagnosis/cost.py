@@ -55,7 +55,8 @@ class CostModel:
     def load(cls, path: str | Path) -> "CostModel":
         try:
             d = json.loads(Path(path).read_text())
-            return cls(**{k: d[k] for k in ("kind", "attn_fraction", "verify_slope")}, step_seconds=d.get("step_seconds"))
+            return cls(**{k: d[k] for k in ("kind", "attn_fraction", "verify_slope")},
+                       step_seconds=d.get("step_seconds"))
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"--cost-model {path}: not a cost model file ({e}); use measured, weights or a "
                              "cost_model.json written by a diagnosis run") from None

@@ -14,12 +14,18 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from rad_ds.core.dtypes import to_dtype
 from rad_ds.distill.config import ConfigError
+from rad_ds.models.partitioned import zero3_enabled
+
+from .one_copy import SelfDistillModel
+from .optim import set_trainable
+from .placement import Placement, resolve_placement
 
 logger = logging.getLogger(__name__)
 
@@ -27,20 +33,47 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Models:
-    student: torch.nn.Module
-    teacher: torch.nn.Module
+    student: torch.nn.Module  # RadHybridForCausalLM, or SelfDistillModel (placement shared: the teacher inside)
+    teacher: torch.nn.Module | None  # None with placement shared
     tokenizer: object
     replaced_layers: list[int]
     teacher_path: str
     vocab_limit: int | None  # compare logits [:vocab_limit] (loss.vocab=truncate), None = all
     fingerprint: dict = field(default_factory=dict)
     selection: dict = field(default_factory=dict)
+    placement: Placement | None = None
+    partitioned: bool = False  # the student was created partitioned (ZeRO-3 construction)
+    frozen_from_base: bool = False  # the base is safetensors: checkpoints leave the frozen weights to it
+
+
+@dataclass
+class Sources:
+    """What a run is made of, read from configs and tokenizers only (no weights)."""
+
+    base_config: object
+    teacher_config: object
+    teacher_path: str
+    self_distill: bool
+    was_hybrid: bool
+    layers: list[int]
+    selection: dict
+    tokenizer: object
+    teacher_tokenizer: object
+
+
+def _hash_values(values: torch.Tensor) -> str:
+    return hashlib.sha1(values.reshape(-1)[: 1 << 20].float().numpy().tobytes()).hexdigest()[:16]
 
 
 def _weights_hash(model) -> str:
     """sha1 of the first million embedding values: tells two checkpoints of one architecture apart."""
-    w = model.get_input_embeddings().weight.detach()
-    return hashlib.sha1(w.reshape(-1)[: 1 << 20].float().numpy().tobytes()).hexdigest()[:16]
+    return _hash_values(model.get_input_embeddings().weight.detach())
+
+
+def source_weights_hash(source, config, dtype) -> str:
+    """``_weights_hash`` of the model ``source`` loads as, read from the file (nothing gathered)."""
+    rows = -(-(1 << 20) // config.hidden_size)
+    return _hash_values(source.rows("model.embed_tokens.weight", 0, rows).to(dtype))
 
 
 def _config_hash(config) -> str:
@@ -50,7 +83,7 @@ def _config_hash(config) -> str:
     return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _vocab_check(student, teacher, tok, teacher_tok, mode: str, teacher_path: str) -> int | None:
+def _vocab_check(s_config, t_config, tok, teacher_tok, mode: str, teacher_path: str) -> int | None:
     if teacher_tok is not None and tok is not None:
         a, b = tok.get_vocab(), teacher_tok.get_vocab()
         if a != b:
@@ -60,7 +93,7 @@ def _vocab_check(student, teacher, tok, teacher_tok, mode: str, teacher_path: st
                 f"differ; {len(b)} vs {len(a)} tokens): logit distillation needs one vocabulary; use a teacher "
                 "of the same model family"
             )
-    vs, vt = student.config.vocab_size, teacher.config.vocab_size
+    vs, vt = s_config.vocab_size, t_config.vocab_size
     if vs == vt:
         return None
     if mode != "truncate":
@@ -74,66 +107,157 @@ def _vocab_check(student, teacher, tok, teacher_tok, mode: str, teacher_path: st
     return n
 
 
-def build_models(cfg) -> Models:
-    from rad_ds.models.conversion import load_model, load_tokenizer
-    from rad_ds.surgery import layers_from_report, replace_attention
+def _teacher_of(cfg, base_config) -> tuple[str, bool]:
+    """(teacher path, whether it is the base itself)."""
+    if cfg.teacher.path is not None:
+        return cfg.teacher.path, False
+    if base_config.mamba_layers:
+        source = (base_config.replaced_layers or {}).get("source")
+        if not source or not (source.startswith("embedded:") or Path(source).exists()):
+            raise ConfigError(
+                f"model.path {cfg.model.path} is already a hybrid student: give its teacher with --teacher "
+                f"(its recorded source {source!r} is not available)"
+            )
+        return source, False
+    return cfg.model.path, True
 
-    dtype = to_dtype(cfg.model.dtype)
-    base, tok = load_model(cfg.model.path, gguf_file=cfg.model.gguf_file, dtype=dtype)
+
+def read_sources(cfg) -> Sources:
+    """Configs, layer selection and tokenizers of a run, checked against each other before any weights load."""
+    from rad_ds.models.conversion import load_config, load_tokenizer, resolve_dir
+    from rad_ds.surgery import check_layers, layers_from_report
+
+    base = load_config(cfg.model.path, cfg.model.gguf_file)
+    tok = load_tokenizer(resolve_dir(cfg.model.path), cfg.model.gguf_file)
     if tok is None:
         raise ConfigError(f"model.path {cfg.model.path}: no tokenizer found; distillation needs one to read --data")
-    was_hybrid = bool(base.config.mamba_layers)
-    teacher_path = cfg.teacher.path
-    teacher = None
-    if teacher_path is None:
-        if was_hybrid:
-            source = (base.config.replaced_layers or {}).get("source")
-            if not source or not (source.startswith("embedded:") or Path(source).exists()):
-                raise ConfigError(
-                    f"model.path {cfg.model.path} is already a hybrid student: give its teacher with --teacher "
-                    f"(its recorded source {source!r} is not available)"
-                )
-            teacher_path = source
-        else:
-            teacher_path = cfg.model.path
-            teacher = copy.deepcopy(base)  # self-distillation: the base model itself, before surgery
-    if teacher is None:
-        teacher, teacher_tok = load_model(teacher_path, gguf_file=cfg.teacher.gguf_file, dtype=dtype)
-    else:
-        teacher_tok = None
-    if teacher.config.mamba_layers:
-        logger.warning("the teacher %s has Mamba2 layers %s", teacher_path, teacher.config.mamba_layers)
-
+    teacher_path, self_distill = _teacher_of(cfg, base)
+    teacher = base if self_distill else load_config(teacher_path, cfg.teacher.gguf_file)
+    if teacher.mamba_layers:
+        logger.warning("the teacher %s has Mamba2 layers %s", teacher_path, teacher.mamba_layers)
     selection: dict = {}
     layers = cfg.student.layers
     if cfg.student.report is not None:
-        layers, selection = layers_from_report(cfg.student.report, int(cfg.student.k), base.config)
+        layers, selection = layers_from_report(cfg.student.report, int(cfg.student.k), base)
     if layers:
-        record = replace_attention(base, layers, init=cfg.student.init, allow_all=cfg.student.allow_all,
-                                   seed=cfg.student.seed, selection=selection)
+        layers = check_layers(base, list(layers), allow_all=cfg.student.allow_all)
+    elif not base.mamba_layers:
+        raise ConfigError("no layers to replace: give --layers (e.g. 22,25) or --report FILE --k K")
+    teacher_tok = None
+    if not self_distill:
+        teacher_tok = load_tokenizer(resolve_dir(teacher_path), cfg.teacher.gguf_file)
+    if cfg.loss.hidden_weight > 0 and cfg.loss.hidden != "none":
+        for what, a, b in (("layers", teacher.num_hidden_layers, base.num_hidden_layers),
+                           ("hidden size", teacher.hidden_size, base.hidden_size)):
+            if a != b:
+                raise ConfigError(
+                    f"loss.hidden_weight > 0 compares layer outputs, but the teacher {teacher_path} has {what} {a} "
+                    f"and the student {b}; set loss.hidden_weight=0 for this teacher"
+                )
+    return Sources(base, teacher, str(teacher_path), self_distill, bool(base.mamba_layers), list(layers or []),
+                   selection, tok, teacher_tok)
+
+
+def build_models(cfg, s_ds: dict | None = None, t_ds: dict | None = None, world: int = 1, local_world: int = 1,
+                 placement: str | None = None, sources: Sources | None = None) -> Models:
+    """Student and teacher of a run. ``s_ds``/``t_ds``: the filled DeepSpeed configs; under ZeRO-3 the models
+    are created partitioned and loaded tensor by tensor (safetensors sources); ``placement`` overrides
+    ``teacher.placement`` (the plain reference loop asks for ``replicated``). Collective under ZeRO-3."""
+    src = sources or read_sources(cfg)
+    if placement is not None:
+        place = Placement(placement, 0, 0)
+    else:
+        place = resolve_placement(cfg, src.self_distill, src.teacher_config,
+                                  t_ds or {"zero_optimization": {"stage": 3}}, world, local_world)
+    vocab_limit = _vocab_check(src.base_config, src.teacher_config, src.tokenizer, src.teacher_tokenizer,
+                               cfg.loss.vocab, src.teacher_path)
+    dtype = to_dtype(cfg.model.dtype)
+    base_source = _streamable(cfg.model.path, cfg.model.gguf_file)
+    t_source = base_source if src.self_distill else _streamable(src.teacher_path, cfg.teacher.gguf_file)
+    s_partitioned = zero3_enabled(s_ds) and base_source is not None
+    t_partitioned = place.kind == "zero3" and zero3_enabled(t_ds) and t_source is not None
+    student, attention, copy_for_teacher, s_hash = _build_student(
+        cfg, src, s_ds, base_source if s_partitioned else None, dtype, keep_attention=place.kind == "shared",
+        copy_teacher=src.self_distill and place.kind != "shared" and not (t_partitioned or s_partitioned))
+    teacher, t_hash = None, s_hash
+    if place.kind != "shared":
+        teacher, t_hash = _build_teacher(cfg, src, t_ds, t_source, dtype, t_partitioned, copy_for_teacher)
+    replaced = sorted((student.config.replaced_layers or {}).get("layers") or student.config.mamba_layers)
+    fingerprint = {
+        "student_layer_types": list(student.config.layer_types),
+        "replaced_layers": replaced,
+        "student_config": _config_hash(student.config),
+        "student_weights": s_hash,
+        "teacher_config": _config_hash(src.teacher_config),
+        "teacher_weights": t_hash,
+        "trainable": cfg.student.trainable,
+        "one_copy": place.kind == "shared",
+    }
+    set_trainable(student, cfg.student.trainable, replaced)
+    if place.kind == "shared":
+        student = SelfDistillModel(student, attention)
+    return Models(student, teacher, src.tokenizer, replaced, src.teacher_path, vocab_limit, fingerprint,
+                  src.selection, place, partitioned=s_partitioned, frozen_from_base=base_source is not None)
+
+
+def _streamable(path, gguf_file):
+    """The safetensors source of a model path, or ``None`` (GGUF, .bin: loaded whole, then partitioned)."""
+    from rad_ds.models.conversion import resolve_dir
+    from rad_ds.models.weights import WeightSource
+
+    return None if gguf_file or str(path).endswith(".gguf") else WeightSource.find(resolve_dir(path))
+
+
+def _build_student(cfg, src: Sources, s_ds, source, dtype, keep_attention: bool, copy_teacher: bool):
+    """(student, original attention of the replaced layers, a whole copy of the base or None, weights hash)."""
+    from rad_ds.models.conversion import load_model
+    from rad_ds.models.partitioned import build_partitioned
+    from rad_ds.surgery import mark_replaced, replace_attention
+
+    st = cfg.student
+    if source is not None:
+        config = copy.deepcopy(src.base_config)
+        if src.layers:
+            record = mark_replaced(config, src.layers, st.init, st.seed, src.selection)
+            record.source = cfg.model.path
+            config.replaced_layers = record.to_dict()
+        built = build_partitioned(config, source, s_ds, dtype, new_mixer=partial(_mixer, init=st.init),
+                                  new_layers=src.layers, keep_attention=keep_attention, seed=st.seed)
+        logger.info("student created partitioned (ZeRO-3) and loaded tensor by tensor from %s", source.dir)
+        return built.model, built.attention, None, source_weights_hash(source, config, dtype)
+    if zero3_enabled(s_ds) and source is None:
+        logger.warning("model.path %s is not a safetensors directory: every rank loads it whole before ZeRO-3 "
+                       "partitions it; save it as safetensors (rad-replace, rad-export) to load shard by shard",
+                       cfg.model.path)
+    base, _ = load_model(cfg.model.path, gguf_file=cfg.model.gguf_file, dtype=dtype)
+    teacher_copy = copy.deepcopy(base) if copy_teacher else None
+    attention = {i: base.model.layers[i].self_attn for i in src.layers} if keep_attention else {}
+    if src.layers:
+        record = replace_attention(base, src.layers, init=st.init, allow_all=st.allow_all, seed=st.seed,
+                                   selection=src.selection)
         record.source = cfg.model.path
         base.config.replaced_layers = record.to_dict()
-    elif not was_hybrid:
-        raise ConfigError("no layers to replace: give --layers (e.g. 22,25) or --report FILE --k K")
-    replaced = sorted((base.config.replaced_layers or {}).get("layers") or base.config.mamba_layers)
-    if teacher_tok is None and teacher_path != cfg.model.path:
-        teacher_tok = load_tokenizer(teacher_path) if Path(teacher_path).is_dir() else None
-    vocab_limit = _vocab_check(base, teacher, tok, teacher_tok, cfg.loss.vocab, teacher_path)
-    if teacher.config.num_hidden_layers != base.config.num_hidden_layers and cfg.loss.hidden_weight > 0:
-        raise ConfigError(
-            f"loss.hidden_weight > 0 compares layer outputs, but the teacher has {teacher.config.num_hidden_layers} "
-            f"layers and the student {base.config.num_hidden_layers}; set loss.hidden_weight=0 for this teacher"
-        )
-    fingerprint = {
-        "student_layer_types": list(base.config.layer_types),
-        "replaced_layers": replaced,
-        "student_config": _config_hash(base.config),
-        "student_weights": _weights_hash(base),
-        "teacher_config": _config_hash(teacher.config),
-        "teacher_weights": _weights_hash(teacher),
-        "trainable": cfg.student.trainable,
-    }
-    return Models(base, teacher, tok, replaced, str(teacher_path), vocab_limit, fingerprint, selection)
+    return base, attention, teacher_copy, _weights_hash(base)
+
+
+def _mixer(config, i, attn, generator, init):
+    from rad_ds.surgery import new_mixer
+
+    return new_mixer(config, i, attn, init, generator)
+
+
+def _build_teacher(cfg, src: Sources, t_ds, source, dtype, partitioned: bool, teacher_copy):
+    """(teacher, weights hash): partitioned from its safetensors, the base's copy, or loaded whole."""
+    from rad_ds.models.conversion import load_model
+    from rad_ds.models.partitioned import build_partitioned
+
+    if partitioned:
+        built = build_partitioned(src.teacher_config, source, t_ds, dtype)
+        return built.model, source_weights_hash(source, src.teacher_config, dtype)
+    teacher = teacher_copy
+    if teacher is None:
+        teacher, _ = load_model(src.teacher_path, gguf_file=cfg.teacher.gguf_file, dtype=dtype)
+    return teacher, _weights_hash(teacher)
 
 
 def check_fingerprint(saved: dict, current: dict, tag_dir) -> None:
@@ -142,7 +266,7 @@ def check_fingerprint(saved: dict, current: dict, tag_dir) -> None:
         "replaced_layers": "replaced layers", "student_layer_types": "student layer types",
         "student_config": "student architecture", "student_weights": "base model weights",
         "teacher_config": "teacher architecture", "teacher_weights": "teacher weights",
-        "trainable": "student.trainable",
+        "trainable": "student.trainable", "one_copy": "one-copy self-distillation (teacher.placement=shared)",
     }
     diffs = [k for k in names if k in saved and saved[k] != current.get(k)]
     if diffs:
@@ -154,4 +278,4 @@ def check_fingerprint(saved: dict, current: dict, tag_dir) -> None:
         )
 
 
-__all__ = ["Models", "build_models", "check_fingerprint"]
+__all__ = ["Models", "Sources", "build_models", "check_fingerprint", "read_sources", "source_weights_hash"]

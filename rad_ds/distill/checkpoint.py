@@ -166,9 +166,10 @@ class SavedCheckpoint:
 
 
 def save_checkpoint(engine, root: Path, step: int, state: dict, hf_files=None, keep: int = 2,
-                    rank: int = 0, world: int = 1) -> SavedCheckpoint:
+                    rank: int = 0, world: int = 1, exclude_frozen: bool = False) -> SavedCheckpoint:
     """Save on every rank (collective). ``state`` is the JSON client state (rank 0's is written);
-    ``hf_files(dir)`` writes the student config/tokenizer into ``hf/``."""
+    ``hf_files(dir)`` writes the student config/tokenizer into ``hf/``. ``exclude_frozen``: leave out the
+    frozen parameters (a resume and the export read them from the base model's files instead)."""
     root = Path(root)
     if not _all_true(local_params_finite(engine)):
         raise NonFiniteError(f"step {step}: the student's weights are not finite; not saved (latest stays)")
@@ -183,7 +184,8 @@ def save_checkpoint(engine, root: Path, step: int, state: dict, hf_files=None, k
         torch.distributed.all_gather_object(gathered, rng_state())
     else:
         gathered = [rng_state()]
-    engine.save_checkpoint(str(root), tag=tag, client_state={"rad_ds_step": step}, save_latest=False)
+    engine.save_checkpoint(str(root), tag=tag, client_state={"rad_ds_step": step}, save_latest=False,
+                           exclude_frozen_parameters=exclude_frozen)
     ok = True
     fault_point("save_after_shards", step=step, rank=rank)
     if rank == 0:
@@ -224,13 +226,14 @@ def _prune(root: Path, keep: int, current: Path) -> None:
 # -- load --------------------------------------------------------------------------------------------
 
 
-def load_engine_state(engine, tag_dir: Path, universal: bool = False) -> None:
-    """Load DeepSpeed's shards (weights, optimizer, scheduler) of ``tag_dir`` into ``engine`` (collective)."""
+def load_engine_state(engine, tag_dir: Path, universal: bool = False, strict: bool = True) -> None:
+    """Load DeepSpeed's shards (weights, optimizer, scheduler) of ``tag_dir`` into ``engine`` (collective);
+    ``strict=False`` for a checkpoint without its frozen parameters (the engine has them from the base)."""
     inner = getattr(engine.optimizer, "optimizer", None)
     groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
               for g in inner.param_groups] if inner is not None else None
     path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+                                     load_lr_scheduler_states=True, load_module_strict=strict)
     if path is None:
         raise CheckpointError(f"checkpoint {tag_dir}: DeepSpeed found nothing to load")
     if universal and inner is not None:

@@ -65,18 +65,28 @@ def export_main(argv: list[str] | None = None, doc: str | None = None) -> int:
 
     def run_export(a):
         ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-        ap.add_argument("--checkpoint", required=True,
-                        help="a run dir, its checkpoints/ dir (latest complete checkpoint) or a step_* dir")
+        src = ap.add_mutually_exclusive_group(required=True)
+        src.add_argument("--checkpoint",
+                         help="a run dir, its checkpoints/ dir (latest complete checkpoint) or a step_* dir")
+        src.add_argument("--model", help="a student directory (rad_hybrid, e.g. what launchers/replace.py writes); "
+                                         "with --format native")
         ap.add_argument("--out", required=True, help="output HF directory")
+        ap.add_argument("--format", default="rad_hybrid", choices=["rad_hybrid", "native"],
+                        help="rad_hybrid: rad-ds' own class (trust_remote_code=True); native: an architecture "
+                             "transformers implements itself (GraniteMoeHybrid), which vLLM serves")
         ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
         ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
         args = ap.parse_args(a)
         from rad_ds.core.dtypes import to_dtype
 
-        from .export import export_checkpoint
+        from .export import export_any
 
-        out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite, dtype=to_dtype(args.dtype))
-        print(f"exported {args.checkpoint} -> {out}")
+        if args.model and args.format != "native":
+            ap.error("--model DIR is already a rad_hybrid directory: give --format native to convert it")
+        out = export_any(args.checkpoint or args.model, args.out, native=args.format == "native",
+                         from_checkpoint=args.checkpoint is not None, overwrite=args.overwrite,
+                         dtype=to_dtype(args.dtype))
+        print(f"exported {args.checkpoint or args.model} -> {out} ({args.format})")
         return 0
 
     return run_cli(run_export, argv)

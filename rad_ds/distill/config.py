@@ -23,12 +23,13 @@ from rad_ds.core.config import (  # noqa: F401 - ConfigError, load_file, parse_o
 from rad_ds.core.dtypes import NAMES_32_16
 from rad_ds.surgery.init import INIT_MODES
 
-KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "none")
+KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tv", "none")
 HIDDEN_KINDS = ("mse", "cosine", "none")
 VOCAB_MODES = ("strict", "truncate")
 TRAINABLE = ("mamba", "mamba_mlp", "replaced", "all")
 PACKING = ("greedy", "none")
 LONG_DOCUMENTS = ("split", "truncate")
+PLACEMENTS = ("auto", "shared", "replicated", "zero3")
 DATA_FORMATS = ("auto", "json", "parquet", "text", "hub")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = NAMES_32_16
@@ -46,8 +47,18 @@ class ModelConfig:
 class TeacherConfig:
     path: str | None = _f(None, "teacher model; default: the base model itself (self-distillation)")
     gguf_file: str | None = _f(None, "GGUF file name inside teacher.path")
-    offload: bool = _f(False, "offload the teacher's ZeRO-3 parameters to CPU memory")
-    deepspeed: str = _f("ds_configs/zero3_teacher.json", "DeepSpeed config of the teacher engine")
+    offload: bool = _f(False, "offload the teacher's ZeRO-3 parameters to CPU memory (teacher.placement zero3)")
+    deepspeed: str = _f("ds_configs/zero3_teacher.json", "DeepSpeed config of the teacher engine (placement zero3)")
+    placement: str = _f(
+        "auto",
+        "shared: self-distillation with one copy of the frozen weights, inside the student engine; replicated: "
+        "a whole frozen teacher per rank (no communication); zero3: a ZeRO-3 inference engine partitioned over "
+        "the ranks (with teacher.offload: in CPU memory); auto: shared for self-distillation, else replicated "
+        "when the teacher takes at most teacher.replicate_fraction of a device, else zero3",
+    )
+    replicate_fraction: float = _f(0.25, "placement auto: replicate a teacher up to this fraction of device memory")
+    device_memory_gb: float | None = _f(
+        None, "memory per rank the placement check assumes (default: the GPU's, or host RAM / local ranks)")
 
 
 @dataclass
@@ -92,6 +103,7 @@ class LossConfig:
     kd_weight: float = _f(1.0, "weight of the logit loss")
     temperature: float = _f(1.0, "softmax temperature of the logit loss (the loss is scaled by T^2)")
     jsd_beta: float = _f(0.5, "JSD mixture weight: M = beta*teacher + (1-beta)*student")
+    skew_alpha: float = _f(0.1, "skew_kl / skew_rkl (DistiLLM): KL(T || a T + (1-a) S) / KL(S || a S + (1-a) T)")
     hidden: str = _f("mse", f"replaced-layer output loss: {', '.join(HIDDEN_KINDS)}")
     hidden_weight: float = _f(0.0, "weight of the replaced-layer loss (0 = off)")
     layerwise: bool = _f(
@@ -170,6 +182,13 @@ class RunConfig(Config):
         choice("loss.hidden", self.loss.hidden, HIDDEN_KINDS)
         choice("loss.vocab", self.loss.vocab, VOCAB_MODES)
         choice("optim.schedule", self.optim.schedule, SCHEDULES)
+        choice("teacher.placement", self.teacher.placement, PLACEMENTS)
+        if self.teacher.offload and self.teacher.placement in ("shared", "replicated"):
+            raise ConfigError(f"teacher.offload needs teacher.placement=zero3 (or auto), not {self.teacher.placement}")
+        if not 0 < self.teacher.replicate_fraction <= 1:
+            raise ConfigError(f"teacher.replicate_fraction = {self.teacher.replicate_fraction} must be in (0, 1]")
+        if self.teacher.device_memory_gb is not None and not self.teacher.device_memory_gb > 0:
+            raise ConfigError(f"teacher.device_memory_gb = {self.teacher.device_memory_gb} must be > 0")
         if not self.out:
             raise ConfigError("out is not set: give --out DIR (the run directory)")
         if not self.data.path:
@@ -201,6 +220,8 @@ class RunConfig(Config):
             raise ConfigError(f"loss.temperature = {self.loss.temperature} must be > 0")
         if not 0 < self.loss.jsd_beta < 1:
             raise ConfigError(f"loss.jsd_beta = {self.loss.jsd_beta} must be in (0, 1)")
+        if not 0 < self.loss.skew_alpha < 1:
+            raise ConfigError(f"loss.skew_alpha = {self.loss.skew_alpha} must be in (0, 1)")
         kd_on = self.loss.kd != "none" and self.loss.kd_weight > 0
         hid_on = self.loss.hidden != "none" and self.loss.hidden_weight > 0
         if not (kd_on or hid_on or self.loss.ce_weight > 0):

@@ -71,9 +71,25 @@ def _fill(cfg: dict, key: str, value, source: str, what: str):
         )
 
 
+def zero_sizes(config) -> dict:
+    """ZeRO-3 ``"auto"`` sizes (in elements) from a model config: transformers' rules for the buckets and the
+    persistence threshold (hidden^2, 0.9 hidden^2, 10 hidden), and at most about two decoder layers gathered
+    or kept for reuse at once (DeepSpeed's own default of 1e9 elements keeps a model of up to 1e9 parameters
+    gathered whole between its uses: a one-copy step uses each layer twice)."""
+    from rad_ds.distill.placement import layer_elements
+
+    h = int(config.hidden_size)
+    two_layers = 2 * layer_elements(config)
+    return {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+            "stage3_param_persistence_threshold": 10 * h, "stage3_max_live_parameters": two_layers,
+            "stage3_max_reuse_distance": two_layers}
+
+
 def fill_ds_config(raw: dict, plan: BatchPlan, dtype: str, source: str, grad_clip: float | None = None,
-                   offload_params: bool = False, optimizer: bool = True) -> dict:
-    """A DeepSpeed config with every ``"auto"`` filled in and checked (a copy; ``raw`` is not changed)."""
+                   offload_params: bool = False, optimizer: bool = True, model_config=None) -> dict:
+    """A DeepSpeed config with every ``"auto"`` filled in and checked (a copy; ``raw`` is not changed).
+    ``model_config``: the model the engine holds, for the ZeRO sizes (``zero_sizes``); without it an
+    ``"auto"`` size is left to DeepSpeed's default."""
     cfg = copy.deepcopy(raw)
     _fill(cfg, "train_micro_batch_size_per_gpu", plan.micro_batch, source, "train.micro_batch")
     _fill(cfg, "gradient_accumulation_steps", plan.grad_accum, source, "train.grad_accum")
@@ -91,8 +107,12 @@ def fill_ds_config(raw: dict, plan: BatchPlan, dtype: str, source: str, grad_cli
             raise ConfigError(f"DeepSpeed config {source}: {key}.enabled={sec['enabled']} but model.dtype={dtype}; "
                               "set it to \"auto\"")
     zero = cfg.setdefault("zero_optimization", {"stage": 3})
+    sizes = zero_sizes(model_config) if model_config is not None else {}
     for k in [k for k, v in zero.items() if v == "auto"]:
-        del zero[k]  # DeepSpeed's own default
+        if k in sizes:
+            zero[k] = sizes[k]
+        else:
+            del zero[k]  # DeepSpeed's own default
     for k in ("offload_param", "offload_optimizer"):
         if isinstance(zero.get(k), dict) and zero[k].get("pin_memory") == "auto":
             zero[k]["pin_memory"] = torch.cuda.is_available()  # pinned memory needs a GPU
@@ -142,6 +162,14 @@ def teacher_engine(model, ds_cfg: dict):
     return engine
 
 
+def replicated_teacher(model, device):
+    """A whole frozen teacher on this rank's device: its forward needs no communication."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device)
+
+
 def student_engine(model, ds_cfg: dict, optim_cfg, total_steps: int):
     """The training engine; the optimizer sees only ``requires_grad`` parameters."""
     import deepspeed
@@ -164,4 +192,5 @@ def student_engine(model, ds_cfg: dict, optim_cfg, total_steps: int):
     return engine
 
 
-__all__ = ["BatchPlan", "fill_ds_config", "load_ds_config", "plan_batch", "student_engine", "teacher_engine"]
+__all__ = ["BatchPlan", "fill_ds_config", "load_ds_config", "plan_batch", "replicated_teacher", "student_engine",
+           "teacher_engine", "zero_sizes"]

@@ -2,8 +2,12 @@
 code), loadable by ``RadHybridForCausalLM.from_pretrained`` and by plain transformers
 (``trust_remote_code=True``).
 
-The weights are consolidated with DeepSpeed's ``zero_to_fp32`` from the shards of every rank (frozen
-parameters included), on one process, without a process group. The directory is written atomically.
+Streamed, one tensor in memory at a time: the trained parameters come from the checkpoint's fp32 ZeRO
+partitions (``zero_to_fp32`` of the trainable ones only: the new mixers, small), every frozen one from
+the run's base model, whose weights a run never changes (the file's embedding hash is checked against the
+run's fingerprint; each tensor is cast to the run's dtype first, so the values are the student's own).
+A base that is not a safetensors directory (GGUF) takes the old route: every parameter consolidated from
+the shards into one in-memory model. One process, no process group; the directory is written atomically.
 """
 
 from __future__ import annotations
@@ -14,15 +18,21 @@ from pathlib import Path
 
 import torch
 
+from rad_ds.core.dtypes import to_dtype
+
 from .checkpoint import HF_DIR, CheckpointError, read_state, resolve_checkpoint
+from .one_copy import student_state
 
 logger = logging.getLogger(__name__)
 
 
-def consolidated_state_dict(tag_dir: Path) -> dict:
+def consolidated_state_dict(tag_dir: Path, trainable_only: bool = False) -> dict:
+    """fp32 parameters of a checkpoint under the student's names (a one-copy run's teacher attention dropped)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                  exclude_frozen_parameters=trainable_only)
+    return student_state(sd)
 
 
 def load_checkpoint_model(checkpoint: str | Path, dtype: torch.dtype = torch.float32):
@@ -47,24 +57,122 @@ def load_checkpoint_model(checkpoint: str | Path, dtype: torch.dtype = torch.flo
     return model, load_tokenizer(tag_dir / HF_DIR), tag_dir
 
 
+def tensor_layout(config) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor a saved student holds, in state-dict order (a tied LM head once)."""
+    from rad_ds.models import RadHybridForCausalLM
+
+    with torch.device("meta"):
+        model = RadHybridForCausalLM(config)
+    sd = model.state_dict()
+    if config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return [(k, tuple(v.shape)) for k, v in sd.items()]
+
+
+def _base_source(tag_dir: Path, state: dict, config, run_dtype):
+    """The run's base model as a safetensors source whose weights are the ones the run started from, or None."""
+    from rad_ds.models.conversion import resolve_dir
+    from rad_ds.models.weights import WeightSource
+
+    from .build import source_weights_hash
+
+    model = state.get("model")
+    if not model or str(model).endswith(".gguf") or (state.get("config") or {}).get("model", {}).get("gguf_file"):
+        return None
+    try:
+        source = WeightSource.find(resolve_dir(model))
+    except (OSError, ValueError):
+        return None
+    if source is None:
+        return None
+    want = (state.get("fingerprint") or {}).get("student_weights")
+    if want and source_weights_hash(source, config, run_dtype) != want:
+        raise CheckpointError(f"checkpoint {tag_dir}: the base model {model} has changed since the run (its weights "
+                              "hash differs); export with the base it was trained from")
+    return source
+
+
+def _stream_weights(path: Path, config, trained: dict, source, run_dtype, dtype) -> None:
+    from rad_ds.models.weights import SafetensorsWriter
+
+    layout = tensor_layout(config)
+    with SafetensorsWriter(path, [(n, s, dtype) for n, s in layout], metadata={"format": "pt"}) as w:
+        for name, _ in layout:
+            t = trained.get(name)
+            if t is None:
+                if name not in source:
+                    raise CheckpointError(f"parameter {name} is neither trained in the checkpoint nor in the base "
+                                          f"{source.dir}")
+                t = source.read(name).to(run_dtype)
+            w.write(name, t.to(dtype))
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False,
                       dtype: torch.dtype = torch.float32) -> Path:
     """Write the student of ``checkpoint`` (a run dir, its ``checkpoints/`` or a ``step_*`` dir) to ``out_dir``."""
-    from rad_ds.models.conversion import save_model
+    from rad_ds.core.io import atomic_dir
+    from rad_ds.models import RadHybridConfig
+    from rad_ds.models.conversion import load_tokenizer, save_model, write_model_metadata
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory or pass --overwrite")
-    model, tok, tag_dir = load_checkpoint_model(checkpoint, dtype)
+    tag_dir = resolve_checkpoint(checkpoint)
+    if not (tag_dir / HF_DIR / "config.json").is_file():
+        raise CheckpointError(f"checkpoint {tag_dir}: no {HF_DIR}/config.json; was it written by rad-ds distill?")
     state = read_state(tag_dir)
     provenance = {
         "checkpoint": str(tag_dir), "step": state.get("step"), "tokens": state.get("tokens"),
         "replaced_layers": state.get("replaced_layers"), "selection": state.get("selection"),
         "teacher": state.get("teacher"), "model": state.get("model"),
     }
-    save_model(model, tok, out, extra_files={"distill.json": json.dumps(provenance, indent=2) + "\n"})
-    logger.info("exported %s (step %s) -> %s", tag_dir, state.get("step"), out)
+    extra = {"distill.json": json.dumps(provenance, indent=2) + "\n"}
+    config = RadHybridConfig.from_pretrained(str(tag_dir / HF_DIR))
+    run_dtype = to_dtype((state.get("config") or {}).get("model", {}).get("dtype", "float32"))
+    source = _base_source(tag_dir, state, config, run_dtype)
+    if source is None and not state.get("frozen_in_checkpoint", True):
+        raise CheckpointError(f"checkpoint {tag_dir} holds only the trained parameters; the frozen ones are read from "
+                              f"its base model {state.get('model')}, which is not there: restore it at that path")
+    if source is None:
+        model, tok, _ = load_checkpoint_model(tag_dir, dtype)
+        save_model(model, tok, out, extra_files=extra)
+    else:
+        trained = consolidated_state_dict(tag_dir, trainable_only=True)
+        with atomic_dir(out) as tmp:
+            _stream_weights(tmp / "model.safetensors", config, trained, source, run_dtype, dtype)
+            write_model_metadata(config, load_tokenizer(tag_dir / HF_DIR), tmp, extra)
+    logger.info("exported %s (step %s) -> %s%s", tag_dir, state.get("step"), out,
+                " (frozen weights streamed from the base)" if source is not None else "")
     return out
 
 
-__all__ = ["consolidated_state_dict", "export_checkpoint", "load_checkpoint_model"]
+def export_any(source: str | Path, out_dir: str | Path, native: bool = False, from_checkpoint: bool = True,
+               overwrite: bool = False, dtype: torch.dtype = torch.float32) -> Path:
+    """A checkpoint (``from_checkpoint``) or a student directory written to ``out_dir`` as rad_hybrid, or with
+    ``native`` as GraniteMoeHybrid (``rad_ds.models.native``: checked before anything is written)."""
+    import shutil
+    import tempfile
+
+    from rad_ds.models import RadHybridConfig
+    from rad_ds.models.native import check_native, export_native
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory or pass --overwrite")
+    if not native:
+        return export_checkpoint(source, out, overwrite=overwrite, dtype=dtype)
+    if not from_checkpoint:
+        check_native(RadHybridConfig.from_pretrained(str(source)))
+        return export_native(source, out, dtype=dtype)
+    tag_dir = resolve_checkpoint(source)
+    check_native(RadHybridConfig.from_pretrained(str(tag_dir / HF_DIR)))
+    tmp = Path(tempfile.mkdtemp(prefix=".rad_hybrid-", dir=out.parent if out.parent.exists() else None))
+    try:
+        export_checkpoint(tag_dir, tmp / "student", dtype=dtype)
+        return export_native(tmp / "student", out, dtype=dtype,
+                             extra_files={"checkpoint": str(tag_dir), "step": read_state(tag_dir).get("step")})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["consolidated_state_dict", "export_any", "export_checkpoint", "load_checkpoint_model", "tensor_layout"]

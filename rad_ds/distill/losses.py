@@ -1,5 +1,5 @@
-"""Distillation losses: logit KD (forward KL, reverse KL, JSD), replaced-layer output losses (MSE,
-cosine) and cross-entropy on the data.
+"""Distillation losses: logit KD (forward KL, reverse KL, generalised JSD, DistiLLM's skew KL and skew reverse
+KL, total variation), replaced-layer output losses (MSE, cosine) and cross-entropy on the data.
 
 Every function returns the **sum** of a per-token loss over the positions that ``mask`` selects; the
 trainer divides by the number of selected tokens of the whole global batch (all micro-batches of all
@@ -25,14 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
+KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tv")
+MIXED = ("jsd", "skew_kl", "skew_rkl")  # the kinds that take a mixture weight (``beta``)
 
 
 def _check_kind(kind: str, beta: float) -> None:
     if kind not in KD_KINDS:
         raise ValueError(f"unknown KD loss {kind!r}; use one of {list(KD_KINDS)}")
-    if kind == "jsd" and not 0.0 < beta < 1.0:
-        raise ValueError(f"jsd beta={beta} must be in (0, 1)")
+    if kind in MIXED and not 0.0 < beta < 1.0:
+        raise ValueError(f"{kind} mixture weight beta={beta} must be in (0, 1)")
 
 
 def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl",
@@ -41,8 +42,11 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
     ``forward_kl``: KL(teacher || student) (Hinton et al.; RAD's default); ``reverse_kl``: KL(student ||
     teacher); ``jsd``: beta*KL(T||M) + (1-beta)*KL(S||M) with M = beta*T + (1-beta)*S (TRL's generalised
-    JSD; beta=0.5 is the symmetric JSD). Distributions are softmax(logits / T); the result is scaled by
-    T^2 so gradient magnitudes do not shrink with the temperature (Hinton et al. 2015, sec. 2)."""
+    JSD; beta=0.5 is the symmetric JSD); ``skew_kl``: KL(T || beta*T + (1-beta)*S) and ``skew_rkl``: KL(S ||
+    beta*S + (1-beta)*T) (DistiLLM, Ko et al. 2024: the skew alpha is ``beta``, 0.1 there), bounded where
+    plain KL explodes on tokens one side gives no mass; ``tv``: total variation 0.5 * sum |S - T|.
+    Distributions are softmax(logits / T); the result is scaled by T^2 so gradient magnitudes do not shrink
+    with the temperature (Hinton et al. 2015, sec. 2)."""
     _check_kind(kind, beta)
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
@@ -50,6 +54,14 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         d = F.kl_div(s, t, reduction="none", log_target=True).sum(-1)
     elif kind == "reverse_kl":
         d = F.kl_div(t, s, reduction="none", log_target=True).sum(-1)
+    elif kind == "skew_kl":
+        m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1.0 - beta)]), dim=0)
+        d = F.kl_div(m, t, reduction="none", log_target=True).sum(-1)
+    elif kind == "skew_rkl":
+        m = torch.logsumexp(torch.stack([s + math.log(beta), t + math.log(1.0 - beta)]), dim=0)
+        d = F.kl_div(m, s, reduction="none", log_target=True).sum(-1)
+    elif kind == "tv":
+        d = 0.5 * (s.exp() - t.exp()).abs().sum(-1)
     else:
         m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1.0 - beta)]), dim=0)
         d = beta * F.kl_div(m, t, reduction="none", log_target=True).sum(-1) + (1.0 - beta) * F.kl_div(
@@ -67,8 +79,14 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 #   reverse_kl  L = sum p (s - t)                      dL/dz = p * ((s - t) - L)
 #   jsd         L = b sum q (t - lm) + (1-b) sum p h,  lm = log(b q + (1-b) p),  h = s - lm
 #                                                      dL/dz = (1-b) p * (h - sum p h)
+#   skew_kl     L = sum q (t - lm),  lm = log(a q + (1-a) p),  r = p q / m
+#                                                      dL/dz = (1-a) (p sum r - r)
+#   skew_rkl    L = sum p (s - lm),  lm = log(a p + (1-a) q),  u = (s - lm) - a p / m
+#                                                      dL/dz = p * (u - sum p u)
+#   tv          L = 1/2 sum |p - q|,  g = sign(p - q) / 2    dL/dz = p * (g - sum p g)
 # (for jsd, dL/dp = b q (-(1-b)/m) + (1-b)(h + 1) - (1-b) p (1-b)/m = (1-b) h as b q + (1-b) p = m, then
-# through the Jacobian). The row constants (L, sum p h) and both logsumexps come from the forward, a few
+# through the Jacobian; skew_rkl: dL/dp = h + 1 - a p/m; for all: dL/dz = p (dL/dp - sum p dL/dp)).
+# The row constants (L, sum p h, ...) and both logsumexps come from the forward, a few
 # floats per row. The per-chunk helpers own their (chunk, V) buffers and work in place: forward_kl and
 # reverse_kl hold two float32 (chunk, V) buffers at a time, jsd three; all die when the helper returns.
 
@@ -102,6 +120,9 @@ def _divergence_rows(student, teacher, rows, kind, temperature, beta, dtype):
         s_minus_t = t.neg_().add_(s)
         d = s_minus_t.mul_(s.exp_()).sum(-1, keepdim=True)  # sum p (s - t): also the gradient's constant
         return d, ls, lt, d
+    if kind in ("skew_kl", "skew_rkl", "tv"):
+        d, c = _other_rows(s, t, kind, beta)
+        return d, ls, lt, c
     lm = t + math.log(beta)
     torch.logaddexp(lm, s + math.log(1.0 - beta), out=lm)  # log(b q + (1-b) p)
     kl_t = t.exp().mul_(t.sub_(lm)).sum(-1, keepdim=True)  # sum q (t - lm)
@@ -109,6 +130,39 @@ def _divergence_rows(student, teacher, rows, kind, temperature, beta, dtype):
     p = s.exp()
     c = s.sub_(lm).mul_(p).sum(-1, keepdim=True)  # sum p h
     return beta * kl_t + (1.0 - beta) * c, ls, lt, c
+
+
+def _other_rows(s, t, kind, a):
+    """(divergence, gradient row constant) of skew_kl, skew_rkl and tv rows (``s``, ``t`` consumed)."""
+    if kind == "skew_kl":
+        lm = torch.logaddexp(t + math.log(a), s + math.log(1.0 - a))
+        c = (s + t - lm).exp_().sum(-1, keepdim=True)  # sum p q / m
+        return t.exp().mul_(t.sub_(lm)).sum(-1, keepdim=True), c
+    if kind == "skew_rkl":
+        lm = torch.logaddexp(s + math.log(a), t + math.log(1.0 - a))
+        p = s.exp()
+        h = s.sub_(lm)  # s - lm
+        d = (p * h).sum(-1, keepdim=True)
+        u = h.sub_(p.mul(a).div_(lm.exp_()))  # h - a p / m
+        return d, u.mul_(p).sum(-1, keepdim=True)
+    p, q = s.exp_(), t.exp_()
+    g = torch.sign(p - q).mul_(0.5)
+    return p.sub(q).abs_().sum(-1, keepdim=True).mul_(0.5), g.mul_(p).sum(-1, keepdim=True)
+
+
+def _other_grad_rows(s, t, c, kind, a):
+    """dL/dz of skew_kl, skew_rkl and tv rows (see the table above)."""
+    if kind == "skew_kl":
+        lm = torch.logaddexp(t + math.log(a), s + math.log(1.0 - a))
+        r = t.add_(s).sub_(lm).exp_()  # p q / m
+        return s.exp_().mul_(c).sub_(r).mul_(1.0 - a)  # (1-a) (p sum r - r)
+    if kind == "skew_rkl":
+        lm = torch.logaddexp(s + math.log(a), t + math.log(1.0 - a))
+        p = s.exp()
+        u = s.sub_(lm).sub_(p.mul(a).div_(lm.exp_()))
+        return u.sub_(c).mul_(p)  # p (u - sum p u)
+    p, q = s.exp_(), t.exp_()
+    return torch.sign(p - q).mul_(0.5).sub_(c).mul_(p)  # p (g - sum p g)
 
 
 def _divergence_grad_rows(student, teacher, rows, ls, lt, c, kind, temperature, beta, dtype):
@@ -120,6 +174,8 @@ def _divergence_grad_rows(student, teacher, rows, ls, lt, c, kind, temperature, 
     if kind == "reverse_kl":
         s_minus_t_minus_l = t.neg_().add_(s).sub_(c)
         return s_minus_t_minus_l.mul_(s.exp_())  # p ((s - t) - L)
+    if kind in ("skew_kl", "skew_rkl", "tv"):
+        return _other_grad_rows(s, t, c, kind, beta)
     lm = t.add_(math.log(beta))
     torch.logaddexp(lm, s + math.log(1.0 - beta), out=lm)
     p = s.exp()
@@ -227,7 +283,8 @@ def _check_shapes(student_logits, teacher_logits):
 def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                 kind: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
                 chunk_tokens: int = 1024) -> torch.Tensor:
-    """Sum over selected positions of :func:`token_divergence`. ``logits (b, l, V)``, ``mask (b, l)``.
+    """Sum over selected positions of :func:`token_divergence`. ``logits (b, l, V)``, ``mask (b, l)``;
+    ``beta``: the mixture weight of jsd, skew_kl and skew_rkl.
     Memory beyond the inputs and their gradient: ``chunk_tokens x V`` floats (see the module docstring);
     the teacher logits never receive a gradient."""
     _check_shapes(student_logits, teacher_logits)

@@ -15,7 +15,7 @@ from rad_ds.data import DistillLoader, build_packed
 
 from .build import build_models
 from .engines import plan_batch
-from .optim import build_optimizer, build_scheduler, set_trainable
+from .optim import build_optimizer, build_scheduler
 from .taps import LayerTaps
 from .trainer import LossComputer
 
@@ -27,13 +27,12 @@ class ReferenceDistiller:
         cfg.validate()
         torch.manual_seed(cfg.train.seed)
         self.cfg = cfg
-        models = build_models(cfg)
+        models = build_models(cfg, placement="replicated")  # two plain models: the oracle of every placement
         self.models = models
         self.device = torch.device(device)
         self.student, self.teacher = models.student.to(self.device).train(), models.teacher.to(self.device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        set_trainable(self.student, cfg.student.trainable, models.replaced_layers)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         # the same global batch as a run on `world` ranks, all on this process
         plan = plan_batch(cfg.train, world)
@@ -61,7 +60,8 @@ class ReferenceDistiller:
             with torch.no_grad():
                 t_logits = self.teacher(mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
             s_logits = self.student(mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
-            sums = self.losses.sums(s_logits, t_logits, mb, self.s_taps, self.t_taps)
+            sums = self.losses.sums(s_logits, t_logits, mb, *(t.outputs if t is not None else None
+                                                              for t in (self.s_taps, self.t_taps)))
             total, _ = self.losses.weighted(sums, batch.n_target, batch.n_token)
             total.backward()
             for k, v in sums.items():

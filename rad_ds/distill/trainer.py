@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from rad_ds.core.dist import init_distributed, release_env
+from rad_ds.core.dist import init_distributed, local_world_size, release_env
+from rad_ds.core.host_memory import return_freed_memory
 from rad_ds.core.io import ProvisionalDir
 from rad_ds.data import DistillLoader, data_fingerprint, load_packed
 
 from . import checkpoint as ckpt
-from .build import build_models, check_fingerprint
+from .build import build_models, check_fingerprint, read_sources
 from .callbacks import Callback, Checkpointing, FaultInjection, NonFiniteGuard, Tracking
 from .checkpoint import to_universal
 from .config import ConfigError, RunConfig
@@ -36,11 +37,11 @@ from .engines import (
     fill_ds_config,
     load_ds_config,
     plan_batch,
+    replicated_teacher,
     student_engine,
     teacher_engine,
 )
 from .losses import ce_loss_sum, hidden_loss_sum, kd_loss_sum
-from .optim import set_trainable
 from .summary import RunSummary
 from .taps import LayerTaps
 from .tracking import Tracker, peak_memory_mb, truncate_metrics
@@ -69,15 +70,17 @@ class LossComputer:
         self.hidden_on = loss_cfg.hidden != "none" and loss_cfg.hidden_weight > 0
         self.ce_on = loss_cfg.ce_weight > 0
 
-    def sums(self, s_logits, t_logits, mb, s_taps, t_taps) -> dict:
+    def sums(self, s_logits, t_logits, mb, s_outputs: dict | None, t_outputs: dict | None) -> dict:
+        """``*_outputs``: replaced layer -> that layer's output (for the hidden-state loss)."""
         c = self.cfg
         out = {}
         if self.vocab_limit is not None:
             s_logits, t_logits = s_logits[..., :self.vocab_limit], t_logits[..., :self.vocab_limit]
         if self.kd_on:
-            out["kd"] = kd_loss_sum(s_logits, t_logits, mb.target, c.kd, c.temperature, c.jsd_beta, c.chunk_tokens)
+            mix = c.jsd_beta if c.kd == "jsd" else c.skew_alpha
+            out["kd"] = kd_loss_sum(s_logits, t_logits, mb.target, c.kd, c.temperature, mix, c.chunk_tokens)
         if self.hidden_on:
-            out["hidden"] = sum(hidden_loss_sum(s_taps.outputs[i], t_taps.outputs[i], mb.token, c.hidden)
+            out["hidden"] = sum(hidden_loss_sum(s_outputs[i], t_outputs[i], mb.token, c.hidden)
                                 for i in self.layers)
         if self.ce_on:
             out["ce"] = ce_loss_sum(s_logits, mb.input_ids, mb.target, c.chunk_tokens)
@@ -96,6 +99,10 @@ class LossComputer:
         w = {"kd": c.kd_weight, "hidden": c.hidden_weight, "ce": c.ce_weight}
         total = sum(w[k] * v for k, v in terms.items())
         return total, terms
+
+
+def _outputs(taps) -> dict | None:
+    return taps.outputs if taps is not None else None
 
 
 def _quiet():
@@ -127,6 +134,8 @@ def distill(cfg: RunConfig) -> DistillResult:
     """Run (or resume) a distillation as described by ``cfg``; collective: call it on every rank."""
     cfg.validate()
     _quiet()
+    if not torch.cuda.is_available():
+        return_freed_memory()  # on a CPU the host is the device: gathered layers give their memory back
     info = init_distributed(cfg.train.dist_timeout_s, deepspeed=True)
     try:
         # a run that fails before its first step (bad --data, --layers, --model) leaves no --out behind
@@ -142,6 +151,7 @@ class DistillRun:
     def __init__(self, cfg: RunConfig, info, out_dir: ProvisionalDir):
         self.cfg, self.out_dir = cfg, out_dir
         self.rank, self.world = info.rank, info.world
+        self.local_world = local_world_size(info.world)
         self.out = Path(cfg.out)
         self.root = self.out / "checkpoints"
         self.callbacks: list[Callback] = []
@@ -189,12 +199,14 @@ class DistillRun:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
         torch.distributed.barrier()
+        self._ds_configs()
         self._build_models()
         self._build_data()
         self._build_engines()
         self.losses = LossComputer(cfg.loss, self.models.replaced_layers, self.models.vocab_limit)
         self.t_taps = self.s_taps = None
-        if self.losses.hidden_on:
+        self.one_copy = self.teacher is None  # the teacher stream runs inside the student engine
+        if self.losses.hidden_on and not self.one_copy:
             layers = self.models.replaced_layers
             self.t_taps = LayerTaps(self.teacher, layers, capture_inputs=cfg.loss.layerwise)
             feed = {i: partial(self._teacher_input, i) for i in layers} if cfg.loss.layerwise else None
@@ -204,18 +216,31 @@ class DistillRun:
     def _teacher_input(self, i: int) -> torch.Tensor:
         return self.t_taps.inputs[i].detach()
 
+    def _ds_configs(self) -> None:
+        """The filled DeepSpeed configs of both engines (the models are created under them)."""
+        cfg, plan = self.cfg, self.plan
+        self.sources = src = read_sources(cfg)  # configs and tokenizers only: every check before any weights
+        self.s_ds = fill_ds_config(load_ds_config(cfg.deepspeed), plan, cfg.model.dtype, cfg.deepspeed,
+                                   grad_clip=cfg.optim.grad_clip or None, model_config=src.base_config)
+        self.t_ds = fill_ds_config(load_ds_config(cfg.teacher.deepspeed), plan, cfg.model.dtype,
+                                   cfg.teacher.deepspeed, offload_params=cfg.teacher.offload, optimizer=False,
+                                   model_config=src.teacher_config)
+
     def _build_models(self) -> None:
         cfg, state = self.cfg, self.state
         torch.manual_seed(cfg.train.seed)
-        self.models = models = build_models(cfg)
+        self.models = models = build_models(cfg, self.s_ds, self.t_ds, self.world, self.local_world,
+                                            sources=self.sources)
         if state is not None:
             check_fingerprint(state.get("fingerprint", {}), models.fingerprint, self.tag_dir)
-        set_trainable(models.student, cfg.student.trainable, models.replaced_layers)
+        if self.rank == 0:
+            logger.info("teacher placement: %s (%s)", models.placement.kind, models.teacher_path)
         if cfg.student.gradient_checkpointing:
-            if hasattr(models.student, "activation_checkpointing_enable"):  # transformers >= 5.x name
-                models.student.activation_checkpointing_enable({"use_reentrant": False})
+            student = getattr(models.student, "student", models.student)
+            if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                student.activation_checkpointing_enable({"use_reentrant": False})
             else:  # pragma: no cover
-                models.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.tok = models.tokenizer
 
     def _build_data(self) -> None:
@@ -232,14 +257,7 @@ class DistillRun:
                                     cfg.train.seed, cfg.data.shuffle)
 
     def _build_engines(self) -> None:
-        cfg, state, plan, tag_dir = self.cfg, self.state, self.plan, self.tag_dir
-        s_ds = fill_ds_config(load_ds_config(cfg.deepspeed), plan, cfg.model.dtype, cfg.deepspeed,
-                              grad_clip=cfg.optim.grad_clip or None)
-        t_ds = fill_ds_config(load_ds_config(cfg.teacher.deepspeed), plan, cfg.model.dtype, cfg.teacher.deepspeed,
-                              offload_params=cfg.teacher.offload, optimizer=False)
-        if t_ds.get("zero_optimization", {}).get("stage") != 3:
-            logger.warning("teacher.deepspeed %s is not ZeRO-3: the teacher is replicated on every rank",
-                           cfg.teacher.deepspeed)
+        cfg, state, tag_dir, s_ds = self.cfg, self.state, self.tag_dir, self.s_ds
         self.load_dir, self.universal = tag_dir, None
         if state is not None and state.get("world") != self.world:
             # ZeRO shards are per rank: DeepSpeed's universal format re-partitions them for this world size
@@ -249,9 +267,11 @@ class DistillRun:
             self.universal = to_universal(tag_dir, self.root / "universal", self.rank)
             self.load_dir = self.universal
             s_ds.setdefault("checkpoint", {})["load_universal"] = True
-        self.teacher = teacher_engine(self.models.teacher, t_ds)
         self.student = student_engine(self.models.student, s_ds, cfg.optim, cfg.train.steps)
         self.device = self.student.device
+        kind, teacher = self.models.placement.kind, self.models.teacher
+        self.teacher = None if kind == "shared" else (
+            teacher_engine(teacher, self.t_ds) if kind == "zero3" else replicated_teacher(teacher, self.device))
 
     # -- resume --------------------------------------------------------------------------------------------
 
@@ -260,7 +280,8 @@ class DistillRun:
         state, tag_dir = self.state, self.tag_dir
         self.last_saved = tag_dir if state is not None else None
         if state is not None:
-            ckpt.load_engine_state(self.student, self.load_dir, universal=self.universal is not None)
+            ckpt.load_engine_state(self.student, self.load_dir, universal=self.universal is not None,
+                                   strict=state.get("frozen_in_checkpoint", True))
             if self.universal is not None:
                 torch.distributed.barrier()
                 if self.rank == 0:
@@ -323,10 +344,14 @@ class DistillRun:
         """Teacher forward, student forward/backward of one micro-batch; its loss sums."""
         mb.input_ids, mb.target, mb.token, mb.position_ids = (
             x.to(self.device) for x in (mb.input_ids, mb.target, mb.token, mb.position_ids))
-        with torch.no_grad():
-            t_logits = self.teacher(mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
-        s_logits = self.student(mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
-        sums = self.losses.sums(s_logits, t_logits, mb, self.s_taps, self.t_taps)
+        if self.one_copy:
+            out = self.student(mb.input_ids, position_ids=mb.position_ids, layerwise=self.cfg.loss.layerwise)
+            sums = self.losses.sums(out.logits, out.teacher_logits, mb, out.student_outputs, out.teacher_outputs)
+        else:
+            with torch.no_grad():
+                t_logits = self.teacher(mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
+            s_logits = self.student(mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
+            sums = self.losses.sums(s_logits, t_logits, mb, _outputs(self.s_taps), _outputs(self.t_taps))
         for cb in self.callbacks:
             sums = cb.on_loss(step, sums)
         total, _ = self.losses.weighted(sums, batch.n_target, batch.n_token)
@@ -352,7 +377,8 @@ class DistillRun:
     def save(self, step: int) -> Path:
         """Save a checkpoint of this step (collective); its directory."""
         saved = ckpt.save_checkpoint(self.student, self.root, step, self.client_state(step), hf_files=self._hf_files,
-                                     keep=self.cfg.checkpoint.keep, rank=self.rank, world=self.world)
+                                     keep=self.cfg.checkpoint.keep, rank=self.rank, world=self.world,
+                                     exclude_frozen=self.models.frozen_from_base)
         if self.rank == 0:
             logger.info("saved %s", saved.path)
         return saved.path
@@ -364,6 +390,7 @@ class DistillRun:
             "data_fingerprint": self.data_fp, "data_rows": len(self.packed), "fingerprint": models.fingerprint,
             "replaced_layers": models.replaced_layers, "selection": models.selection,
             "teacher": models.teacher_path, "model": cfg.model.path, "config": cfg.to_dict(),
+            "frozen_in_checkpoint": not models.frozen_from_base,
             "batch": {"micro_batch": self.plan.micro_batch, "grad_accum": self.plan.grad_accum, "world": world},
         }
 
@@ -403,7 +430,8 @@ class DistillRun:
             "first_loss": rows[0]["loss"] if rows else None, "final_loss": rows[-1]["loss"] if rows else None,
             "tokens": self.tokens_seen, "elapsed_s": elapsed,
             "tokens_per_s": self.tokens_run / elapsed if elapsed > 0 else None, "peak_mem_mb": peak_memory_mb(),
-            "world": self.world, "replaced_layers": self.models.replaced_layers, "checkpoint": str(self.last_saved),
+            "world": self.world, "replaced_layers": self.models.replaced_layers,
+            "teacher_placement": self.models.placement.kind, "checkpoint": str(self.last_saved),
             "export": str(export_dir) if export_dir else None,
         }
 

@@ -197,6 +197,34 @@ def load_model(path: str | os.PathLike, gguf_file: str | None = None, dtype=torc
     return model, tok
 
 
+def resolve_dir(path: str | os.PathLike) -> Path:
+    """The directory behind a model path: ``embedded:*`` names are imported into the cache first."""
+    if str(path) in EMBEDDED:
+        return ensure_embedded(str(path))[0]
+    p = Path(path)
+    return p.parent if p.is_file() else p
+
+
+def load_config(path: str | os.PathLike, gguf_file: str | None = None) -> RadHybridConfig:
+    """The RadHybridConfig a model path loads as (no weights read); refuses unsupported architectures."""
+    from transformers import AutoConfig
+
+    p, given = Path(path), gguf_file
+    if str(path) in EMBEDDED:
+        p = resolve_dir(path)
+    elif p.is_file() and p.suffix == ".gguf":
+        p, gguf_file = p.parent, p.name
+    if not p.exists():
+        raise FileNotFoundError(f"model path {p} does not exist; give an HF model dir or a .gguf file")
+    if not gguf_file and _is_hybrid_dir(p):
+        cfg = RadHybridConfig.from_pretrained(str(p))
+    else:
+        kw = {"gguf_file": gguf_file} if gguf_file else {}
+        cfg = config_from_hf(AutoConfig.from_pretrained(str(p), **kw))
+    cfg.name_or_path = str(Path(path) / given) if given else str(path)
+    return cfg
+
+
 def ensure_embedded(name: str) -> tuple[Path, bool]:
     """The cache directory of an embedded model, imported on first use; (path, whether this call imported it).
 
@@ -232,6 +260,10 @@ def write_model_files(model, tokenizer, directory: str | os.PathLike, extra_file
         del model.should_save_on_this_rank
     if not (d / "config.json").is_file() or not any(d.glob("*.safetensors")):
         raise RuntimeError(f"save_pretrained wrote no config or weights into {d}")
+    return _write_side_files(tokenizer, d, extra_files)
+
+
+def _write_side_files(tokenizer, d: Path, extra_files: dict | None) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(str(d))
     for name, content in (extra_files or {}).items():
@@ -239,27 +271,26 @@ def write_model_files(model, tokenizer, directory: str | os.PathLike, extra_file
     return d
 
 
+def write_model_metadata(config, tokenizer, directory: str | os.PathLike, extra_files: dict | None = None) -> Path:
+    """Everything ``write_model_files`` writes except the weights (config with ``auto_map``, the model code,
+    generation config, tokenizer, ``extra_files``): for weights streamed into the directory by other means."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    d = Path(directory)
+    with torch.device("meta"):
+        model = RadHybridForCausalLM(config)
+    custom_object_save(model, str(d), config=model.config)
+    model.config.save_pretrained(str(d))
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(str(d))
+    return _write_side_files(tokenizer, d, extra_files)
+
+
 def save_model(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict | None = None):
     """The model files written to a temporary sibling directory and renamed into place, so a crash never
     leaves a half-written model."""
-    import shutil
-    import tempfile
+    from rad_ds.core.io import atomic_dir
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         write_model_files(model, tokenizer, tmp, extra_files)
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old")
-            if backup.exists():
-                shutil.rmtree(backup)
-            out.rename(backup)
-            tmp.rename(out)
-            shutil.rmtree(backup)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)

@@ -185,10 +185,14 @@ class RadDecoderLayer(_LayerBase):
         return self.self_attn if self.layer_type == "attention" else self.mamba
 
     def forward(self, hidden_states, position_embeddings=None, attn_mask=None, padding_mask=None,
-                cache=None, skip_mixer: bool = False, seq_idx=None):
+                cache=None, skip_mixer: bool = False, seq_idx=None, attention=None):
+        """``attention``: an attention module run in place of this layer's own mixer (the one-copy
+        self-distillation teacher runs a replaced layer with its original attention this way)."""
         if not skip_mixer:
             x = self.input_layernorm(hidden_states)
-            if self.layer_type == "attention":
+            if attention is not None:
+                x = attention(x, position_embeddings, attn_mask=attn_mask, cache=cache)
+            elif self.layer_type == "attention":
                 x = self.self_attn(x, position_embeddings, attn_mask=attn_mask, cache=cache)
             else:
                 x = self.mamba(x, cache=cache, attention_mask=padding_mask, seq_idx=seq_idx)
@@ -331,6 +335,14 @@ class RadHybridModel(RadHybridPreTrainedModel):
                 position_ids = torch.arange(past, past + l, device=device)[None].expand(b, l)
         attn_mask = _build_attn_mask(attention_mask, b, l, past, device, self.config.sliding_window, seq_idx=seq_idx)
         return attention_mask, position_ids, attn_mask, seq_idx
+
+    def layer_inputs(self, inputs_embeds, position_ids=None) -> dict:
+        """The keyword arguments every decoder layer takes in an uncached forward over ``inputs_embeds``
+        (RoPE tables, attention mask, document boundaries), for callers that run the layers themselves."""
+        b, l, _ = inputs_embeds.shape
+        _, position_ids, attn_mask, seq_idx = self._masks(None, position_ids, None, 0, b, l, inputs_embeds.device)
+        return {"position_embeddings": self.rotary_emb(inputs_embeds, position_ids), "attn_mask": attn_mask,
+                "seq_idx": seq_idx}
 
     @staticmethod
     def _documents(position_ids, attention_mask, past: int, cache):

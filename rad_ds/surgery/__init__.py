@@ -6,6 +6,8 @@ from .replace import (
     ReplacementRecord,
     check_layers,
     layers_from_report,
+    mark_replaced,
+    new_mixer,
     parse_layers,
     replace_attention,
 )
@@ -13,5 +15,6 @@ from .run import build_student, replace
 
 __all__ = [
     "INIT_MODES", "ReplaceConfig", "ReplacementRecord", "SurgeryError", "build_student", "check_layers",
-    "init_from_attention", "layers_from_report", "parse_layers", "replace", "replace_attention",
+    "init_from_attention", "layers_from_report", "mark_replaced", "new_mixer", "parse_layers", "replace",
+    "replace_attention",
 ]

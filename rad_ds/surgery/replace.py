@@ -64,6 +64,32 @@ def check_layers(config, layers, allow_all: bool = False) -> list[int]:
     return sorted(layers)
 
 
+def mark_replaced(config, layers, init: str, seed: int = 0, selection: dict | None = None) -> ReplacementRecord:
+    """Switch ``layers`` of ``config`` to mamba2 and record the replacement in ``config.replaced_layers``."""
+    new_types = list(config.layer_types)
+    for i in layers:
+        new_types[i] = "mamba2"
+    config.layer_types = new_types
+    prev = dict(config.replaced_layers or {})
+    all_layers = sorted(set(prev.get("layers", [])) | set(layers))
+    record = ReplacementRecord(
+        layers=all_layers, init=init, source=getattr(config, "name_or_path", None) or None, seed=seed,
+        selection=dict(selection or {}),
+    )
+    config.replaced_layers = record.to_dict()
+    return record
+
+
+def new_mixer(config, i: int, attn, init: str, generator: torch.Generator, dtype=None) -> Mamba2Mixer:
+    """The Mamba2 mixer replacing layer ``i``'s attention ``attn``: Mamba2's init drawn from ``generator``
+    (call in layer order for a reproducible student), then the MambaInLlama mapping for ``init="attention"``."""
+    mixer = Mamba2Mixer(config, layer_idx=i)
+    mixer.reset_parameters(generator=generator)
+    if init == "attention":
+        init_from_attention(mixer, attn)
+    return mixer.to(dtype=dtype) if dtype is not None else mixer
+
+
 def replace_attention(
     model,
     layers,
@@ -81,30 +107,17 @@ def replace_attention(
     config = model.config
     layers = check_layers(config, list(layers), allow_all=allow_all)
     gen = torch.Generator().manual_seed(seed)
-    new_types = list(config.layer_types)
-    for i in layers:
-        new_types[i] = "mamba2"
-    config.layer_types = new_types
+    record = mark_replaced(config, layers, init, seed, selection)
     for i in layers:
         block = model.model.layers[i]
         attn = block.self_attn
         ref = next(iter(attn.parameters()))
         dtype = ref.dtype if ref.numel() > 0 else next(block.mlp.parameters()).dtype
-        mixer = Mamba2Mixer(config, layer_idx=i)
-        mixer.reset_parameters(generator=gen)
-        if init == "attention":
-            init_from_attention(mixer, attn)
-        mixer.to(device=ref.device if ref.device.type != "meta" else "cpu", dtype=dtype)
+        mixer = new_mixer(config, i, attn, init, gen, dtype)
+        mixer.to(device=ref.device if ref.device.type != "meta" else "cpu")
         del block.self_attn
         block.mamba = mixer
         block.layer_type = "mamba2"
-    prev = dict(config.replaced_layers or {})
-    all_layers = sorted(set(prev.get("layers", [])) | set(layers))
-    record = ReplacementRecord(
-        layers=all_layers, init=init, source=getattr(config, "name_or_path", None) or None, seed=seed,
-        selection=dict(selection or {}),
-    )
-    config.replaced_layers = record.to_dict()
     return record
 
 
@@ -123,4 +136,5 @@ def layers_from_report(report_path, k: int, model_config=None, what: str = "--re
         raise SurgeryError(str(e)) from None
 
 
-__all__ = ["ReplacementRecord", "check_layers", "layers_from_report", "parse_layers", "replace_attention"]
+__all__ = ["ReplacementRecord", "check_layers", "layers_from_report", "mark_replaced", "new_mixer", "parse_layers",
+           "replace_attention"]
