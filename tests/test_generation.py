@@ -82,3 +82,45 @@ def test_skip_layers_is_the_model_without_those_mixers():
             layer.mixer.register_forward_hook(lambda m, inp, out: torch.zeros_like(out))
         zeroed = model(ids).logits
     assert torch.allclose(skipped, zeroed, atol=1e-6)
+
+
+def test_kv_cache_appends_in_place_and_snapshots_copy_on_write():
+    """A decode step writes into the buffer (no reallocation while there is room); a snapshot and the live
+    cache never see each other's later tokens; crop is a view."""
+    from rad_ds.models.hybrid_cache import AttentionState
+
+    g = torch.Generator().manual_seed(0)
+    kv = lambda n: (torch.randn(1, 2, n, 4, generator=g), torch.randn(1, 2, n, 4, generator=g))  # noqa: E731
+    a = AttentionState()
+    k0, v0 = kv(10)
+    a.update(k0, v0)
+    buf = a._k.data_ptr()
+    steps = [kv(1) for _ in range(20)]
+    for k, v in steps:
+        a.update(k, v)
+    assert a._k.data_ptr() == buf and a.length == 30  # 20 appends, no new buffer
+    want = torch.cat([k0] + [k for k, _ in steps], dim=2)
+    torch.testing.assert_close(a.key, want)
+    snap = a.share()
+    ka, va = kv(3)
+    kb, vb = kv(3)
+    a.update(ka, va)  # the live side moves to its own buffer first
+    snap.update(kb, vb)
+    torch.testing.assert_close(a.key, torch.cat([want, ka], dim=2))
+    torch.testing.assert_close(snap.key, torch.cat([want, kb], dim=2))
+    a.crop(12)
+    torch.testing.assert_close(a.key, want[:, :, :12])
+    torch.testing.assert_close(snap.value[:, :, 30:], vb)
+
+
+def test_decoding_with_gqa_broadcast_equals_repeated_kv():
+    """The decode step lets SDPA broadcast the KV heads; logits equal the uncached forward's (which repeats)."""
+    model = from_hf_model(tiny_hf_model("llama", seed=2)).eval()
+    assert model.config.num_attention_heads > model.config.num_key_value_heads
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = RadHybridCache(model.config)
+        model(ids[:, :16], cache=cache, use_cache=True)
+        steps = [model(ids[:, t:t + 1], cache=cache, use_cache=True).logits[:, 0] for t in range(16, 24)]
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 16:], rtol=1e-5, atol=1e-5)

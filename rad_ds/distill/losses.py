@@ -313,6 +313,86 @@ def ce_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tenso
                                       max(int(chunk_tokens), 1))
 
 
+# -- sparse teacher targets: top-k log-probabilities and a tail bucket -------------------------------------
+#
+# A teacher stored as its k most likely tokens per position (log-probabilities at temperature T) plus the log
+# of the mass outside them is a distribution over k + 1 buckets. The student's distribution is collapsed onto
+# the same buckets (its own log-probabilities of those k tokens, and the log of its remaining mass), and any
+# divergence of ``KD_KINDS`` is taken between the two (k + 1)-bucket distributions. With k = vocab this is the
+# full-vocabulary divergence. Top-k reverse KL without a tail is unbounded wherever the student puts mass the
+# top-k teacher lacks (the instability verl reports): the tail bucket keeps it finite, with no renormalisation.
+
+
+def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0):
+    """``(indices, log-probabilities, tail log-mass)`` of the ``k`` most likely tokens of softmax(logits / T):
+    shapes ``(..., k)``, ``(..., k)``, ``(...)``; the tail is -inf when ``k`` covers the vocabulary."""
+    logp = F.log_softmax(teacher_logits.to(_compute_dtype(teacher_logits)) / temperature, dim=-1)
+    top, idx = logp.topk(min(k, logp.size(-1)), dim=-1)
+    return idx, top, _tail(logp, idx)
+
+
+def _tail(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """log of the mass of ``logp`` outside ``idx`` (exact: a logsumexp over the other tokens)."""
+    if idx.size(-1) >= logp.size(-1):
+        return torch.full(logp.shape[:-1], float("-inf"), dtype=logp.dtype, device=logp.device)
+    return logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
+
+
+def _w_diff(w, a, b):
+    """sum w (a - b) with 0 wherever w is 0 (a or b may be -inf there), NaN-free in backward too."""
+    on = w > 0
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    return (w * (torch.where(on, a, zero) - torch.where(on, b, zero))).sum(-1)
+
+
+def bucket_divergence(s: torch.Tensor, t: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+    """Divergence of :func:`token_divergence`'s ``kind`` between two distributions given as log-probabilities
+    over the same buckets (entries may be -inf), unscaled."""
+    p, q = s.exp(), t.exp()
+    if kind == "forward_kl":
+        return _w_diff(q, t, s)
+    if kind == "reverse_kl":
+        return _w_diff(p, s, t)
+    if kind == "tv":
+        return 0.5 * (p - q).abs().sum(-1)
+    if kind == "skew_rkl":
+        return _w_diff(p, s, torch.logaddexp(s + math.log(beta), t + math.log(1.0 - beta)))
+    m = torch.logaddexp(t + math.log(beta), s + math.log(1.0 - beta))
+    if kind == "skew_kl":
+        return _w_diff(q, t, m)
+    return beta * _w_diff(q, t, m) + (1.0 - beta) * _w_diff(p, s, m)  # jsd
+
+
+def _sparse_chunk(student, rows, idx, top, tail, kind, temperature, beta):
+    dtype = _compute_dtype(student)
+    s = F.log_softmax(student.index_select(0, rows).to(dtype) / temperature, dim=-1)
+    s_b = torch.cat([s.gather(-1, idx), _tail(s, idx)[..., None]], dim=-1)
+    t_b = torch.cat([top.to(dtype), tail.to(dtype)[..., None]], dim=-1)
+    return bucket_divergence(s_b, t_b, kind, beta).sum()
+
+
+def sparse_kd_loss_sum(student_logits: torch.Tensor, topk_idx: torch.Tensor, topk_logp: torch.Tensor,
+                       tail_logp: torch.Tensor, mask: torch.Tensor, kind: str = "forward_kl",
+                       temperature: float = 1.0, beta: float = 0.5, chunk_tokens: int = 1024) -> torch.Tensor:
+    """:func:`kd_loss_sum` against a sparse teacher (:func:`teacher_topk` of its logits at the same
+    temperature): ``topk_* (b, l, k)``, ``tail_logp (b, l)``. Each chunk is recomputed in backward
+    (activation checkpointing), so memory stays ``chunk_tokens x V``; scaled by T^2 like the dense loss."""
+    from torch.utils.checkpoint import checkpoint
+
+    _check_kind(kind, beta)
+    flat = _flat(student_logits)
+    k = topk_idx.size(-1)
+    rows_all = _mask_rows(mask, student_logits, "sparse_kd_loss_sum")
+    idx_f, top_f, tail_f = topk_idx.reshape(-1, k), topk_logp.reshape(-1, k), tail_logp.reshape(-1)
+    total = _zero_like_graph(student_logits)
+    for rows in rows_all.split(max(int(chunk_tokens), 1)):
+        r = rows.to(idx_f.device)
+        args = (flat, rows, idx_f.index_select(0, r).to(flat.device), top_f.index_select(0, r).to(flat.device),
+                tail_f.index_select(0, r).to(flat.device), kind, float(temperature), float(beta))
+        total = total + checkpoint(_sparse_chunk, *args, use_reentrant=False)
+    return total * (temperature**2)
+
+
 # -- plain autograd references (what tests and benchmarks/kd_memory.py compare the chunked functions with) --
 
 def _zero_like_graph(t: torch.Tensor) -> torch.Tensor:
@@ -365,6 +445,6 @@ def mean_kd_loss(student_logits, teacher_logits, mask=None, **kw) -> torch.Tenso
 
 
 __all__ = [
-    "KD_KINDS", "ce_loss_sum", "ce_loss_sum_ref", "hidden_loss_sum", "kd_loss_sum", "kd_loss_sum_ref",
-    "mean_kd_loss", "token_divergence",
+    "KD_KINDS", "bucket_divergence", "ce_loss_sum", "ce_loss_sum_ref", "hidden_loss_sum", "kd_loss_sum",
+    "kd_loss_sum_ref", "mean_kd_loss", "sparse_kd_loss_sum", "teacher_topk", "token_divergence",
 ]

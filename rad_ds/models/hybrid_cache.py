@@ -1,8 +1,9 @@
 """The hybrid cache: KV for attention layers, conv + SSM state for Mamba2 layers.
 
-Kept deliberately simple (plain tensors per layer) so that speculative decoding can snapshot,
-truncate and restore it: attention KV can be cropped to a length; Mamba2 state cannot be cropped
-(it is a running summary) and is restored from a snapshot instead.
+Plain tensors per layer, so that speculative decoding can snapshot, truncate and restore it: attention KV
+lives in a buffer with spare room (a decode step writes one position in place instead of concatenating the
+whole cache) and can be cropped to a length; Mamba2 state cannot be cropped (it is a running summary) and
+is restored from a snapshot instead.
 """
 
 from __future__ import annotations
@@ -13,23 +14,62 @@ import torch
 
 
 class AttentionState:
-    __slots__ = ("key", "value")
+    """KV of one attention layer in a buffer with spare room: appending a token writes in place (amortised
+    O(1)) instead of concatenating the whole cache every step. ``key`` / ``value`` are views of the first
+    ``length`` positions. A snapshot shares the buffer copy-on-write: the first append on either side after
+    ``share()`` moves that side to a buffer of its own, so neither ever sees the other's tokens."""
+
+    __slots__ = ("_k", "_v", "length", "_shared")
+    GROWTH = 4  # spare room on (re)allocation: a quarter of the length (at least 64 positions)
 
     def __init__(self):
-        self.key: torch.Tensor | None = None  # (b, n_kv, T, d)
-        self.value: torch.Tensor | None = None
-
-    def update(self, k: torch.Tensor, v: torch.Tensor):
-        if self.key is None:
-            self.key, self.value = k, v
-        else:
-            self.key = torch.cat([self.key, k], dim=2)
-            self.value = torch.cat([self.value, v], dim=2)
-        return self.key, self.value
+        self._k: torch.Tensor | None = None  # (b, n_kv, capacity, d)
+        self._v: torch.Tensor | None = None
+        self.length = 0
+        self._shared = False
 
     @property
-    def length(self) -> int:
-        return 0 if self.key is None else self.key.size(2)
+    def key(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self.length]
+
+    @property
+    def value(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.length]
+
+    def _reserve(self, k: torch.Tensor, v: torch.Tensor, need: int) -> None:
+        if self._k is not None and need <= self._k.size(2) and not self._shared:
+            return
+        cap = need + max(64, need // self.GROWTH)
+        nk = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+        nv = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+        if self.length:
+            nk[:, :, : self.length] = self._k[:, :, : self.length]
+            nv[:, :, : self.length] = self._v[:, :, : self.length]
+        self._k, self._v, self._shared = nk, nv, False
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        need = self.length + k.size(2)
+        self._reserve(k, v, need)
+        self._k[:, :, self.length: need] = k
+        self._v[:, :, self.length: need] = v
+        self.length = need
+        return self.key, self.value
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def share(self) -> "AttentionState":
+        """A snapshot of this state (copy-on-write, see the class docstring)."""
+        s = AttentionState()
+        s._k, s._v, s.length = self._k, self._v, self.length
+        s._shared = self._shared = self._k is not None
+        return s
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self._k is not None:
+            self._k = self._k.index_select(0, index.to(self._k.device))
+            self._v = self._v.index_select(0, index.to(self._v.device))
+            self._shared = False
 
 
 class MambaState:
@@ -68,20 +108,16 @@ class RadHybridCache:
         if any(t == "mamba2" for t in self.layer_types):
             raise RuntimeError("a Mamba2 state cannot be cropped; restore a snapshot() instead")
         for layer in self.layers:
-            if layer.key is not None:
-                layer.key = layer.key[:, :, :length]
-                layer.value = layer.value[:, :, :length]
+            layer.crop(length)
         self.seen_tokens = length
 
     def snapshot(self) -> "RadHybridCache":
-        """A copy that shares the attention KV tensors (they are only ever appended to by
-        concatenation, never written in place) and clones the Mamba2 states."""
+        """A copy that shares the attention KV buffers copy-on-write and clones the Mamba2 states."""
         new = copy.copy(self)
         new.layers = []
         for layer in self.layers:
             if isinstance(layer, AttentionState):
-                s = AttentionState()
-                s.key, s.value = layer.key, layer.value
+                s = layer.share()
             else:
                 s = MambaState()
                 s.conv_state = None if layer.conv_state is None else layer.conv_state.clone()
@@ -93,6 +129,9 @@ class RadHybridCache:
         if self.doc_start is not None:
             self.doc_start = self.doc_start.index_select(0, beam_idx.to(self.doc_start.device))
         for layer in self.layers:
+            if isinstance(layer, AttentionState):
+                layer.reorder(beam_idx)
+                continue
             for name in layer.__slots__:
                 t = getattr(layer, name)
                 if t is not None:

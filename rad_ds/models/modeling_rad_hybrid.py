@@ -143,13 +143,17 @@ class RadAttention(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v)
+        gqa = {}
         if self.n_rep > 1:
-            k = k.repeat_interleave(self.n_rep, dim=1)
-            v = v.repeat_interleave(self.n_rep, dim=1)
+            if cache is not None and l == 1:
+                gqa = {"enable_gqa": True}  # decoding: broadcast the KV heads instead of copying the whole cache
+            else:
+                k = k.repeat_interleave(self.n_rep, dim=1)
+                v = v.repeat_interleave(self.n_rep, dim=1)
         is_causal = attn_mask is None and l > 1 and k.size(2) == l
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.scaling,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scaling, **gqa,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, l, -1))
 
