@@ -15,7 +15,10 @@ from its latest checkpoint). Results are read through the artifact types (``Diag
 
 Layout under ``out``: ``diagnosis/`` (report.json, redundancy.png), ``student/`` (the initialised student),
 ``distill/`` (checkpoints/, final/, metrics.jsonl, summary.json), ``eval/`` (results.json, results.md),
-``configs/`` (each stage's resolved config), ``pipeline.json``, ``comparison.md``.
+``configs/`` (each stage's resolved config), ``pipeline.json``, ``comparison.md``. In self-distillation the
+distill stage starts from the base and the report's layers (the student ``replace`` writes, same init and
+seed), so its teacher is the student's own frozen stack (``teacher.placement=shared``); a separate teacher
+distils the student in ``student/``.
 """
 
 from __future__ import annotations
@@ -108,11 +111,16 @@ class PipelineConfig(Config):
         r.model, r.gguf_file, r.layers, r.report, r.k = self.model, self.gguf_file, None, str(self.report_path), self.k
         r.out, r.overwrite = str(d["replace"]), True
         t = self.distill
-        t.model.path, t.model.gguf_file, t.out = str(d["replace"]), None, str(d["distill"])
-        t.student.layers = t.student.report = t.student.k = None  # the student is the one replace wrote
-        t.checkpoint.resume = "auto"
-        if t.teacher.path is None:  # the teacher is the base model unless the distill section names another
-            t.teacher.path, t.teacher.gguf_file = self.model, self.gguf_file
+        t.out, t.checkpoint.resume = str(d["distill"]), "auto"
+        if t.teacher.path is None:
+            # self-distillation: distil from the base with the report's layers, the same student replace writes
+            # (same init and seed), so the teacher is the student's own frozen stack, held once
+            t.model.path, t.model.gguf_file = self.model, self.gguf_file
+            t.student.layers, t.student.report, t.student.k = None, str(self.report_path), self.k
+            t.student.init, t.student.seed, t.student.allow_all = r.init, r.seed, r.allow_all
+        else:  # a separate teacher: the student is the one replace wrote
+            t.model.path, t.model.gguf_file = str(d["replace"]), None
+            t.student.layers = t.student.report = t.student.k = None
         e = self.evaluate
         joined = [self.model, str(d["distill"] / "final")]
         e.models = joined + [m for m in e.models if m not in joined]  # the section may add models (a teacher)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.model_factories import save_tiny_with_tokenizer
@@ -53,6 +54,14 @@ def test_pipeline_end_to_end_and_resume(tmp_path):
     assert student_cfg["replaced_layers"]["layers"] == layers
     final_cfg = json.loads((run / "distill" / "final" / "config.json").read_text())
     assert final_cfg["replaced_layers"]["layers"] == layers
+    # self-distillation: the distill stage rebuilt the same student from the base, its teacher held once
+    assert json.loads((run / "distill" / "summary.json").read_text())["teacher_placement"] == "shared"
+    from safetensors.torch import load_file
+
+    built, written = load_file(run / "student" / "model.safetensors"), load_file(run / "distill" / "final" /
+                                                                                  "model.safetensors")
+    frozen = [k for k in built if ".mamba." not in k]
+    assert frozen and all(torch.equal(built[k], written[k]) for k in frozen)
     res = json.loads((run / "eval" / "results.json").read_text())
     assert {r["task"] for r in res["results"]} == {"gsm8k", "ppl"}
     assert len({r["model"] for r in res["results"]}) == 2
