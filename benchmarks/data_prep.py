@@ -5,8 +5,9 @@ O(n log n) best-fit), on synthetic multi-turn chat conversations and a real toke
 The conversations are built deterministically here (seeded draws of common English words with Zipf-like
 frequencies, 1-4 turns, a system prompt in 30% of them). The tokenizer is SmolLM2-135M-Instruct's (its ChatML template
 inserts a default system prompt), from the embedded model (``--tokenizer tiny`` uses the byte tokenizer of
-the tests). The former path is vendored below (``_old_*``, rad-ds at commit e271e87). Each path's output is
-checked identical (token ids, masks, packed rows) before its time counts.
+the tests). The former path is rad-ds at commit e271e87 (``_old_*`` below and ``tests/data_reference.py``,
+which the tests check the fast paths against). Each path's output is checked identical (token ids, masks,
+packed rows) before its time counts.
 
 Timed: tokenisation + masking + packing of records already loaded by ``datasets`` (the jsonl -> Arrow load is
 the same call in both paths and cached by datasets; its time is reported apart). Each current-path run
@@ -19,7 +20,6 @@ reads a fresh copy of the file, so datasets' map cache is cold; ``warm`` re-read
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import os
 import platform
@@ -37,6 +37,7 @@ from rad_ds.data import tokenization as T
 from rad_ds.data.chat_mask import prefix_spans
 from rad_ds.data.packing import _best_fit_decreasing, pack_documents
 from rad_ds.data.sources import DataError, load_records
+from tests.data_reference import answer_target, reference_best_fit, reference_pieces
 
 # -- the former path (rad_ds/data/tokenization.py and packing.py at e271e87, trimmed to what runs here) --------
 
@@ -44,22 +45,15 @@ from rad_ds.data.sources import DataError, load_records
 def _old_chat_doc(msgs, tok, mask_prompt, index, source):
     msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
     text = tok.apply_chat_template(msgs, tokenize=False)
-    spans = prefix_spans(msgs, tok, text) if mask_prompt else []  # 2 renders per assistant turn, as before
-    if spans is None:
-        raise DataError(f"{source} record {index}: prefix")
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=mask_prompt)
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
     if mask_prompt:
-        starts = np.asarray([a for a, _ in enc["offset_mapping"]], dtype=np.int64)
-        is_answer = np.zeros(len(ids), dtype=bool)
-        for a, b in spans:
-            is_answer |= (starts >= a) & (starts < b)
-        target = np.zeros(len(ids), dtype=np.uint8)
-        target[:-1] = is_answer[1:]
-    else:
-        target = np.ones(len(ids), dtype=np.uint8)
-        if len(ids):
-            target[-1] = 0
+        spans = prefix_spans(msgs, tok, text)  # 2 renders per assistant turn, as before
+        if spans is None:
+            raise DataError(f"{source} record {index}: prefix")
+        return answer_target(tok, text, spans)
+    ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    target = np.ones(len(ids), dtype=np.uint8)
+    if len(ids):
+        target[-1] = 0
     return ids, target
 
 
@@ -73,39 +67,9 @@ def _old_tokenize_records(records, tok, mask_prompt=True, min_tokens=2, batch_si
     return [d for d in docs if len(d[0]) >= max(min_tokens, 1) and d[1].any()]
 
 
-def _old_best_fit_decreasing(lengths, capacity):
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    bins, free = [], []
-    for i in order:
-        n = lengths[i]
-        k = bisect.bisect_left(free, (n, -1))
-        if k < len(free):
-            rem, b = free.pop(k)
-            bins[b].append(i)
-            if rem - n > 0:
-                bisect.insort(free, (rem - n, b))
-        else:
-            bins.append([i])
-            if capacity - n > 0:
-                bisect.insort(free, (capacity - n, len(bins) - 1))
-    for b in bins:
-        b.sort()
-    return bins
-
-
 def _old_pack_documents(docs, seq_len, pad_id=0):
-    pieces = []
-    for ids, target in docs:
-        if len(ids) <= seq_len:
-            pieces.append((ids, target))
-            continue
-        for s in range(0, len(ids), seq_len):
-            ids_p, tgt_p = ids[s:s + seq_len], target[s:s + seq_len].copy()
-            if s + seq_len < len(ids):
-                tgt_p[-1] = 0
-            if tgt_p.any():
-                pieces.append((ids_p, tgt_p))
-    bins = _old_best_fit_decreasing([len(p[0]) for p in pieces], seq_len)
+    pieces = reference_pieces(docs, seq_len)
+    bins = reference_best_fit([len(p[0]) for p in pieces], seq_len)
     n = len(bins)
     input_ids = np.full((n, seq_len), pad_id, dtype=np.int32)
     target = np.zeros((n, seq_len), dtype=np.uint8)
@@ -239,7 +203,7 @@ def best_fit_worst_case(n: int, seq_len: int) -> dict:
     sorted list grows to n (insort/pop: O(n) each)."""
     lengths = np.random.default_rng(1).integers(seq_len // 2 + 1, seq_len, size=n).tolist()
     t = time.perf_counter()
-    old = _old_best_fit_decreasing(lengths, seq_len)
+    old = reference_best_fit(lengths, seq_len)
     t_old = time.perf_counter() - t
     t = time.perf_counter()
     new = _best_fit_decreasing(lengths, seq_len)

@@ -7,7 +7,6 @@ document and position) for ``position_ids``."""
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import subprocess
@@ -30,6 +29,7 @@ from rad_ds.data import (
     tokenize_records,
 )
 from rad_ds.distill.config import DataConfig
+from tests.data_reference import reference_best_fit, reference_chat_doc, reference_rows
 from tests.distill_helpers import CHATML, ROOT, byte_tokenizer, write_chat_jsonl, write_text_jsonl
 
 
@@ -167,7 +167,7 @@ def test_chat_mask_with_the_real_smollm2_template(tmp_path):
     docs = tokenize_documents(recs, real, min_tokens=1, num_proc=1)
     assert len(docs) == len(convs) and docs.stats["slow_masks"] == 0
     for (ids, tgt), msgs in zip(docs, recs.dataset["messages"]):
-        ref_ids, ref_tgt = _reference_chat_doc(msgs, real)
+        ref_ids, ref_tgt = reference_chat_doc(msgs, real)
         assert np.array_equal(ids, ref_ids) and np.array_equal(tgt, ref_tgt), msgs
 
 
@@ -302,66 +302,6 @@ def test_data_cache_key_follows_files_and_settings(tmp_path, tok):
 # -- references: what rad-ds computed before, kept to test the fast paths against ------------------------
 
 
-def _reference_chat_doc(msgs, tok):
-    """The per-prefix definition of the answer mask (rad-ds' former ``_chat_doc``, mask_prompt=True):
-    two extra renders per assistant turn."""
-    msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
-    text = tok.apply_chat_template(msgs, tokenize=False)
-    spans = []
-    for i, m in enumerate(msgs):
-        if m["role"] == "assistant":
-            start = tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
-            end = tok.apply_chat_template(msgs[:i + 1], tokenize=False)
-            assert text.startswith(start) and text.startswith(end)
-            spans.append((len(start), len(end)))
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    starts = np.asarray([a for a, _ in enc["offset_mapping"]], dtype=np.int64)
-    is_answer = np.zeros(len(ids), dtype=bool)
-    for a, b in spans:
-        is_answer |= (starts >= a) & (starts < b)
-    target = np.zeros(len(ids), dtype=np.uint8)
-    target[:-1] = is_answer[1:]
-    return ids, target
-
-
-def _reference_best_fit(lengths, capacity):
-    """rad-ds' former best-fit decreasing: a sorted list of (remaining capacity, bin id), insort/pop."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    bins, free = [], []
-    for i in order:
-        n = lengths[i]
-        k = bisect.bisect_left(free, (n, -1))
-        if k < len(free):
-            rem, b = free.pop(k)
-            bins[b].append(i)
-            if rem - n > 0:
-                bisect.insort(free, (rem - n, b))
-        else:
-            bins.append([i])
-            if capacity - n > 0:
-                bisect.insort(free, (capacity - n, len(bins) - 1))
-    return [sorted(b) for b in bins]
-
-
-def _reference_rows(docs, seq_len, mode):
-    """rad-ds' former packer: (ids, target) of every row before padding."""
-    pieces = []
-    for ids, target in docs:
-        if len(ids) <= seq_len:
-            pieces.append((ids, target))
-            continue
-        for s in range(0, len(ids), seq_len):
-            ids_p, tgt_p = ids[s:s + seq_len], target[s:s + seq_len].copy()
-            if s + seq_len < len(ids):
-                tgt_p[-1] = 0
-            if tgt_p.any():
-                pieces.append((ids_p, tgt_p))
-    bins = (_reference_best_fit([len(p[0]) for p in pieces], seq_len) if mode == "greedy"
-            else [[i] for i in range(len(pieces))])
-    return [(np.concatenate([pieces[i][0] for i in b]), np.concatenate([pieces[i][1] for i in b])) for b in bins]
-
-
 # -- document boundaries: position_ids ------------------------------------------------------------------
 
 
@@ -409,7 +349,7 @@ def test_best_fit_equals_the_former_packer_on_random_lengths():
         lengths = rng.integers(1, cap + 1, size=int(rng.integers(0, 250))).tolist()  # many ties
         bin_of = _best_fit_decreasing(lengths, cap).tolist()
         bins = [[i for i, b in enumerate(bin_of) if b == k] for k in range(max(bin_of, default=-1) + 1)]
-        assert bins == _reference_best_fit(lengths, cap), (cap, lengths)
+        assert bins == reference_best_fit(lengths, cap), (cap, lengths)
 
 
 @pytest.mark.parametrize("mode", ["greedy", "none"])
@@ -424,7 +364,7 @@ def test_rows_equal_the_former_packer(mode):
             tgt[-1] = 0
             docs.append((ids, tgt))
         packed = pack_documents(docs, L, mode, pad_id=5)
-        ref = _reference_rows(docs, L, mode)
+        ref = reference_rows(docs, L, mode)
         assert len(packed) == len(ref)
         for r, (ids, tgt) in enumerate(ref):
             n = len(ids)
@@ -533,7 +473,7 @@ def test_chat_mask_equals_the_per_prefix_definition(tmp_path, template):
     docs = tokenize_documents(recs, t, min_tokens=1, num_proc=1)
     assert len(docs) == len(_CONVERSATIONS)
     for (ids, tgt), msgs in zip(docs, recs.dataset["messages"]):
-        ref_ids, ref_tgt = _reference_chat_doc(msgs, t)
+        ref_ids, ref_tgt = reference_chat_doc(msgs, t)
         if template == "generation" and msgs[0]["role"] == "assistant":
             # the definition counts an opening answer's header too (no prompt to cut it at); the template's
             # own blocks mark the answers only
