@@ -211,3 +211,18 @@ def test_auto_placement_by_size(base, tmp_path):
     assert fits.kind == "replicated" and fits.per_rank_bytes == nbytes
     sharded = kind(nbytes * 3.9 / 2**30)
     assert sharded.kind == "zero3" and sharded.per_rank_bytes == math.ceil(nbytes / 2)
+
+
+def test_sources_of_a_gguf_file_path(tmp_path):
+    """``--model path/to/file.gguf``: its config and tokenizer are read from the file, before any weights."""
+    import os
+
+    from rad_ds.distill.build import read_sources
+    from rad_ds.models.conversion import smollm2_gguf
+
+    d, f = smollm2_gguf()
+    data = write_text_jsonl(tmp_path / "text.jsonl", n=8)
+    cfg = L.make_config(run_args(tmp_path, os.path.join(d, f), data, tmp_path / "o", steps=1) + ["--layers", "22,25"])
+    src = read_sources(cfg)
+    assert src.tokenizer is not None and src.self_distill and src.layers == [22, 25]
+    assert src.base_config.num_hidden_layers == 30 and src.base_config.name_or_path.endswith(f)

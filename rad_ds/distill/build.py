@@ -124,11 +124,11 @@ def _teacher_of(cfg, base_config) -> tuple[str, bool]:
 
 def read_sources(cfg) -> Sources:
     """Configs, layer selection and tokenizers of a run, checked against each other before any weights load."""
-    from rad_ds.models.conversion import load_config, load_tokenizer, resolve_dir
+    from rad_ds.models.conversion import load_config, load_tokenizer, model_location
     from rad_ds.surgery import check_layers, layers_from_report
 
     base = load_config(cfg.model.path, cfg.model.gguf_file)
-    tok = load_tokenizer(resolve_dir(cfg.model.path), cfg.model.gguf_file)
+    tok = load_tokenizer(*model_location(cfg.model.path, cfg.model.gguf_file))
     if tok is None:
         raise ConfigError(f"model.path {cfg.model.path}: no tokenizer found; distillation needs one to read --data")
     teacher_path, self_distill = _teacher_of(cfg, base)
@@ -145,7 +145,7 @@ def read_sources(cfg) -> Sources:
         raise ConfigError("no layers to replace: give --layers (e.g. 22,25) or --report FILE --k K")
     teacher_tok = None
     if not self_distill:
-        teacher_tok = load_tokenizer(resolve_dir(teacher_path), cfg.teacher.gguf_file)
+        teacher_tok = load_tokenizer(*model_location(teacher_path, cfg.teacher.gguf_file))
     if cfg.loss.hidden_weight > 0 and cfg.loss.hidden != "none":
         for what, a, b in (("layers", teacher.num_hidden_layers, base.num_hidden_layers),
                            ("hidden size", teacher.hidden_size, base.hidden_size)):
@@ -202,10 +202,11 @@ def build_models(cfg, s_ds: dict | None = None, t_ds: dict | None = None, world:
 
 def _streamable(path, gguf_file):
     """The safetensors source of a model path, or ``None`` (GGUF, .bin: loaded whole, then partitioned)."""
-    from rad_ds.models.conversion import resolve_dir
+    from rad_ds.models.conversion import model_location
     from rad_ds.models.weights import WeightSource
 
-    return None if gguf_file or str(path).endswith(".gguf") else WeightSource.find(resolve_dir(path))
+    directory, gguf = model_location(path, gguf_file)
+    return None if gguf else WeightSource.find(directory)
 
 
 def _build_student(cfg, src: Sources, s_ds, source, dtype, keep_attention: bool, copy_teacher: bool):

@@ -71,16 +71,17 @@ def tensor_layout(config) -> list[tuple[str, tuple[int, ...]]]:
 
 def _base_source(tag_dir: Path, state: dict, config, run_dtype):
     """The run's base model as a safetensors source whose weights are the ones the run started from, or None."""
-    from rad_ds.models.conversion import resolve_dir
+    from rad_ds.models.conversion import model_location
     from rad_ds.models.weights import WeightSource
 
     from .build import source_weights_hash
 
     model = state.get("model")
-    if not model or str(model).endswith(".gguf") or (state.get("config") or {}).get("model", {}).get("gguf_file"):
+    if not model:
         return None
     try:
-        source = WeightSource.find(resolve_dir(model))
+        directory, gguf = model_location(model, (state.get("config") or {}).get("model", {}).get("gguf_file"))
+        source = None if gguf else WeightSource.find(directory)
     except (OSError, ValueError):
         return None
     if source is None:

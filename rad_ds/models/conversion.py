@@ -149,9 +149,7 @@ def load_source(path: str | os.PathLike, gguf_file: str | None = None, dtype=tor
     """Load a transformers causal LM and its tokenizer from an HF dir or a GGUF file (offline)."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(path)
-    if path.is_file() and path.suffix == ".gguf":
-        path, gguf_file = path.parent, path.name
+    path, gguf_file = model_location(path, gguf_file)
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist; give an HF model dir or a .gguf file")
     kw = {"gguf_file": gguf_file} if gguf_file else {}
@@ -197,31 +195,30 @@ def load_model(path: str | os.PathLike, gguf_file: str | None = None, dtype=torc
     return model, tok
 
 
-def resolve_dir(path: str | os.PathLike) -> Path:
-    """The directory behind a model path: ``embedded:*`` names are imported into the cache first."""
+def model_location(path: str | os.PathLike, gguf_file: str | None = None) -> tuple[Path, str | None]:
+    """(directory, GGUF file name or None) behind a model path: an ``embedded:*`` name is its cache directory
+    (imported on first use), a ``.gguf`` file its folder and name."""
     if str(path) in EMBEDDED:
-        return ensure_embedded(str(path))[0]
+        return ensure_embedded(str(path))[0], None
     p = Path(path)
-    return p.parent if p.is_file() else p
+    if p.is_file() and p.suffix == ".gguf":
+        return p.parent, p.name
+    return p, gguf_file
 
 
 def load_config(path: str | os.PathLike, gguf_file: str | None = None) -> RadHybridConfig:
     """The RadHybridConfig a model path loads as (no weights read); refuses unsupported architectures."""
     from transformers import AutoConfig
 
-    p, given = Path(path), gguf_file
-    if str(path) in EMBEDDED:
-        p = resolve_dir(path)
-    elif p.is_file() and p.suffix == ".gguf":
-        p, gguf_file = p.parent, p.name
+    p, gguf = model_location(path, gguf_file)
     if not p.exists():
         raise FileNotFoundError(f"model path {p} does not exist; give an HF model dir or a .gguf file")
-    if not gguf_file and _is_hybrid_dir(p):
+    if not gguf and _is_hybrid_dir(p):
         cfg = RadHybridConfig.from_pretrained(str(p))
     else:
-        kw = {"gguf_file": gguf_file} if gguf_file else {}
+        kw = {"gguf_file": gguf} if gguf else {}
         cfg = config_from_hf(AutoConfig.from_pretrained(str(p), **kw))
-    cfg.name_or_path = str(Path(path) / given) if given else str(path)
+    cfg.name_or_path = str(Path(path) / gguf_file) if gguf_file else str(path)
     return cfg
 
 
