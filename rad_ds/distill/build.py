@@ -213,7 +213,7 @@ def _build_student(cfg, src: Sources, s_ds, source, dtype, keep_attention: bool,
     """(student, original attention of the replaced layers, a whole copy of the base or None, weights hash)."""
     from rad_ds.models.conversion import load_model
     from rad_ds.models.partitioned import build_partitioned
-    from rad_ds.surgery import mark_replaced, replace_attention
+    from rad_ds.surgery import mark_replaced, new_mixer, replace_attention
 
     st = cfg.student
     if source is not None:
@@ -222,7 +222,7 @@ def _build_student(cfg, src: Sources, s_ds, source, dtype, keep_attention: bool,
             record = mark_replaced(config, src.layers, st.init, st.seed, src.selection)
             record.source = cfg.model.path
             config.replaced_layers = record.to_dict()
-        built = build_partitioned(config, source, s_ds, dtype, new_mixer=partial(_mixer, init=st.init),
+        built = build_partitioned(config, source, s_ds, dtype, new_mixer=partial(new_mixer, init=st.init),
                                   new_layers=src.layers, keep_attention=keep_attention, seed=st.seed)
         logger.info("student created partitioned (ZeRO-3) and loaded tensor by tensor from %s", source.dir)
         return built.model, built.attention, None, source_weights_hash(source, config, dtype)
@@ -239,12 +239,6 @@ def _build_student(cfg, src: Sources, s_ds, source, dtype, keep_attention: bool,
         record.source = cfg.model.path
         base.config.replaced_layers = record.to_dict()
     return base, attention, teacher_copy, _weights_hash(base)
-
-
-def _mixer(config, i, attn, generator, init):
-    from rad_ds.surgery import new_mixer
-
-    return new_mixer(config, i, attn, init, generator)
 
 
 def _build_teacher(cfg, src: Sources, t_ds, source, dtype, partitioned: bool, teacher_copy):

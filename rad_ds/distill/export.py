@@ -115,9 +115,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
     from rad_ds.models import RadHybridConfig
     from rad_ds.models.conversion import load_tokenizer, save_model, write_model_metadata
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory or pass --overwrite")
+    out = _check_out(out_dir, overwrite)
     tag_dir = resolve_checkpoint(checkpoint)
     if not (tag_dir / HF_DIR / "config.json").is_file():
         raise CheckpointError(f"checkpoint {tag_dir}: no {HF_DIR}/config.json; was it written by rad-ds distill?")
@@ -147,6 +145,13 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
     return out
 
 
+def _check_out(out_dir, overwrite: bool) -> Path:
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory or pass --overwrite")
+    return out
+
+
 def export_any(source: str | Path, out_dir: str | Path, native: bool = False, from_checkpoint: bool = True,
                overwrite: bool = False, dtype: torch.dtype = torch.float32) -> Path:
     """A checkpoint (``from_checkpoint``) or a student directory written to ``out_dir`` as rad_hybrid, or with
@@ -157,11 +162,9 @@ def export_any(source: str | Path, out_dir: str | Path, native: bool = False, fr
     from rad_ds.models import RadHybridConfig
     from rad_ds.models.native import check_native, export_native
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory or pass --overwrite")
     if not native:
-        return export_checkpoint(source, out, overwrite=overwrite, dtype=dtype)
+        return export_checkpoint(source, out_dir, overwrite=overwrite, dtype=dtype)
+    out = _check_out(out_dir, overwrite)
     if not from_checkpoint:
         check_native(RadHybridConfig.from_pretrained(str(source)))
         return export_native(source, out, dtype=dtype)

@@ -53,23 +53,23 @@ class SelfDistillModel(nn.Module):
         self.replaced = sorted(attention)
         self.config = student.config
 
-    def _shared_prefix(self, input_ids, kw) -> torch.Tensor:
+    def _shared_prefix(self, input_ids, position_ids) -> tuple[torch.Tensor, dict]:
+        """The residual stream entering the first replaced layer, and the layers' keyword arguments."""
         core = self.student.model
         prefix = [core.embed_tokens, *core.layers[: self.replaced[0]]]
         grad = torch.is_grad_enabled() and any(p.requires_grad for m in prefix for p in m.parameters())
         with torch.set_grad_enabled(grad):
             h = core.embed_tokens(input_ids)
-            kw.update(core.layer_inputs(h, kw.pop("position_ids")))
+            kw = core.layer_inputs(h, position_ids)
             for layer in core.layers[: self.replaced[0]]:
                 h = layer(h, **kw)
-        return h
+        return h, kw
 
     def _head(self, h):
         return self.student.lm_head(self.student.model.norm(h))
 
     def forward(self, input_ids, position_ids=None, layerwise: bool = False, **_) -> SelfDistillOutput:
-        kw = {"position_ids": position_ids}
-        h = self._shared_prefix(input_ids, kw)
+        h, kw = self._shared_prefix(input_ids, position_ids)
         layers, first = self.student.model.layers, self.replaced[0]
         out = SelfDistillOutput(student_outputs={}, teacher_outputs={}, teacher_inputs={})
         with torch.no_grad():

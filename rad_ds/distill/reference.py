@@ -16,7 +16,7 @@ from rad_ds.data import DistillLoader, build_packed
 from .build import build_models
 from .engines import plan_batch
 from .optim import build_optimizer, build_scheduler
-from .taps import LayerTaps
+from .taps import LayerTaps, tap_outputs
 from .trainer import LossComputer
 
 
@@ -60,8 +60,7 @@ class ReferenceDistiller:
             with torch.no_grad():
                 t_logits = self.teacher(mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
             s_logits = self.student(mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
-            sums = self.losses.sums(s_logits, t_logits, mb, *(t.outputs if t is not None else None
-                                                              for t in (self.s_taps, self.t_taps)))
+            sums = self.losses.sums(s_logits, t_logits, mb, tap_outputs(self.s_taps), tap_outputs(self.t_taps))
             total, _ = self.losses.weighted(sums, batch.n_target, batch.n_token)
             total.backward()
             for k, v in sums.items():

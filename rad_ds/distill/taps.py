@@ -68,4 +68,9 @@ class LayerTaps:
         self.clear()
 
 
-__all__ = ["LayerTaps", "decoder_layers"]
+def tap_outputs(taps: LayerTaps | None) -> dict | None:
+    """The captured layer outputs of ``taps`` (``None`` without taps: no hidden-state loss)."""
+    return taps.outputs if taps is not None else None
+
+
+__all__ = ["LayerTaps", "decoder_layers", "tap_outputs"]

@@ -43,7 +43,7 @@ from .engines import (
 )
 from .losses import ce_loss_sum, hidden_loss_sum, kd_loss_sum
 from .summary import RunSummary
-from .taps import LayerTaps
+from .taps import LayerTaps, tap_outputs
 from .tracking import Tracker, peak_memory_mb, truncate_metrics
 
 logger = logging.getLogger(__name__)
@@ -99,10 +99,6 @@ class LossComputer:
         w = {"kd": c.kd_weight, "hidden": c.hidden_weight, "ce": c.ce_weight}
         total = sum(w[k] * v for k, v in terms.items())
         return total, terms
-
-
-def _outputs(taps) -> dict | None:
-    return taps.outputs if taps is not None else None
 
 
 def _quiet():
@@ -351,7 +347,7 @@ class DistillRun:
             with torch.no_grad():
                 t_logits = self.teacher(mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
             s_logits = self.student(mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
-            sums = self.losses.sums(s_logits, t_logits, mb, _outputs(self.s_taps), _outputs(self.t_taps))
+            sums = self.losses.sums(s_logits, t_logits, mb, tap_outputs(self.s_taps), tap_outputs(self.t_taps))
         for cb in self.callbacks:
             sums = cb.on_loss(step, sums)
         total, _ = self.losses.weighted(sums, batch.n_target, batch.n_token)

@@ -124,8 +124,7 @@ def export_native(student_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
         layout = GraniteMoeHybridForCausalLM(gcfg).state_dict()
     if gcfg.tie_word_embeddings:
         layout.pop("lm_head.weight", None)
-    first = src.read("model.embed_tokens.weight")
-    dtype = dtype or first.dtype
+    dtype = dtype or src.dtype("model.embed_tokens.weight")
     gcfg.dtype = str(dtype).removeprefix("torch.")
     with atomic_dir(out_dir) as tmp:
         specs = [(n, tuple(t.shape), dtype) for n, t in layout.items()]

@@ -104,6 +104,13 @@ def _source_name(name: str, config, source: WeightSource) -> str:
     return name
 
 
+def _set_module(partitioned, values) -> None:
+    """Every parameter of ``partitioned`` from the same-named one of the ordinary module ``values``."""
+    given = dict(values.named_parameters())
+    for n, q in partitioned.named_parameters():
+        set_partition(q, given[n])
+
+
 def _plain_attention(config, i: int, source: WeightSource, dtype) -> RadAttention:
     """Layer ``i``'s attention of the base as an ordinary module (one layer: small)."""
     attn = RadAttention(config, i).to(dtype)
@@ -118,7 +125,7 @@ def build_partitioned(config, source: WeightSource, ds_cfg: dict, dtype: torch.d
     """A RadHybridForCausalLM of ``config`` created partitioned under ``ds_cfg`` and filled from ``source``.
 
     ``new_layers`` (mamba2 in ``config``, attention in ``source``) get ``new_mixer(config, i, attention,
-    generator)`` (``rad_ds.surgery.new_mixer`` with its init mode bound); with ``keep_attention`` their
+    generator=...)`` (``rad_ds.surgery.new_mixer`` with its init mode bound); with ``keep_attention`` their
     original attention is returned alongside, partitioned the same way. Collective: call on every rank."""
     import deepspeed
     from transformers.initialization import no_init_weights
@@ -143,12 +150,9 @@ def build_partitioned(config, source: WeightSource, ds_cfg: dict, dtype: torch.d
     gen = torch.Generator().manual_seed(seed)
     for i in new_layers:
         plain = _plain_attention(config, i, source, dtype)
-        mixer = new_mixer(config, i, plain, gen).to(dtype)
-        values = dict(mixer.named_parameters())
-        for n, q in model.model.layers[i].mamba.named_parameters():
-            set_partition(q, values[n])
-        for n, q in (attention[i].named_parameters() if keep_attention else ()):
-            set_partition(q, dict(plain.named_parameters())[n])
+        _set_module(model.model.layers[i].mamba, new_mixer(config, i, plain, generator=gen).to(dtype))
+        if keep_attention:
+            _set_module(attention[i], plain)
     model.eval()
     return PartitionedBuild(model, attention)
 

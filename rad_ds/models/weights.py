@@ -28,6 +28,9 @@ _DTYPE_CODES = {
 }
 
 
+_DTYPES_BY_CODE = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
 class WeightSourceError(ValueError):
     """A directory whose weights cannot be read tensor by tensor; the message says why."""
 
@@ -74,6 +77,11 @@ class WeightSource:
     def shape(self, name: str) -> list[int]:
         with self._open(name) as f:
             return list(f.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        with self._open(name) as f:
+            code = f.get_slice(name).get_dtype()
+        return _DTYPES_BY_CODE[code]
 
     def read(self, name: str) -> torch.Tensor:
         with self._open(name) as f:
@@ -127,9 +135,9 @@ class SafetensorsWriter:
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{self.path}: tensor {name} has shape {tuple(tensor.shape)}, announced {shape}")
         t = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        assert len(data) == nbytes
-        self._fh.write(data)
+        if t.numel():
+            self._fh.write(t.reshape(-1).view(torch.uint8).numpy().data)  # the tensor's own bytes, no copy
+        assert t.numel() * t.element_size() == nbytes
         self._next += 1
 
     def close(self) -> None:
