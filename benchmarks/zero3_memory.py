@@ -192,8 +192,8 @@ def render(result: dict, out: Path) -> None:
         "(base loaded whole on every rank, a second copy as the teacher engine). formula: docs/cluster.md's "
         "per-rank weights and optimizer state plus the largest tensor in flight. Target on 2 ranks: <= 0.75; "
         "one rank must hold every weight (>= 1.0). Over gloo an all-gather stages through a second buffer of its "
-        "output's size (torch's ProcessGroupGloo; measured: +194 MiB for a 192 MiB gather into a preallocated "
-        "output), so the largest parameter, the tied embedding (17% of the vocab-49152 model), is in flight twice: "
+        "output's size (torch's ProcessGroupGloo; +194 MiB for a 192 MiB gather into a preallocated output, "
+        "benchmarks/results/gloo_allgather_cpu.md), so the largest parameter, the tied embedding (17% of the vocab-49152 model), is in flight twice: "
         "0.5 + 2 x 0.17 before any layer or logit; NCCL gathers in place.\n")
     print("\n".join(lines))
 
