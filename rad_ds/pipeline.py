@@ -43,7 +43,7 @@ from rad_ds.core.config import (
 from rad_ds.core.io import write_text_atomic
 from rad_ds.core.report import DiagnosisReport
 from rad_ds.diagnosis.config import DiagnoseConfig
-from rad_ds.distill.config import RunConfig
+from rad_ds.distill.config import PLACEMENTS_WITH_REPORT, RunConfig
 from rad_ds.distill.summary import RunSummary
 from rad_ds.eval.config import EvalConfig
 from rad_ds.eval.results import EvalResults
@@ -112,15 +112,22 @@ class PipelineConfig(Config):
         r.out, r.overwrite = str(d["replace"]), True
         t = self.distill
         t.out, t.checkpoint.resume = str(d["distill"]), "auto"
+        place = t.student.placement  # how distill chooses its layers (rad_ds.selection); None: the report's
         if t.teacher.path is None:
             # self-distillation: distil from the base with the report's layers, the same student replace writes
             # (same init and seed), so the teacher is the student's own frozen stack, held once
             t.model.path, t.model.gguf_file = self.model, self.gguf_file
             t.student.layers, t.student.report, t.student.k = None, str(self.report_path), self.k
+            if place is not None and place not in PLACEMENTS_WITH_REPORT:
+                t.student.report = None  # this placement chooses without the report
             t.student.init, t.student.seed, t.student.allow_all = r.init, r.seed, r.allow_all
         else:  # a separate teacher: the student is the one replace wrote
+            if place not in (None, "rad"):
+                raise ConfigError(f"{where}: distill.student.placement={place} needs self-distillation in the "
+                                  "pipeline (with distill.teacher.path the student is the one replace builds from "
+                                  "the report); drop one of the two")
             t.model.path, t.model.gguf_file = str(d["replace"]), None
-            t.student.layers = t.student.report = t.student.k = None
+            t.student.layers = t.student.report = t.student.k = t.student.placement = None
         e = self.evaluate
         joined = [self.model, str(d["distill"] / "final")]
         e.models = joined + [m for m in e.models if m not in joined]  # the section may add models (a teacher)
@@ -250,6 +257,9 @@ class Pipeline:
             lines += [f"Distillation: {s['last_step']} steps on {s['world']} rank(s), {s['tokens']} tokens, loss "
                       f"{s['first_loss']:.4f} -> {s['final_loss']:.4f}, {s['elapsed_s']:.0f} s "
                       f"({s['tokens_per_s']:.0f} tokens/s).", ""]
+            if self.cfg.distill.student.placement not in (None, "rad"):
+                lines[-1:] = [f"Student layers {s.get('replaced_layers')}, chosen by distill.student.placement="
+                              f"{self.cfg.distill.student.placement}.", ""]
         if (self.dirs["evaluate"] / EvalResults.FILE).is_file():
             lines += _results_table(EvalResults.load(self.dirs["evaluate"]))
         t = ", ".join(f"{k} {v:.0f} s" if isinstance(v, float) else f"{k} {v}" for k, v in self.timings.items())

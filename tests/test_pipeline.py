@@ -100,7 +100,7 @@ def test_pipeline_config_errors(tmp_path):
     ("evaluate", {"limt": 3}, "unknown setting 'evaluate.limt'; did you mean evaluate.limit?"),
     ("evaluate", {"zzz": 1}, "unknown setting 'evaluate.zzz'; known: evaluate.models, evaluate.out"),
     ("evaluate", {"limit": 0}, "section evaluate: limit = 0 must be >= 1"),
-    ("replace", {"init": "zeros"}, "section replace: init = 'zeros': use one of attention, random"),
+    ("replace", {"init": "zeros"}, "section replace: init = 'zeros': use one of attention, attention_skip, random"),
 ])
 def test_a_typo_in_any_section_fails_before_any_stage(tmp_path, section, body, message):
     from rad_ds.core.config import ConfigError

@@ -40,6 +40,7 @@ class MicroBatch:
     target: torch.Tensor  # (b, l) bool: the prediction at this position counts (logit losses)
     token: torch.Tensor  # (b, l) bool: a real token (hidden-state losses)
     position_ids: torch.Tensor  # (b, l) long: 0 at each document start (transformers' packed convention)
+    rows: np.ndarray | None = None  # the packed rows these are (None for rows made during training)
 
 
 @dataclass
@@ -177,6 +178,7 @@ class DistillLoader:
             target=torch.from_numpy(p.target[rows].astype(bool)),
             token=torch.from_numpy(p.token[rows].astype(bool)),
             position_ids=torch.from_numpy(p.position_ids[rows].astype(np.int64)),
+            rows=np.asarray(rows),
         )
 
     def next_step(self) -> StepBatch:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from rad_ds.core.dtypes import to_dtype
+from rad_ds.data.teacher_store import TeacherCacheStore
 from rad_ds.distill.config import ConfigError
 from rad_ds.models.partitioned import zero3_enabled
 
@@ -74,6 +75,21 @@ def source_weights_hash(source, config, dtype) -> str:
     """``_weights_hash`` of the model ``source`` loads as, read from the file (nothing gathered)."""
     rows = -(-(1 << 20) // config.hidden_size)
     return _hash_values(source.rows("model.embed_tokens.weight", 0, rows).to(dtype))
+
+
+def teacher_identity(path, gguf_file, config) -> dict:
+    """What tells one teacher from another without loading it (a teacher cache records it, a run with that cache
+    checks it): its architecture hash and, for a safetensors model, the hash of its first embedding values in
+    float32 (for a GGUF/.bin model, its location)."""
+    from rad_ds.models.conversion import model_location
+
+    source = _streamable(path, gguf_file)
+    if source is not None:
+        weights = source_weights_hash(source, config, torch.float32)
+    else:
+        directory, gguf = model_location(path, gguf_file)
+        weights = "file:" + str(Path(directory).resolve() / (gguf or ""))
+    return {"teacher_config": _config_hash(config), "teacher_weights": weights}
 
 
 def _config_hash(config) -> str:
@@ -137,7 +153,11 @@ def read_sources(cfg) -> Sources:
         logger.warning("the teacher %s has Mamba2 layers %s", teacher_path, teacher.mamba_layers)
     selection: dict = {}
     layers = cfg.student.layers
-    if cfg.student.report is not None:
+    if getattr(cfg.student, "placement", None) is not None:  # a named strategy (rad_ds.selection), on rank 0
+        from rad_ds.selection import choose_for_run
+
+        layers, selection = choose_for_run(cfg, base, tok)
+    elif cfg.student.report is not None:
         layers, selection = layers_from_report(cfg.student.report, int(cfg.student.k), base)
     if layers:
         layers = check_layers(base, list(layers), allow_all=cfg.student.allow_all)
@@ -164,11 +184,16 @@ def build_models(cfg, s_ds: dict | None = None, t_ds: dict | None = None, world:
     are created partitioned and loaded tensor by tensor (safetensors sources); ``placement`` overrides
     ``teacher.placement`` (the plain reference loop asks for ``replicated``). Collective under ZeRO-3."""
     src = sources or read_sources(cfg)
-    if placement is not None:
+    if cfg.teacher.cache is not None and not cfg.loss.stage1_steps:
+        place = Placement("cache", 0, 0)  # the teacher signal is read from disk: no teacher model at all
+    elif placement is not None:
         place = Placement(placement, 0, 0)
     else:
         place = resolve_placement(cfg, src.self_distill, src.teacher_config,
                                   t_ds or {"zero_optimization": {"stage": 3}}, world, local_world)
+    if cfg.teacher.cache is not None and place.kind != "cache" and place.kind != "shared":
+        raise ConfigError("loss.stage1_steps > 0 with teacher.cache needs self-distillation (the teacher's layer "
+                          "inputs come from the one-copy teacher stream); drop teacher.cache or loss.stage1_steps")
     vocab_limit = _vocab_check(src.base_config, src.teacher_config, src.tokenizer, src.teacher_tokenizer,
                                cfg.loss.vocab, src.teacher_path)
     dtype = to_dtype(cfg.model.dtype)
@@ -178,9 +203,12 @@ def build_models(cfg, s_ds: dict | None = None, t_ds: dict | None = None, world:
     t_partitioned = place.kind == "zero3" and zero3_enabled(t_ds) and t_source is not None
     student, attention, copy_for_teacher, s_hash = _build_student(
         cfg, src, s_ds, base_source if s_partitioned else None, dtype, keep_attention=place.kind == "shared",
-        copy_teacher=src.self_distill and place.kind != "shared" and not (t_partitioned or s_partitioned))
+        copy_teacher=src.self_distill and place.kind not in ("shared", "cache")
+        and not (t_partitioned or s_partitioned))
     teacher, t_hash = None, s_hash
-    if place.kind != "shared":
+    if place.kind == "cache":
+        t_hash = teacher_identity(src.teacher_path, teacher_gguf(cfg, src), src.teacher_config)["teacher_weights"]
+    elif place.kind != "shared":
         teacher, t_hash = _build_teacher(cfg, src, t_ds, t_source, dtype, t_partitioned, copy_for_teacher)
     replaced = sorted((student.config.replaced_layers or {}).get("layers") or student.config.mamba_layers)
     fingerprint = {
@@ -192,12 +220,20 @@ def build_models(cfg, s_ds: dict | None = None, t_ds: dict | None = None, world:
         "teacher_weights": t_hash,
         "trainable": cfg.student.trainable,
         "one_copy": place.kind == "shared",
+        "teacher_cache": TeacherCacheStore.open(cfg.teacher.cache).id if cfg.teacher.cache else None,
     }
     set_trainable(student, cfg.student.trainable, replaced)
     if place.kind == "shared":
         student = SelfDistillModel(student, attention)
     return Models(student, teacher, src.tokenizer, replaced, src.teacher_path, vocab_limit, fingerprint,
                   src.selection, place, partitioned=s_partitioned, frozen_from_base=base_source is not None)
+
+
+def teacher_gguf(cfg, src: Sources) -> str | None:
+    """The GGUF file name that goes with ``src.teacher_path``."""
+    if cfg.teacher.path is not None:
+        return cfg.teacher.gguf_file
+    return cfg.model.gguf_file if src.self_distill else None
 
 
 def _streamable(path, gguf_file):
@@ -262,6 +298,7 @@ def check_fingerprint(saved: dict, current: dict, tag_dir) -> None:
         "student_config": "student architecture", "student_weights": "base model weights",
         "teacher_config": "teacher architecture", "teacher_weights": "teacher weights",
         "trainable": "student.trainable", "one_copy": "one-copy self-distillation (teacher.placement=shared)",
+        "teacher_cache": "teacher.cache",
     }
     diffs = [k for k in names if k in saved and saved[k] != current.get(k)]
     if diffs:
@@ -273,4 +310,5 @@ def check_fingerprint(saved: dict, current: dict, tag_dir) -> None:
         )
 
 
-__all__ = ["Models", "Sources", "build_models", "check_fingerprint", "read_sources", "source_weights_hash"]
+__all__ = ["Models", "Sources", "build_models", "check_fingerprint", "read_sources", "source_weights_hash",
+           "teacher_gguf", "teacher_identity"]

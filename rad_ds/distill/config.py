@@ -21,6 +21,8 @@ from rad_ds.core.config import (  # noqa: F401 - ConfigError, load_file, parse_o
     setting,
 )
 from rad_ds.core.dtypes import NAMES_32_16
+from rad_ds.selection.strategies import METHODS as LAYER_PLACEMENTS
+from rad_ds.selection.strategies import NEEDS_REPORT as PLACEMENTS_WITH_REPORT
 from rad_ds.surgery.init import INIT_MODES
 
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tv", "none")
@@ -59,14 +61,22 @@ class TeacherConfig:
     replicate_fraction: float = _f(0.25, "placement auto: replicate a teacher up to this fraction of device memory")
     device_memory_gb: float | None = _f(
         None, "memory per rank the placement check assumes (default: the GPU's, or host RAM / local ranks)")
+    cache: str | None = _f(
+        None, "a teacher cache directory (launchers/teacher_cache.py): the teacher signal (top-k + tail per "
+              "position) is read from it, no teacher runs; needs the cache's data, data.seq_len and temperature")
 
 
 @dataclass
 class StudentConfig:
     layers: list[int] | None = _f(None, "attention layers to replace with Mamba2, e.g. 22,25 or 4-6")
     report: str | None = _f(None, "diagnosis report.json to take the layers from (with student.k)")
-    k: int | None = _f(None, "with student.report: how many layers to replace")
-    init: str = _f("attention", "Mamba2 init: attention (MambaInLlama mapping) or random")
+    k: int | None = _f(None, "with student.report or student.placement: how many layers to replace")
+    placement: str | None = _f(
+        None, f"how to choose student.layers (with student.k): {' | '.join(LAYER_PLACEMENTS)}; rad/single_skip read "
+              "student.report (docs/selection.md)")
+    placement_seed: int = _f(0, "student.placement=random: the seed of the draw (kl_probe: of the probe's init)")
+    init: str = _f("attention", "Mamba2 init: attention (MambaInLlama mapping), attention_skip (the mapping with "
+                   "out_proj zeroed: the mixer starts as a skipped sublayer) or random")
     seed: int = _f(0, "seed of the Mamba2 init")
     allow_all: bool = _f(False, "allow replacing every attention layer")
     trainable: str = _f(
@@ -110,6 +120,9 @@ class LossConfig:
         False, "each replaced student layer gets the teacher's input to that layer (MOHAWK-style stage)"
     )
     ce_weight: float = _f(0.0, "weight of cross-entropy on the data (0 = off)")
+    stage1_steps: int = _f(0, "two-stage recipe: the first N steps align each replaced layer alone (fed the "
+                              "teacher's input to it, trained on its output with loss.hidden, weight 1, no logit "
+                              "loss), then the configured losses end to end (0 = one stage)")
     chunk_tokens: int = _f(1024, "tokens per chunk when computing the logit losses (bounds memory)")
     vocab: str = _f("strict", "strict: teacher and student vocab sizes must match; truncate: compare the "
                     "tokenizer's tokens when one vocab is a padded version of the other")
@@ -156,6 +169,18 @@ class LogConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    lmbda: float = _f(0.0, "fraction of steps whose completions the student generates (GKD's lambda; 0 = "
+                           "off-policy only); see docs/on_policy.md")
+    max_new_tokens: int = _f(64, "on-policy steps: longest completion the student generates per prompt")
+    temperature: float = _f(1.0, "on-policy steps: sampling temperature of the student (0 = greedy)")
+    min_prompt_tokens: int = _f(4, "on-policy steps: shortest prompt (plain-text documents have no prompt: their "
+                                   "first tokens are the prompt)")
+    max_prompts_per_row: int = _f(0, "on-policy steps: prompts from at most this many documents of each packed row "
+                                     "(0 = every document)")
+
+
+@dataclass
 class RunConfig(Config):
     out: str | None = _f(None, "run directory: checkpoints/, final/, metrics.jsonl")
     deepspeed: str = _f("ds_configs/zero3.json", "DeepSpeed config of the student engine")
@@ -168,6 +193,7 @@ class RunConfig(Config):
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
     # -- checks ----------------------------------------------------------------------------------
     def validate(self) -> RunConfig:
@@ -195,20 +221,15 @@ class RunConfig(Config):
             raise ConfigError("data.path is not set: give --data FILE (jsonl/parquet/txt) or a hub dataset name")
         if resolve_shipped(self.data.path).exists():
             self.data.path = str(resolve_shipped(self.data.path))
-        if self.student.layers is not None and self.student.report is not None:
-            raise ConfigError("student.layers and student.report are both set: give one of --layers or --report/--k")
-        if self.student.report is not None and self.student.k is None:
-            raise ConfigError("student.report needs student.k (--k K, the number of layers to replace)")
-        if self.student.layers is not None and not self.student.layers:
-            raise ConfigError("student.layers is empty; give e.g. --layers 3,7")
+        self._check_student_layers()
         at_least(self, ("data.seq_len", "train.steps", "train.micro_batch", "loss.chunk_tokens",
                         "train.dist_timeout_s"), 1)
         if self.data.seq_len < 2:
             raise ConfigError(f"data.seq_len = {self.data.seq_len} must be >= 2 (a token and its successor)")
         at_least(self, ("train.grad_accum", "train.global_batch", "train.stop_after", "data.num_proc"), 1,
                  optional=True)
-        at_least(self, ("checkpoint.every", "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay",
-                        "loss.kd_weight", "loss.hidden_weight", "loss.ce_weight"), 0)
+        at_least(self, ("checkpoint.every", "optim.warmup_steps", "loss.stage1_steps", "optim.grad_clip",
+                        "optim.weight_decay", "loss.kd_weight", "loss.hidden_weight", "loss.ce_weight"), 0)
         at_least(self, ("checkpoint.keep",), 1)
         if not self.optim.lr > 0:
             raise ConfigError(f"optim.lr = {self.optim.lr} must be > 0")
@@ -229,11 +250,20 @@ class RunConfig(Config):
                 "every loss term is off: set loss.kd_weight > 0 (with loss.kd), loss.hidden_weight > 0 "
                 "(with loss.hidden) or loss.ce_weight > 0"
             )
+        if self.loss.stage1_steps:
+            if self.loss.hidden == "none":
+                raise ConfigError("loss.stage1_steps > 0 aligns layer outputs with loss.hidden: set loss.hidden to "
+                                  "mse or cosine")
+            if self.loss.stage1_steps >= self.train.steps:
+                raise ConfigError(f"loss.stage1_steps = {self.loss.stage1_steps} leaves no end-to-end steps of "
+                                  f"train.steps = {self.train.steps}: lower it or raise train.steps")
         if self.loss.layerwise and not hid_on:
             raise ConfigError(
                 "loss.layerwise trains each replaced layer on its own output: set loss.hidden_weight > 0 "
                 "(and loss.hidden mse or cosine)"
             )
+        self._check_on_policy()
+        self._check_cache(hid_on)
         if self.checkpoint.resume not in (None, "auto", "none") and not Path(self.checkpoint.resume).exists():
             raise ConfigError(
                 f"checkpoint.resume: {self.checkpoint.resume} does not exist; give 'auto' or a checkpoint "
@@ -246,6 +276,69 @@ class RunConfig(Config):
             self.set(key, str(p))
         return self
 
+    def _check_student_layers(self) -> None:
+        """One source of layers: a list, a report with k, or a placement with k (student.placement needs k, excludes
+        a list, and only rad / single_skip read a report: a report beside another placement would be ignored)."""
+        st = self.student
+        if st.layers is not None and st.report is not None:
+            raise ConfigError("student.layers and student.report are both set: give one of --layers or --report/--k")
+        if st.report is not None and st.k is None:
+            raise ConfigError("student.report needs student.k (--k K, the number of layers to replace)")
+        if st.layers is not None and not st.layers:
+            raise ConfigError("student.layers is empty; give e.g. --layers 3,7")
+        if st.placement is None:
+            return
+        choice("student.placement", st.placement, LAYER_PLACEMENTS)
+        if st.layers is not None:
+            raise ConfigError(f"student.layers and student.placement={st.placement} are both set: give the layers "
+                              "(--layers) or a placement with --k, not both")
+        if st.k is None or st.k < 1:
+            raise ConfigError(f"student.placement={st.placement} needs student.k >= 1 (--k K, how many layers)")
+        if st.placement in PLACEMENTS_WITH_REPORT and st.report is None:
+            raise ConfigError(f"student.placement={st.placement} reads a diagnosis report: give --report "
+                              "report.json (launchers/diagnose.py --k K writes one)")
+        if st.placement not in PLACEMENTS_WITH_REPORT and st.report is not None:
+            raise ConfigError(f"student.report is read only by student.placement rad or single_skip, not "
+                              f"{st.placement}: drop --report")
+
+    def _check_on_policy(self) -> None:
+        """GKD's lambda: a fraction in [0, 1]; on-policy steps need a teacher that can score new tokens."""
+        op = self.on_policy
+        if not 0 <= op.lmbda <= 1:
+            raise ConfigError(f"on_policy.lmbda = {op.lmbda} must be in [0, 1] (the fraction of on-policy steps)")
+        at_least(self, ("on_policy.max_new_tokens", "on_policy.min_prompt_tokens"), 1)
+        at_least(self, ("on_policy.max_prompts_per_row",), 0)
+        if not op.temperature >= 0:
+            raise ConfigError(f"on_policy.temperature = {op.temperature} must be >= 0 (0 = greedy)")
+        if op.lmbda == 0:
+            return
+        if getattr(self.teacher, "cache", None):
+            raise ConfigError("on_policy.lmbda > 0 needs a live teacher: a cached teacher (teacher.cache) cannot "
+                              "score the student's new tokens; drop teacher.cache or set on_policy.lmbda=0")
+        if self.loss.layerwise:
+            raise ConfigError("on_policy.lmbda > 0 with loss.layerwise=true: layer-wise training compares hidden "
+                              "states only, sampling adds nothing; set on_policy.lmbda=0 or loss.layerwise=false")
+        if self.loss.ce_weight > 0:
+            raise ConfigError("on_policy.lmbda > 0 with loss.ce_weight > 0: cross-entropy on the student's own "
+                              "samples trains it to repeat itself; set loss.ce_weight=0 or on_policy.lmbda=0")
+
+    def _check_cache(self, hidden_on: bool) -> None:
+        """What a teacher read from a cache cannot do (it holds top-k logits, nothing else)."""
+        cache = self.teacher.cache
+        if cache is None:
+            return
+        if not (Path(cache) / "manifest.json").is_file():
+            raise ConfigError(f"teacher.cache: {cache} is not a teacher cache (no manifest.json); build one with "
+                              "launchers/teacher_cache.py")
+        if self.out and Path(self.out).resolve() == Path(cache).resolve():
+            raise ConfigError(f"out {self.out} is the teacher cache itself: give the run its own --out")
+        if hidden_on or self.loss.layerwise:
+            raise ConfigError("teacher.cache holds the teacher's logits only: set loss.hidden_weight=0 and "
+                              "loss.layerwise=false, or drop teacher.cache to run the teacher online")
+        if self.teacher.placement != "auto" or self.teacher.offload:
+            raise ConfigError(f"teacher.cache replaces the teacher engine: drop teacher.placement="
+                              f"{self.teacher.placement} / teacher.offload")
+
 
 def field_help() -> list[tuple[str, str, Any]]:
     """(dotted name, help, default) of every run setting, for ``--help``."""
@@ -253,6 +346,7 @@ def field_help() -> list[tuple[str, str, Any]]:
 
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "LogConfig", "LossConfig", "ModelConfig", "OptimConfig",
-    "RunConfig", "StudentConfig", "TeacherConfig", "TrainConfig", "field_help", "load_file", "parse_overrides",
+    "CheckpointConfig", "ConfigError", "DataConfig", "LogConfig", "LossConfig", "ModelConfig", "OnPolicyConfig",
+    "OptimConfig", "RunConfig", "StudentConfig", "TeacherConfig", "TrainConfig", "field_help", "load_file",
+    "parse_overrides",
 ]

@@ -68,20 +68,23 @@ class SelfDistillModel(nn.Module):
     def _head(self, h):
         return self.student.lm_head(self.student.model.norm(h))
 
-    def forward(self, input_ids, position_ids=None, layerwise: bool = False, **_) -> SelfDistillOutput:
+    def forward(self, input_ids, position_ids=None, layerwise: bool = False, teacher: bool = True,
+                **_) -> SelfDistillOutput:
+        """``teacher=False``: the student stream alone (its teacher signal comes from elsewhere, a cache)."""
         h, kw = self._shared_prefix(input_ids, position_ids)
         layers, first = self.student.model.layers, self.replaced[0]
         out = SelfDistillOutput(student_outputs={}, teacher_outputs={}, teacher_inputs={})
-        with torch.no_grad():
-            t = h.detach()
-            for i in range(first, len(layers)):
-                attn = self.teacher_attention[str(i)] if str(i) in self.teacher_attention else None
-                if attn is not None:
-                    out.teacher_inputs[i] = t
-                t = layers[i](t, attention=attn, **kw)
-                if attn is not None:
-                    out.teacher_outputs[i] = t
-            out.teacher_logits = self._head(t)
+        if teacher:
+            with torch.no_grad():
+                t = h.detach()
+                for i in range(first, len(layers)):
+                    attn = self.teacher_attention[str(i)] if str(i) in self.teacher_attention else None
+                    if attn is not None:
+                        out.teacher_inputs[i] = t
+                    t = layers[i](t, attention=attn, **kw)
+                    if attn is not None:
+                        out.teacher_outputs[i] = t
+                out.teacher_logits = self._head(t)
         s = h
         for i in range(first, len(layers)):
             if layerwise and i in out.teacher_inputs:

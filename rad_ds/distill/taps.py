@@ -40,8 +40,10 @@ class LayerTaps:
 
     def _feeder(self, i, source):
         def hook(module, args, kwargs):
-            new = source().to(dtype=args[0].dtype)
-            return (new, *args[1:]), kwargs
+            new = source()  # None: leave the layer's own input (a feed that is switched off)
+            if new is None:
+                return None
+            return (new.to(dtype=args[0].dtype), *args[1:]), kwargs
 
         return hook
 

@@ -13,6 +13,7 @@ guard, fault injection, metrics tracking and checkpoint cadence are callbacks on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -26,10 +27,11 @@ import torch
 from rad_ds.core.dist import init_distributed, local_world_size, release_env
 from rad_ds.core.host_memory import return_freed_memory
 from rad_ds.core.io import ProvisionalDir
-from rad_ds.data import DistillLoader, data_fingerprint, load_packed
+from rad_ds.data import DistillLoader, data_fingerprint, load_packed, tokenizer_fingerprint
+from rad_ds.data.teacher_store import SparseTargets, TeacherCacheStore
 
 from . import checkpoint as ckpt
-from .build import build_models, check_fingerprint, read_sources
+from .build import build_models, check_fingerprint, read_sources, teacher_gguf, teacher_identity
 from .callbacks import Callback, Checkpointing, FaultInjection, NonFiniteGuard, Tracking
 from .checkpoint import to_universal
 from .config import ConfigError, RunConfig
@@ -41,7 +43,8 @@ from .engines import (
     student_engine,
     teacher_engine,
 )
-from .losses import ce_loss_sum, hidden_loss_sum, kd_loss_sum
+from .losses import ce_loss_sum, hidden_loss_sum, kd_loss_sum, sparse_kd_loss_sum
+from .on_policy import OnPolicy, generation_model
 from .summary import RunSummary
 from .taps import LayerTaps, tap_outputs
 from .tracking import Tracker, peak_memory_mb, truncate_metrics
@@ -70,15 +73,22 @@ class LossComputer:
         self.hidden_on = loss_cfg.hidden != "none" and loss_cfg.hidden_weight > 0
         self.ce_on = loss_cfg.ce_weight > 0
 
-    def sums(self, s_logits, t_logits, mb, s_outputs: dict | None, t_outputs: dict | None) -> dict:
-        """``*_outputs``: replaced layer -> that layer's output (for the hidden-state loss)."""
+    def sums(self, s_logits, t_logits, mb, s_outputs: dict | None, t_outputs: dict | None,
+             sparse: SparseTargets | None = None) -> dict:
+        """``*_outputs``: replaced layer -> that layer's output (for the hidden-state loss); ``sparse``: the
+        teacher as top-k + tail targets (a teacher cache) instead of ``t_logits``."""
         c = self.cfg
         out = {}
         if self.vocab_limit is not None:
-            s_logits, t_logits = s_logits[..., :self.vocab_limit], t_logits[..., :self.vocab_limit]
+            s_logits = s_logits[..., :self.vocab_limit]
+            t_logits = t_logits[..., :self.vocab_limit] if t_logits is not None else None
         if self.kd_on:
             mix = c.jsd_beta if c.kd == "jsd" else c.skew_alpha
-            out["kd"] = kd_loss_sum(s_logits, t_logits, mb.target, c.kd, c.temperature, mix, c.chunk_tokens)
+            if sparse is not None:
+                out["kd"] = sparse_kd_loss_sum(s_logits, sparse.indices, sparse.logp, sparse.tail, mb.target, c.kd,
+                                               c.temperature, mix, c.chunk_tokens)
+            else:
+                out["kd"] = kd_loss_sum(s_logits, t_logits, mb.target, c.kd, c.temperature, mix, c.chunk_tokens)
         if self.hidden_on:
             out["hidden"] = sum(hidden_loss_sum(s_outputs[i], t_outputs[i], mb.token, c.hidden)
                                 for i in self.layers)
@@ -200,17 +210,32 @@ class DistillRun:
         self._build_data()
         self._build_engines()
         self.losses = LossComputer(cfg.loss, self.models.replaced_layers, self.models.vocab_limit)
+        # the two-stage recipe's first stage: each replaced layer alone, fed the teacher's input, on its output
+        self.stage1_steps = cfg.loss.stage1_steps
+        stage1 = dataclasses.replace(cfg.loss, kd="none", kd_weight=0.0, ce_weight=0.0, hidden_weight=1.0,
+                                     layerwise=True)
+        self.stage1_losses = LossComputer(stage1, self.models.replaced_layers, self.models.vocab_limit)
+        self.layerwise_now = cfg.loss.layerwise
+        # GKD's lambda: on some steps the student writes the completions it is trained on (on_policy.py)
+        self.on_policy = OnPolicy(cfg.on_policy, cfg.train.seed, generation_model(self.student), self.tok,
+                                  self.device, self.rank, self.world, self.models.vocab_limit,
+                                  after=getattr(cfg.loss, "stage1_steps", 0))
         self.t_taps = self.s_taps = None
-        self.one_copy = self.teacher is None  # the teacher stream runs inside the student engine
-        if self.losses.hidden_on and not self.one_copy:
+        self.one_copy = self.models.placement.kind == "shared"  # the teacher stream runs inside the student engine
+        if (self.losses.hidden_on or self.stage1_steps) and not self.one_copy:
             layers = self.models.replaced_layers
-            self.t_taps = LayerTaps(self.teacher, layers, capture_inputs=cfg.loss.layerwise)
-            feed = {i: partial(self._teacher_input, i) for i in layers} if cfg.loss.layerwise else None
+            layerwise = cfg.loss.layerwise or bool(self.stage1_steps)
+            self.t_taps = LayerTaps(self.teacher, layers, capture_inputs=layerwise)
+            feed = {i: partial(self._teacher_input, i) for i in layers} if layerwise else None
             self.s_taps = LayerTaps(self.student, layers, feed=feed)
         return None
 
-    def _teacher_input(self, i: int) -> torch.Tensor:
-        return self.t_taps.inputs[i].detach()
+    def _teacher_input(self, i: int) -> torch.Tensor | None:
+        return self.t_taps.inputs[i].detach() if self.layerwise_now else None
+
+    def losses_at(self, step: int) -> LossComputer:
+        """The objective of ``step``: the recipe's layer-wise first stage, then the configured losses."""
+        return self.stage1_losses if step <= self.stage1_steps else self.losses
 
     def _ds_configs(self) -> None:
         """The filled DeepSpeed configs of both engines (the models are created under them)."""
@@ -251,6 +276,22 @@ class DistillRun:
             )
         self.loader = DistillLoader(self.packed, plan.micro_batch, plan.grad_accum, self.rank, self.world,
                                     cfg.train.seed, cfg.data.shuffle)
+        self.cache = self._open_cache() if cfg.teacher.cache else None
+
+    def _open_cache(self) -> TeacherCacheStore:
+        """The teacher cache, checked against this run: teacher, tokenizer, packed rows, temperature, vocab."""
+        cfg, src = self.cfg, self.sources
+        store = TeacherCacheStore.open(cfg.teacher.cache)
+        store.check({
+            **teacher_identity(src.teacher_path, teacher_gguf(cfg, src), src.teacher_config),
+            "tokenizer": tokenizer_fingerprint(self.tok), "seq_len": cfg.data.seq_len, "rows": len(self.packed),
+            "data": self.data_fp, "temperature": float(cfg.loss.temperature),
+            "vocab_size": int(src.base_config.vocab_size),
+        })
+        if self.rank == 0:
+            logger.info("teacher signal from the cache %s (k=%d, %s values)", store.root, store.k,
+                        store.fingerprint["values_dtype"])
+        return store
 
     def _build_engines(self) -> None:
         cfg, state, tag_dir, s_ds = self.cfg, self.state, self.tag_dir, self.s_ds
@@ -266,7 +307,7 @@ class DistillRun:
         self.student = student_engine(self.models.student, s_ds, cfg.optim, cfg.train.steps)
         self.device = self.student.device
         kind, teacher = self.models.placement.kind, self.models.teacher
-        self.teacher = None if kind == "shared" else (
+        self.teacher = None if kind in ("shared", "cache") else (
             teacher_engine(teacher, self.t_ds) if kind == "zero3" else replicated_teacher(teacher, self.device))
 
     # -- resume --------------------------------------------------------------------------------------------
@@ -316,7 +357,8 @@ class DistillRun:
         """One optimizer step over the step's micro-batches; its metrics row."""
         t0 = time.perf_counter()
         self._hook("on_step_start", step)
-        batch = self.loader.next_step()
+        self.layerwise_now = self.losses_at(step).cfg.layerwise  # before generation: the feed hooks read it
+        batch = self.on_policy.maybe_replace(step, self.loader.next_step())
         lr = self.student.get_lr()[0]
         acc = {}
         for a, mb in enumerate(batch.micro):
@@ -324,7 +366,7 @@ class DistillRun:
                 acc[k] = acc.get(k, 0.0) + v.detach().float()
             if a < len(batch.micro) - 1:
                 self.student.step()
-        loss, terms = self.global_loss(acc, batch)
+        loss, terms = self.global_loss(acc, batch, self.losses_at(step))
         self._hook("pre_optim_step", step, loss, terms)
         self.student.step()
         grad_norm = self.student.get_global_grad_norm()  # None where DeepSpeed did not compute it
@@ -334,23 +376,37 @@ class DistillRun:
         self.tokens_seen += batch.n_token
         self.tokens_run += batch.n_token
         return {"step": step, "loss": loss, **terms, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
-                "tokens_per_s": batch.n_token / dt, "step_s": dt, "mem_mb": peak_memory_mb()}
+                "tokens_per_s": batch.n_token / dt, "step_s": dt, "mem_mb": peak_memory_mb(),
+                **self.on_policy.metrics(), **self.stage_metrics(step)}
+
+    def stage_metrics(self, step: int) -> dict:
+        return {"stage": 1 if step <= self.stage1_steps else 2} if self.stage1_steps else {}
 
     def micro_step(self, step: int, mb, batch) -> dict:
         """Teacher forward, student forward/backward of one micro-batch; its loss sums."""
         mb.input_ids, mb.target, mb.token, mb.position_ids = (
             x.to(self.device) for x in (mb.input_ids, mb.target, mb.token, mb.position_ids))
+        losses = self.losses_at(step)
+        self.layerwise_now = losses.cfg.layerwise
+        # the cache gives the logit targets (in a two-stage run: of the second stage)
+        cached = self.cache is not None and step > self.stage1_steps
+        sparse = self.cache.targets(mb.rows, mb.target) if cached else None
         if self.one_copy:
-            out = self.student(mb.input_ids, position_ids=mb.position_ids, layerwise=self.cfg.loss.layerwise)
-            sums = self.losses.sums(out.logits, out.teacher_logits, mb, out.student_outputs, out.teacher_outputs)
+            out = self.student(mb.input_ids, position_ids=mb.position_ids, layerwise=self.layerwise_now,
+                               teacher=sparse is None)
+            sums = losses.sums(out.logits, out.teacher_logits, mb, out.student_outputs, out.teacher_outputs,
+                               sparse=sparse)
+        elif sparse is not None:
+            s_logits = self.student(mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
+            sums = losses.sums(s_logits, None, mb, None, None, sparse=sparse)
         else:
             with torch.no_grad():
                 t_logits = self.teacher(mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
             s_logits = self.student(mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
-            sums = self.losses.sums(s_logits, t_logits, mb, tap_outputs(self.s_taps), tap_outputs(self.t_taps))
+            sums = losses.sums(s_logits, t_logits, mb, tap_outputs(self.s_taps), tap_outputs(self.t_taps))
         for cb in self.callbacks:
             sums = cb.on_loss(step, sums)
-        total, _ = self.losses.weighted(sums, batch.n_target, batch.n_token)
+        total, _ = losses.weighted(sums, batch.n_target, batch.n_token)
         # DeepSpeed divides by grad_accum and averages gradients over ranks: undo both so the
         # gradient is that of the global per-token mean
         self.student.backward(total * (self.plan.grad_accum * self.world))
@@ -359,14 +415,14 @@ class DistillRun:
                 taps.clear()
         return sums
 
-    def global_loss(self, acc: dict, batch):
+    def global_loss(self, acc: dict, batch, losses: LossComputer | None = None):
         """The step's loss terms summed over ranks (collective), normalised by the global token counts."""
         keys = sorted(acc)
         vec = torch.stack([acc[k].reshape(()) for k in keys]).to(self.device) if keys else torch.zeros(0)
         if self.world > 1 and keys:
             torch.distributed.all_reduce(vec)
         glob = {k: float(v) for k, v in zip(keys, vec.cpu().tolist())}
-        return self.losses.weighted(glob, batch.n_target, batch.n_token)
+        return (losses or self.losses).weighted(glob, batch.n_target, batch.n_token)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 

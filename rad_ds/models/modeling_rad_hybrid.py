@@ -484,7 +484,10 @@ class RadHybridForCausalLM(RadHybridPreTrainedModel, GenerationMixin):
         if inputs_embeds is not None and past == 0:
             inputs["inputs_embeds"] = inputs_embeds
         else:
-            inputs["input_ids"] = input_ids[:, past:] if cache is not None else input_ids
+            # under synced_gpus a rank that has finished keeps stepping with no new token (its cache has seen
+            # them all): it feeds its last token again, and generate() discards what comes out
+            fresh = input_ids[:, past:] if past < input_ids.size(1) else input_ids[:, -1:]
+            inputs["input_ids"] = fresh if cache is not None else input_ids
         if kwargs.get("logits_to_keep") is not None:
             inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return inputs

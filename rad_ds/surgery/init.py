@@ -8,7 +8,7 @@ import torch
 
 from rad_ds.models.mamba2_mixer import Mamba2Mixer
 
-INIT_MODES = ("attention", "random")
+INIT_MODES = ("attention", "attention_skip", "random")
 
 
 class SurgeryError(ValueError):

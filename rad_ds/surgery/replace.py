@@ -82,11 +82,18 @@ def mark_replaced(config, layers, init: str, seed: int = 0, selection: dict | No
 
 def new_mixer(config, i: int, attn, init: str, generator: torch.Generator, dtype=None) -> Mamba2Mixer:
     """The Mamba2 mixer replacing layer ``i``'s attention ``attn``: Mamba2's init drawn from ``generator``
-    (call in layer order for a reproducible student), then the MambaInLlama mapping for ``init="attention"``."""
+    (call in layer order for a reproducible student), then the MambaInLlama mapping for ``init="attention"``;
+    ``"attention_skip"`` is that mapping with ``out_proj`` zeroed: the new mixer starts as a skipped sublayer (the
+    block's output is its input plus the MLP's) and grows in as ``out_proj`` learns (as LoRA's zero B)."""
     mixer = Mamba2Mixer(config, layer_idx=i)
     mixer.reset_parameters(generator=generator)
-    if init == "attention":
+    if init in ("attention", "attention_skip"):
         init_from_attention(mixer, attn)
+    if init == "attention_skip":
+        with torch.no_grad():
+            mixer.out_proj.weight.zero_()
+            if mixer.out_proj.bias is not None:
+                mixer.out_proj.bias.zero_()
     return mixer.to(dtype=dtype) if dtype is not None else mixer
 
 

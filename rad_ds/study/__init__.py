@@ -1,0 +1,19 @@
+"""The placement study: does RAD's choice of layers beat fixed placements at an equal distillation budget?
+One student per placement method, the same recipe for each, scored on held-out data (``launchers/placement.py``)."""
+
+from __future__ import annotations
+
+
+def __getattr__(name):
+    if name in ("run_study", "Study"):
+        from . import run
+
+        return getattr(run, name)
+    if name == "StudyConfig":
+        from .config import StudyConfig
+
+        return StudyConfig
+    raise AttributeError(name)
+
+
+__all__ = ["Study", "StudyConfig", "run_study"]

@@ -1,0 +1,101 @@
+"""Held-out metrics of a student against its teacher, on data that neither selection nor training saw.
+
+``HeldOut`` runs the teacher once over the held-out rows and prompts (its log-probabilities at every counted
+position, its greedy continuations) and then scores any number of students against that reference:
+
+* ``heldout_kl``: mean KL(teacher || student) per counted position (nats; the distillation objective, T = 1);
+* ``ppl``: the student's perplexity on the held-out tokens (exp of the mean next-token cross-entropy);
+* ``top1_agreement``: the fraction of counted positions where the student's argmax is the teacher's;
+* ``greedy_agreement``: the fraction of the teacher's greedy continuation (``greedy_tokens`` per held-out
+  prompt) that the student predicts token for token when fed that continuation, and ``greedy_prefix``: the mean
+  length of the matching prefix (what a greedy speculative decoder with this student as draft would accept).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class _Prompt:
+    ids: torch.Tensor  # (p,) the prompt
+    continuation: torch.Tensor  # (m,) the teacher's greedy continuation
+
+
+class HeldOut:
+    def __init__(self, teacher, tokenizer, packed, prompts: list[torch.Tensor], greedy_tokens: int = 32,
+                 micro_batch: int = 4):
+        self.packed, self.micro_batch = packed, micro_batch
+        self.n_rows = len(packed)
+        self.ref_logp: list[torch.Tensor] = []  # per micro-batch: teacher log-probs at counted positions
+        with torch.no_grad():
+            for ids, pos, target, _ in self._batches():
+                logits = teacher(ids, position_ids=pos).logits
+                self.ref_logp.append(F.log_softmax(logits[target].float(), -1))
+        self.prompts = _greedy_continuations(teacher, tokenizer, prompts, greedy_tokens)
+        self.positions = int(sum(x.size(0) for x in self.ref_logp))
+
+    def _batches(self):
+        p = self.packed
+        for a in range(0, self.n_rows, self.micro_batch):
+            rows = np.arange(a, min(a + self.micro_batch, self.n_rows))
+            ids = torch.from_numpy(p.input_ids[rows].astype(np.int64))
+            pos = torch.from_numpy(p.position_ids[rows].astype(np.int64))
+            target = torch.from_numpy(p.target[rows].astype(bool))
+            nxt = torch.zeros_like(ids)
+            nxt[:, :-1] = ids[:, 1:]
+            yield ids, pos, target, nxt
+
+    @torch.no_grad()
+    def evaluate(self, student) -> dict:
+        kl = ce = agree = 0.0
+        for (ids, pos, target, nxt), t in zip(self._batches(), self.ref_logp, strict=True):
+            s = F.log_softmax(student(ids, position_ids=pos).logits[target].float(), -1)
+            kl += float((t.exp() * (t - s)).sum())
+            ce += float(-s.gather(-1, nxt[target].view(-1, 1)).sum())
+            agree += float((s.argmax(-1) == t.argmax(-1)).sum())
+        n = max(self.positions, 1)
+        matched = total = prefix = 0
+        if self.prompts:  # one right-padded batch: padding after a row's end changes nothing before it
+            seqs = [torch.cat([pr.ids, pr.continuation]) for pr in self.prompts]
+            ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+            logits = student(ids).logits
+            for row, pr in zip(logits, self.prompts):
+                p = pr.ids.numel()
+                hits = (row[p - 1: p - 1 + pr.continuation.numel()].argmax(-1) == pr.continuation).tolist()
+                matched, total = matched + sum(hits), total + len(hits)
+                prefix += hits.index(False) if False in hits else len(hits)
+        return {"heldout_kl": kl / n, "ppl": math.exp(ce / n), "top1_agreement": agree / n,
+                "greedy_agreement": matched / max(total, 1), "greedy_prefix": prefix / max(len(self.prompts), 1),
+                "positions": self.positions, "prompts": len(self.prompts)}
+
+
+@torch.no_grad()
+def _greedy_continuations(teacher, tokenizer, prompts: list[torch.Tensor], n: int) -> list[_Prompt]:
+    """The teacher's greedy continuation of each prompt (up to and including its first EOS), in one left-padded
+    batch."""
+    if not prompts:
+        return []
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    width = max(p.numel() for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - p.numel():], mask[i, width - p.numel():] = p, 1
+    out = teacher.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad)
+    result = []
+    for p, row in zip(prompts, out[:, width:]):
+        ends = (row == eos).nonzero() if eos is not None else []
+        cont = row[: int(ends[0]) + 1] if len(ends) else row
+        if cont.numel():
+            result.append(_Prompt(p, cont))
+    return result
+
+
+__all__ = ["HeldOut"]

@@ -1,0 +1,72 @@
+"""``TeacherCacheConfig``: the teacher-cache stage's settings (a teacher, the data exactly as the distillation
+runs will pack it, k, the temperature, the value precision)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rad_ds.core.config import Config, ConfigError, at_least, choice, resolve_shipped, setting
+from rad_ds.core.dtypes import NAMES_32_16
+from rad_ds.data.teacher_store import VALUE_DTYPES
+from rad_ds.distill.config import DataConfig
+
+PLACEMENTS = ("replicated", "zero3")
+
+
+@dataclass
+class CacheTeacherConfig:
+    path: str = setting("embedded:smollm2", "teacher model: HF dir, .gguf or embedded:smollm2 (for "
+                                            "self-distillation: the base model)")
+    gguf_file: str | None = setting(None, "GGUF file name inside teacher.path")
+    dtype: str = setting("float32", f"teacher weights and compute dtype: {', '.join(NAMES_32_16)}")
+    placement: str = setting("replicated", "replicated: a whole teacher per rank (no communication); zero3: "
+                                           "partitioned over the ranks (a ZeRO-3 inference engine, teacher.deepspeed)")
+    deepspeed: str = setting("ds_configs/zero3_teacher.json", "DeepSpeed config of the zero3 teacher engine")
+    offload: bool = setting(False, "zero3: keep the teacher's partitions in CPU memory")
+
+
+@dataclass
+class TeacherCacheConfig(Config):
+    out: str | None = setting(None, "cache directory (manifest.json + shards/); a killed build resumes into it")
+    teacher: CacheTeacherConfig = field(default_factory=CacheTeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    k: int = setting(64, "teacher tokens kept per position (the rest of the mass is one tail bucket)")
+    temperature: float = setting(1.0, "softmax temperature of the stored distribution; runs reading the cache "
+                                      "must use the same loss.temperature")
+    values_dtype: str = setting("float16", f"precision of the stored log-probabilities: {', '.join(VALUE_DTYPES)}")
+    micro_batch: int = setting(4, "packed rows per teacher forward")
+    rows_per_shard: int = setting(256, "packed rows per shard file (the unit of resumption)")
+    dist_timeout_s: int = setting(600, "timeout of every collective")
+    progress: bool = setting(True, "tqdm progress bar on rank 0")
+
+    def validate(self) -> TeacherCacheConfig:
+        if not self.out:
+            raise ConfigError("out is not set: give --out DIR (the cache directory)")
+        if not self.data.path:
+            raise ConfigError("data.path is not set: give --data FILE (the data the distillation runs will read)")
+        if resolve_shipped(self.data.path).exists():
+            self.data.path = str(resolve_shipped(self.data.path))
+        choice("teacher.dtype", self.teacher.dtype, NAMES_32_16)
+        choice("teacher.placement", self.teacher.placement, PLACEMENTS)
+        choice("values_dtype", self.values_dtype, tuple(VALUE_DTYPES))
+        at_least(self, ("k", "micro_batch", "rows_per_shard", "dist_timeout_s", "data.seq_len"), 1)
+        if self.data.seq_len < 2:
+            raise ConfigError(f"data.seq_len = {self.data.seq_len} must be >= 2 (a token and its successor)")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature = {self.temperature} must be > 0")
+        if self.teacher.offload and self.teacher.placement != "zero3":
+            raise ConfigError("teacher.offload needs teacher.placement=zero3")
+        if self.teacher.placement == "zero3":
+            p = resolve_shipped(self.teacher.deepspeed)
+            if not p.is_file():
+                raise ConfigError(f"teacher.deepspeed: {self.teacher.deepspeed} not found; give a DeepSpeed JSON "
+                                  "config (see ds_configs/zero3_teacher.json)")
+            self.teacher.deepspeed = str(p)
+        out = Path(self.out)
+        if out.is_file():
+            raise ConfigError(f"out {out} is a file; give a directory")
+        return self
+
+
+__all__ = ["CacheTeacherConfig", "TeacherCacheConfig"]

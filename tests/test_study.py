@@ -1,0 +1,112 @@
+"""The placement study on a tiny model: every method gives a student, the same budget for each, held-out
+scores against a direct computation, the results schema, and a re-run that resumes instead of redoing."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.distill_helpers import ds_config, load_launcher, save_base, teacher_ds_config, write_chat_jsonl
+
+P = load_launcher("placement")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("study")
+    base = save_base(d, num_hidden_layers=5)
+    report = {"model": "tiny", "num_hidden_layers": 5,
+              "layers": [{"index": i, "type": "attention", "single_skip": {"acceptance_rate": 0.5 + 0.1 * i}}
+                         for i in range(5)],
+              "selections": [{"k": 2, "layers": [1, 3], "method": "bo"}]}
+    (d / "report.json").write_text(json.dumps(report))
+    return d, base, write_chat_jsonl(d / "train.jsonl", n=40, seed=0), write_chat_jsonl(d / "held.jsonl", n=12, seed=9)
+
+
+def _args(d, base, train, held, out, *extra):
+    return ["--model", str(base), "--k", "2", "--data", str(train), "--heldout", str(held), "--out", str(out),
+            "--steps", "4", "--seq-len", "64", "--micro-batch", "2", "--eval_every=2", "--cache_k=16",
+            "--methods=rad,even,cosine,random", "--random_seeds=0,1", f"--report={d / 'report.json'}",
+            "--heldout_rows=4", "--heldout_prompts=3", "--greedy_tokens=6", "--calibration_docs=4",
+            f"--distill.deepspeed={ds_config(d)}", f"--distill.teacher.deepspeed={teacher_ds_config(d)}",
+            "--distill.log.wandb=false", "--distill.log.progress=false", "--distill.optim.lr=3e-3",
+            "--distill.loss.hidden_weight=0", *extra]
+
+
+def test_study_end_to_end_and_resume(setup, tmp_path, capsys):
+    d, base, train, held = setup
+    out = tmp_path / "study"
+    assert P.main(_args(d, base, train, held, out)) == 0
+    res = json.loads((out / "results.json").read_text())
+    m = res["methods"]
+    assert set(m) == {"rad", "even", "cosine", "random"} and len(m["random"]) == 2
+    assert m["rad"]["layers"] == [1, 3]
+    budgets = set()
+    for row in [m["rad"], m["even"], m["cosine"], *m["random"]]:
+        assert len(set(row["layers"])) == 2 and all(0 <= i < 5 for i in row["layers"])
+        assert [p["step"] for p in row["curve"]] == [0, 2, 4]
+        for key in ("heldout_kl", "ppl", "top1_agreement", "steps_to_even_final", "selection_seconds"):
+            assert key in row
+        assert row["curve"][-1]["heldout_kl"] < row["curve"][0]["heldout_kl"]  # every student learns
+        budgets.add(row["curve"][-1]["tokens"])
+        assert (out / "arms" / row["name"] / "final" / "config.json").is_file()
+    assert len(budgets) == 1  # the same tokens for every student
+    assert m["even"]["steps_to_even_final"] == 4  # even reaches its own final KL at its last step
+    assert (out / "results.md").read_text().startswith("# Placement study") and (out / "curves.png").stat().st_size
+    assert "random_heldout_kl_median" in res["summary"] and res["budget"]["teacher_cache_k"] == 16
+
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "arms").glob("*/final/model.safetensors")}
+    assert P.main(_args(d, base, train, held, out)) == 0  # everything is done: nothing re-runs
+    assert {p: p.stat().st_mtime_ns for p in (out / "arms").glob("*/final/model.safetensors")} == stamp
+    assert json.loads((out / "results.json").read_text())["methods"]["even"]["heldout_kl"] == m["even"]["heldout_kl"]
+
+
+def test_heldout_metrics_against_a_direct_computation(setup):
+    """The teacher scores KL 0 and agreement 1 against itself; a student's KL, perplexity and top-1 agreement
+    equal a direct computation over the packed held-out rows."""
+    from rad_ds.data import build_packed
+    from rad_ds.decoding.prompts import encode
+    from rad_ds.distill.config import DataConfig
+    from rad_ds.distill.losses import token_divergence
+    from rad_ds.models.conversion import load_model
+    from rad_ds.study.heldout import HeldOut
+    from rad_ds.surgery import replace_attention
+
+    d, base, _, held = setup
+    teacher, tok = load_model(base)
+    packed = build_packed(DataConfig(path=str(held), seq_len=64), tok)
+    prompts = [encode(tok, "text", "what is 2 plus 3?", chat=True)]
+    ref = HeldOut(teacher, tok, packed, prompts, greedy_tokens=5, micro_batch=3)
+    same = ref.evaluate(teacher)
+    assert same["heldout_kl"] == pytest.approx(0, abs=1e-6) and same["top1_agreement"] == 1.0
+    assert same["greedy_agreement"] == 1.0 and same["greedy_prefix"] == ref.prompts[0].continuation.numel() > 0
+
+    student, _ = load_model(base)
+    replace_attention(student, [1, 3], init="attention", seed=0)
+    got = ref.evaluate(student)
+    ids = torch.from_numpy(packed.input_ids.astype("int64"))
+    pos = torch.from_numpy(packed.position_ids.astype("int64"))
+    tgt = torch.from_numpy(packed.target.astype(bool))
+    with torch.no_grad():
+        t, s = teacher(ids, position_ids=pos).logits, student(ids, position_ids=pos).logits
+    kl = token_divergence(s[tgt], t[tgt]).mean()
+    nxt = torch.roll(ids, -1, 1)[tgt]
+    ce = torch.nn.functional.cross_entropy(s[tgt].double(), nxt)
+    assert got["heldout_kl"] == pytest.approx(float(kl), rel=1e-4)
+    assert got["ppl"] == pytest.approx(math.exp(float(ce)), rel=1e-4)
+    assert got["top1_agreement"] == pytest.approx(float((s[tgt].argmax(-1) == t[tgt].argmax(-1)).double().mean()))
+    assert got["heldout_kl"] > 0.01
+
+
+def test_study_config_errors(setup, tmp_path):
+    d, base, train, held = setup
+    cfg = P.cli.parse_config(P.cli.StudyConfig, _args(d, base, train, train, tmp_path / "s"), None, P.cli.FLAGS)
+    with pytest.raises(ValueError, match="heldout is the training data"):
+        cfg.validate()
+    cfg = P.cli.parse_config(P.cli.StudyConfig, _args(d, base, train, held, tmp_path / "s", "--methods=rad,best"),
+                             None, P.cli.FLAGS)
+    with pytest.raises(ValueError, match="'best' is not a placement method"):
+        cfg.validate()
