@@ -38,7 +38,8 @@ def setup(tmp_path_factory):
 
 def _args(base, prompts, out, *extra):
     return ["--model", str(base), "--k", "1,3", "--out", str(out), "--prompts", str(prompts), "--trials", "8",
-            "--max-new-tokens", "20", "--cost-model", "weights", "--recheck-prompts", "1", *extra]
+            "--max-new-tokens", "20", "--num-prompts", "4", "--held-out", "2", "--swap-evals", "6",
+            "--recheck-prompts", "1", *extra]
 
 
 def test_one_process_equals_two_ranks_under_deepspeed(setup):
@@ -55,9 +56,11 @@ def test_one_process_equals_two_ranks_under_deepspeed(setup):
     assert a["settings"]["world_size"] == 1 and b["settings"]["world_size"] == 2
     for s in a["selections"] + b["selections"]:  # timings differ between runs; drop them
         s.pop("measured_speedup"), s.pop("measured_acceptance_rate")
-    assert a["selections"] == b["selections"]
+    assert a["selections"] == b["selections"]  # with the swap search, gains and bootstrap intervals
     assert a["layers"] == b["layers"]
     assert a["trials"] == b["trials"]
+    assert a["held_out"] == b["held_out"] and a["held_out"]["n"] == 2  # held-out prompts sharded over ranks too
+    assert a["stability"] == b["stability"]
     assert all(s["estimator_exact"] for s in b["selections"])
     assert "| k | layers |" in r1.stdout  # the summary table
 

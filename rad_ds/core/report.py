@@ -109,7 +109,33 @@ def summary_table(report: dict) -> str:
         rows.append(f"| {s['k']} | {','.join(map(str, s['layers']))} | {s.get('method', '')} | "
                     f"{s['acceptance_rate']:.3f} | {s['mean_accepted_length']:.2f} | "
                     f"{s['estimated_speedup']:.2f}x | {meas} |")
-    return "\n".join(rows)
+    return "\n".join(rows + _gains_table(report))
+
+
+def _gains_table(report: dict) -> list[str]:
+    """The selection against the baselines, on the search's prompts and on held-out ones (newer reports)."""
+    sels = sorted((s for s in report["selections"] if s.get("gains")), key=lambda s: s["k"])
+    if not sels:
+        return []
+    held = {h["k"]: h for h in (report.get("held_out") or {}).get("selections") or []}
+    n_held = (report.get("held_out") or {}).get("n", 0)
+
+    def gain(g, m, key):
+        return f"{g[m][key]:+.3f}" if m in g else "-"
+
+    rows = ["", f"Gain of the selection in acceptance rate (objective) over each baseline; held-out: the same on "
+                f"{n_held} prompts the search did not see", "",
+            "| k | vs single-skip top-k | vs greedy | vs TPE | held-out acceptance | held-out vs single-skip top-k "
+            "| held-out vs greedy |", "|---|---|---|---|---|---|---|"]
+    for s in sels:
+        g = s["gains"]
+        cells = [f"{gain(g, m, 'acceptance_rate')} ({gain(g, m, 'objective')})" if m in g else "-"
+                 for m in ("single_skip_topk", "greedy", "bo")]
+        h = held.get(s["k"])
+        hcells = ["-", "-", "-"] if h is None else [f"{h['acceptance_rate']:.3f}"] + [
+            gain(h["gains"], m, "acceptance_rate") for m in ("single_skip_topk", "greedy")]
+        rows.append(f"| {s['k']} | " + " | ".join(cells + hcells) + " |")
+    return rows
 
 
 __all__ = ["DiagnosisReport", "ReportError", "Selection", "summary_table"]

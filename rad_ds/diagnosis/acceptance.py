@@ -115,9 +115,16 @@ class AcceptanceEstimator:
         n = len(self.continuations) if n_prompts is None else min(n_prompts, len(self.continuations))
         return [self.rounds(s, mask, draft_len)[0] for s in range(n)]
 
+    def prompt_stats(self, s: int, mask, draft_len: int | None = None) -> AcceptanceStats:
+        """The totals of prompt ``s`` alone (the unit that bootstrap intervals resample)."""
+        acc, dr = self.rounds(s, mask, draft_len)
+        return AcceptanceStats(sum(acc), sum(dr), len(acc), len(self.continuations[s]))
+
+    def per_prompt(self, mask, draft_len: int | None = None) -> list[AcceptanceStats]:
+        return [self.prompt_stats(s, mask, draft_len) for s in range(len(self.continuations))]
+
     def stats(self, mask, draft_len: int | None = None) -> AcceptanceStats:
         total = AcceptanceStats()
-        for s in range(len(self.continuations)):
-            acc, dr = self.rounds(s, mask, draft_len)
-            total = total + AcceptanceStats(sum(acc), sum(dr), len(acc), len(self.continuations[s]))
+        for st in self.per_prompt(mask, draft_len):
+            total = total + st
         return total

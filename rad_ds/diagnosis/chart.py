@@ -22,14 +22,19 @@ def draw_chart(report: dict, path: str | Path) -> Path:
     xs = [d["index"] for d in layers]
     ys = [d["redundancy"] if d["redundancy"] is not None else 0.0 for d in layers]
     colors = ["tab:blue" if d["type"] == "attention" else "lightgrey" for d in layers]
-    ax1.bar(xs, ys, color=colors)
-    ymax = max(ys + [1e-6])
+    ci = [d.get("redundancy_ci") for d in layers]  # bootstrap intervals over prompts (newer reports)
+    yerr = None
+    if any(c for c in ci):
+        yerr = [[y - c[0] if c else 0.0 for y, c in zip(ys, ci)], [c[1] - y if c else 0.0 for y, c in zip(ys, ci)]]
+    ax1.bar(xs, ys, color=colors, yerr=yerr, error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "black"})
+    ymax = max([c[1] for c in ci if c] + ys + [1e-6])
     markers = "v^os*Dxp"
     for j, s in enumerate(sels):
         ax1.scatter(s["layers"], [ymax * (1.04 + 0.06 * j)] * len(s["layers"]), marker=markers[j % len(markers)],
                     s=28, color=f"C{j + 1}", label=f"k={s['k']} selected", zorder=3)
     ax1.set_xlabel("layer")
-    ax1.set_ylabel("redundancy\n(acceptance, only this layer skipped)")
+    note = "\n95% bootstrap over prompts" if yerr else ""
+    ax1.set_ylabel("redundancy\n(acceptance, only this layer skipped)" + note)
     ax1.set_title(f"{report['model']}: attention redundancy")
     ax1.set_ylim(0, ymax * (1.12 + 0.06 * len(sels)))
     ax1.legend(loc="lower right", fontsize=8, framealpha=0.9)

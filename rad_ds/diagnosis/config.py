@@ -18,17 +18,24 @@ class DiagnoseConfig(Config):
     gguf_file: str | None = setting(None, "GGUF file name inside model")
     prompts: str | None = setting(None, "jsonl/parquet/json/csv/txt with a 'messages' or text field "
                                         "(unset: the built-in math + code mix)")
-    num_prompts: int = setting(8, "prompts to use (<= 0: all of prompts)")
+    num_prompts: int = setting(8, "prompts the search scores masks on (<= 0: all of a prompts file)")
+    held_out: int = setting(8, "further prompts, disjoint from the search's, on which the chosen masks and the "
+                               "baselines are scored after the search (0: none)")
     chat: bool = setting(True, "apply the chat template (--no-chat: plain prompts)")
     max_new_tokens: int = setting(64, "tokens generated per prompt")
     draft_len: int = setting(4, "tokens drafted per round")
-    trials: int = setting(60, "Bayesian-optimisation trials per k")
+    trials: int = setting(60, "Bayesian-optimisation (optuna TPE) trials per k (0: none)")
+    swap_evals: int = setting(40, "new masks the swap search (one layer out, one in, around the best mask) may "
+                                  "score per k (0: no swap search)")
     seed: int = setting(0, "seed of the prompts and the search")
     objective: str = setting("estimated", "estimated: exact acceptance x cost model (fast); measured: real "
-                                          "decoder wall-clock")
-    cost_model: str = setting("measured", "measured (timed here), weights (memory-bound analytic), or a "
-                                          "cost_model.json")
-    greedy_baseline: bool = setting(False, "also run the greedy build-up baseline")
+                                          "decoder wall-clock (depends on the machine)")
+    cost_model: str = setting("weights", "weights (analytic, memory-bound: the same on every machine), measured "
+                                         "(timed here: the choice can differ between machines), or a "
+                                         "cost_model.json")
+    greedy_baseline: bool = setting(True, "run the greedy build-up baseline (the search starts from the best of "
+                                          "it, TPE and the single-skip top-k)")
+    bootstrap: int = setting(1000, "bootstrap resamples over prompts for the score intervals (0: none)")
     recheck_prompts: int = setting(4, "prompts per rank for the real-decoder re-check of the chosen sets (0: skip)")
     dtype: str | None = setting(None, "fp32, bf16, fp16, fp64, ... (unset: bf16 on CUDA, fp32 on CPU)")
     wandb: bool = setting(False, "log to wandb (offline unless WANDB_MODE says otherwise)")
@@ -43,8 +50,11 @@ class DiagnoseConfig(Config):
             raise ConfigError("out is not set: give --out DIR (report.json, redundancy.png)")
         if not self.k:
             raise ConfigError("k is empty; give e.g. --k 2,4,8")
-        at_least(self, ("trials", "max_new_tokens", "draft_len"), 1)
-        at_least(self, ("recheck_prompts",), 0)
+        at_least(self, ("max_new_tokens", "draft_len"), 1)
+        at_least(self, ("trials", "swap_evals", "held_out", "bootstrap", "recheck_prompts"), 0)
+        if not self.prompts and self.num_prompts < 1:
+            raise ConfigError(f"num_prompts = {self.num_prompts}: the built-in prompts need a count >= 1 "
+                              "(<= 0 means all rows of a --prompts file)")
         choice("objective", self.objective, OBJECTIVES)
         if self.dtype is not None:
             choice("dtype", self.dtype, DTYPE_NAMES)

