@@ -23,7 +23,9 @@ def base(tmp_path_factory):
 
 def _cfg(tmp_path, base, out, **settings):
     d, b, data = base
-    s = {"loss.stage1_steps": N1, "loss.hidden": "mse", "loss.hidden_weight": 0, **settings}
+    # the published mapping: stage 1 has a whole layer output to learn (attention_skip starts near it)
+    s = {"loss.stage1_steps": N1, "loss.hidden": "mse", "loss.hidden_weight": 0, "student.init": "attention",
+         **settings}
     return L.make_config(run_args(tmp_path, b, data, out, steps=6, **s))
 
 

@@ -146,12 +146,12 @@ def test_launcher_end_to_end(tmp_path):
     r = _run_replace("--model", base, "--layers", "1,3", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     record = json.loads((out / "replacement.json").read_text())
-    assert record["layers"] == [1, 3] and record["init"] == "attention"
+    assert record["layers"] == [1, 3] and record["init"] == "attention_skip"  # the command's default
     student = RadHybridForCausalLM.from_pretrained(out)
     assert student.config.layer_types == ["attention", "mamba2", "attention", "mamba2"]
     assert student.config.replaced_layers["layers"] == [1, 3]
     ref = from_hf_model(tiny_hf_model("llama3"))
-    replace_attention(ref, [1, 3])
+    replace_attention(ref, [1, 3], init="attention_skip")
     ids = torch.randint(0, 320, (1, 20))
     with torch.no_grad():
         assert torch.equal(student.eval()(ids).logits, ref(ids).logits)

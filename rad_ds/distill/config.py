@@ -75,8 +75,9 @@ class StudentConfig:
         None, f"how to choose student.layers (with student.k): {' | '.join(LAYER_PLACEMENTS)}; rad/single_skip read "
               "student.report (docs/selection.md)")
     placement_seed: int = _f(0, "student.placement=random: the seed of the draw (kl_probe: of the probe's init)")
-    init: str = _f("attention", "Mamba2 init: attention (MambaInLlama mapping), attention_skip (the mapping with "
-                   "out_proj zeroed: the mixer starts as a skipped sublayer) or random")
+    init: str = _f("attention_skip", "Mamba2 init: attention_skip (MambaInLlama's mapping with out_proj zeroed: the "
+                   "mixer starts as a skipped sublayer; measured best, benchmarks/results/recipe_cpu.md), attention "
+                   "(the mapping as published) or random")
     seed: int = _f(0, "seed of the Mamba2 init")
     allow_all: bool = _f(False, "allow replacing every attention layer")
     trainable: str = _f(

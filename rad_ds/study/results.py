@@ -42,7 +42,8 @@ class StudyResults:
             final = a["curve"][-1]
             row = {"name": name, "layers": list(a["choice"]["layers"]), **{m: final.get(m) for m in METRICS},
                    "initial": {m: a["curve"][0].get(m) for m in METRICS},
-                   "selection_seconds": a["choice"].get("selection_seconds"),
+                   "selection_seconds": a["choice"].get("seconds"),
+                   "diagnosis_seconds": a["choice"].get("diagnosis_seconds"),
                    "selection_forward_passes": a["choice"].get("forward_passes"),
                    "train_seconds": a.get("train_seconds"), "export": a.get("export"),
                    "curve": a["curve"], "seed": a["seed"]}

@@ -104,9 +104,9 @@ class Study:
                                                max_tokens=cfg.distill.data.seq_len)
                 choice = choose_layers(method, cfg.k, model if model is not None else cfg.model, report=report,
                                        calibration=calib, seed=seed).record()
-                if method in ("rad", "single_skip"):
-                    choice["diagnosis_seconds"] = diag_s
-                choice["selection_seconds"] = choice["seconds"] + choice.get("diagnosis_seconds", 0.0)
+                if method in ("rad", "single_skip"):  # their cost is the report's own (its search / single-skip
+                    choice["diagnosis_seconds"] = diag_s  # part); the diagnosis' wall time, all of it, beside it
+                choice["selection_seconds"] = choice["seconds"]
                 done[name] = {"method": method, "seed": seed, "choice": choice}
                 write_json_atomic(path, done)
                 logger.info("placement %s: layers %s (%.1f s)", name, choice["layers"], choice["selection_seconds"])

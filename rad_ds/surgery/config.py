@@ -19,8 +19,9 @@ class ReplaceConfig(Config):
     report: str | None = setting(None, "a diagnosis report.json to take the layers from; use with k")
     k: int | None = setting(None, "with report: how many layers (a k the report holds)")
     out: str | None = setting(None, "output directory for the student checkpoint")
-    init: str = setting("attention", "attention: MambaInLlama mapping (V->x, K->B, Q->C, O->out_proj); "
-                                     "random: ablation")
+    init: str = setting("attention_skip", "attention_skip: MambaInLlama's mapping (V->x, K->B, Q->C, O->out_proj) "
+                                          "with out_proj zeroed, the mixer starting as a skipped sublayer (measured "
+                                          "best); attention: the mapping as published; random: ablation")
     allow_all: bool = setting(False, "allow replacing every attention layer")
     seed: int = setting(0, "seed of the Mamba2 init (z, dt, conv, A)")
     overwrite: bool = setting(False, "replace an existing non-empty out")
