@@ -219,7 +219,7 @@ class DistillRun:
         # GKD's lambda: on some steps the student writes the completions it is trained on (on_policy.py)
         self.on_policy = OnPolicy(cfg.on_policy, cfg.train.seed, generation_model(self.student), self.tok,
                                   self.device, self.rank, self.world, self.models.vocab_limit,
-                                  after=getattr(cfg.loss, "stage1_steps", 0))
+                                  after=self.stage1_steps)
         self.t_taps = self.s_taps = None
         self.one_copy = self.models.placement.kind == "shared"  # the teacher stream runs inside the student engine
         if (self.losses.hidden_on or self.stage1_steps) and not self.one_copy:
@@ -386,8 +386,7 @@ class DistillRun:
         """Teacher forward, student forward/backward of one micro-batch; its loss sums."""
         mb.input_ids, mb.target, mb.token, mb.position_ids = (
             x.to(self.device) for x in (mb.input_ids, mb.target, mb.token, mb.position_ids))
-        losses = self.losses_at(step)
-        self.layerwise_now = losses.cfg.layerwise
+        losses = self.losses_at(step)  # train_step set self.layerwise_now from it
         # the cache gives the logit targets (in a two-stage run: of the second stage)
         cached = self.cache is not None and step > self.stage1_steps
         sparse = self.cache.targets(mb.rows, mb.target) if cached else None

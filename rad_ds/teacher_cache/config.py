@@ -46,7 +46,7 @@ class TeacherCacheConfig(Config):
         self.data.check()  # the data the distillation runs will read, with the same settings
         choice("teacher.dtype", self.teacher.dtype, NAMES_32_16)
         choice("teacher.placement", self.teacher.placement, PLACEMENTS)
-        choice("values_dtype", self.values_dtype, tuple(VALUE_DTYPES))
+        choice("values_dtype", self.values_dtype, VALUE_DTYPES)
         at_least(self, ("k", "micro_batch", "rows_per_shard", "dist_timeout_s", "data.seq_len"), 1)
         if not self.temperature > 0:
             raise ConfigError(f"temperature = {self.temperature} must be > 0")
