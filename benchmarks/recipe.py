@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ARMS = {
-    "mapping": [],
+    "mapping": ["--distill.student.init=attention"],
     "mapping_skip": ["--distill.student.init=attention_skip"],
-    "two_stage": ["--distill.loss.stage1_steps={stage1}"],
+    "two_stage": ["--distill.student.init=attention", "--distill.loss.stage1_steps={stage1}"],
     "two_stage_skip": ["--distill.student.init=attention_skip", "--distill.loss.stage1_steps={stage1}"],
 }
 

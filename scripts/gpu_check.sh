@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run THERE (a CUDA machine): installs the carried wheels (.whl/) if packages are missing, runs the
-# gpu-marked tests (mamba-ssm kernels, packed documents, ZeRO-3 construction + one-copy teacher), the scan,
-# distill-step and one-copy benchmarks in fp32/bf16, and writes results to $OUT (or
+# gpu-marked tests (mamba-ssm kernels, packed documents, ZeRO-3 construction + one-copy teacher, CUDA-graph
+# decoding), the scan, distill-step, one-copy and inference benchmarks in fp32/bf16, and writes results to $OUT (or
 # benchmarks/results/gpu/). Prepare the wheels here first with scripts/gpu_wheels.sh.
 #   device run: bash scripts/gpu_check.sh      (carry: [".whl"])
 set -uo pipefail
@@ -36,5 +36,9 @@ timeout 900 $PY benchmarks/distill_step.py --device cuda --dtype bfloat16 --rank
 # one-copy self-distillation vs two engines (ZeRO-3 construction, kernel path), bf16
 timeout 600 $PY benchmarks/one_copy.py --dtype bfloat16 --seq-len 1024 --micro-batch 4 \
   --out "$RES/one_copy_cuda_bf16.json" 2>&1 | tee -a "$RES/bench.txt" || rc=1
+# inference: prefill/decode by context, transformers' Llama vs rad-ds (dynamic cache and CUDA-graph StaticDecoder)
+timeout 600 $PY benchmarks/inference.py --device cuda --dtype bfloat16 --threads 4 \
+  --contexts 1024,4096,16384,32768 --batch8-contexts 1024,4096,16384,32768 --batch8-prefill-max 262144 \
+  --decode-tokens 64 --out "$RES/inference_cuda_bf16.json" 2>&1 | tee -a "$RES/bench.txt" || rc=1
 echo "gpu_check rc=$rc; results in $RES"
 exit $rc

@@ -603,3 +603,21 @@ def test_the_cache_file_is_the_same_bytes_wherever_it_is_built(tmp_path, tok):
     assert a.read_bytes() == b.read_bytes()
     back = read_packed(a)
     assert np.array_equal(back.position_ids, build_packed(cfg, tok).position_ids)
+
+
+def test_shipped_demo_text_is_disjoint_from_the_ppl_evaluation():
+    """The demo distils on ``demo_text.jsonl`` and scores perplexity on rad-evaluate's default texts: no document
+    may be shared, no math question either (checked against a larger default set than the demo evaluates)."""
+    from rad_ds.data.demo_text import DEMO_TEXT, demo_documents
+    from rad_ds.eval.perplexity import load_texts
+
+    shipped = [json.loads(x)["text"] for x in DEMO_TEXT.read_text().splitlines()]
+    assert len(shipped) >= 150 and len(set(shipped)) == len(shipped)
+    assert sum(d.startswith("Question: ") for d in shipped) >= 100  # math and code interleaved
+    evals = load_texts(None, 256, 0)
+    assert not set(shipped) & set(evals)
+    questions = {t.split("\nAnswer: ")[0] for t in evals if t.startswith("Question: ")}
+    assert not {d.split("\nAnswer: ")[0] for d in shipped if d.startswith("Question: ")} & questions
+    # the math half is rebuilt exactly from its seed (the code half depends on the Python version's stdlib)
+    fresh = [d for d in demo_documents() if d.startswith("Question: ")]
+    assert fresh == [d for d in shipped if d.startswith("Question: ")]

@@ -63,7 +63,13 @@ def test_study_end_to_end_and_resume(setup, tmp_path, capsys):
     stamp = {p: p.stat().st_mtime_ns for p in (out / "arms").glob("*/final/model.safetensors")}
     assert P.main(_args(d, base, train, held, out)) == 0  # everything is done: nothing re-runs
     assert {p: p.stat().st_mtime_ns for p in (out / "arms").glob("*/final/model.safetensors")} == stamp
-    assert json.loads((out / "results.json").read_text())["methods"]["even"]["heldout_kl"] == m["even"]["heldout_kl"]
+    again = json.loads((out / "results.json").read_text())
+    assert again["methods"]["even"]["heldout_kl"] == m["even"]["heldout_kl"]
+    # the wall time accumulates over invocations: the first run's whole time plus the (short) second one
+    assert res["invocations"] == 1 and again["invocations"] == 2
+    assert again["study_seconds"] == pytest.approx(res["study_seconds"] + again["study_seconds_this_invocation"],
+                                                   abs=0.5)
+    assert "over 2 invocations" in (out / "results.md").read_text()
 
 
 def test_heldout_metrics_against_a_direct_computation(setup):

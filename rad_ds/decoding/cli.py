@@ -17,6 +17,8 @@ def parse_args(argv=None, doc=None):
     ap.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--static", action="store_true",
+                    help="greedy decoding on fixed-shape state, captured as a CUDA graph on a GPU (rad-ds models)")
     return ap.parse_args(argv)
 
 
@@ -38,7 +40,7 @@ def run(argv=None, doc=None):
     print(f"model: {args.model}  layer_types: {layers_string(model.config)}")
     for prompt in args.prompt:
         r = generate_text(model, tok, prompt, args.max_new_tokens, chat=not args.no_chat, do_sample=args.sample,
-                          temperature=args.temperature, seed=args.seed)
+                          temperature=args.temperature, seed=args.seed, static=args.static)
         print(f"\n>>> {prompt}\n{r.text}\n[{r.new_tokens} tokens, {r.tokens_per_second:.1f} tok/s]")
     return 0
 

@@ -29,10 +29,22 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat: bool = True,
-                  do_sample: bool = False, temperature: float = 1.0, seed: int = 0) -> GenerationResult:
+                  do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
+                  static: bool = False) -> GenerationResult:
+    """``static``: greedy decoding with ``StaticDecoder`` (fixed-shape state; a CUDA graph per step on CUDA)."""
     ids = encode_prompt(tokenizer, prompt, chat=chat).to(model.device)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
+    if static:
+        if do_sample:
+            raise ValueError("--static decodes greedily; drop --sample or --static")
+        from rad_ds.models.static_decode import StaticDecoder
+
+        dec = StaticDecoder(model, batch_size=1, max_len=ids.size(1) + max_new_tokens)
+        out = dec.generate(ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+        dt = time.perf_counter() - t0
+        new = out[0, ids.size(1):]
+        return GenerationResult(prompt, tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), dt)
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=do_sample,
         temperature=temperature if do_sample else None, top_p=None, top_k=None,

@@ -132,8 +132,10 @@ class Mamba2Mixer(nn.Module):
         init = cache.ssm_state if cache is not None else None
         y, final = chunk_scan(x, self._dt(dt), A, B, C, self.D, self.chunk_size, initial_states=init, seq_idx=seq_idx)
         if cache is not None:
-            cache.conv_state = new_conv.detach()
-            cache.ssm_state = final.detach().float()
+            # own, contiguous storage: decode steps update both in place (a view of the conv input would
+            # also keep the whole prompt's activations alive)
+            cache.conv_state = new_conv.detach().clone(memory_format=torch.contiguous_format)
+            cache.ssm_state = final.detach().float().contiguous()
         y = y.reshape(b, l, self.d_inner)
         y = self.norm(y, z)
         return self.out_proj(y)
@@ -145,7 +147,7 @@ class Mamba2Mixer(nn.Module):
         if attention_mask is not None:
             m = attention_mask[:, -1:].to(xBC.dtype)
             xBC = xBC * m
-        xBC, cache.conv_state = conv_step(xBC, w, self.conv1d.bias, cache.conv_state)
+        xBC = conv_step(xBC, w, self.conv1d.bias, cache.conv_state)
         if attention_mask is not None:
             xBC = xBC * m
         x, B, C = torch.split(xBC, [self.d_inner, self.d_inner, self.d_inner], dim=-1)

@@ -70,11 +70,11 @@ def _kernels():
         _WHY_NOT.append(f"{type(e).__name__}: {e}")
         return None
     try:
-        from causal_conv1d import causal_conv1d_fn
+        from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 
-        found["conv"] = causal_conv1d_fn
+        found["conv"], found["conv_update"] = causal_conv1d_fn, causal_conv1d_update
     except Exception:  # noqa: BLE001
-        found["conv"] = None
+        found["conv"] = found["conv_update"] = None
         logger.info("causal-conv1d is not importable: Mamba2's conv runs as F.conv1d (its kernels are optional)")
     return found
 
@@ -160,12 +160,18 @@ def _conv_within_documents(full, weight, bias, seq_full):
 
 
 def conv_step(x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_state: torch.Tensor):
-    """One decode step of the causal conv: ``x_t (b, d)``; returns ``(y_t (b, d), new_state)``."""
+    """One decode step of the causal conv + SiLU: ``x_t (b, d)``, ``weight (d, w)``; ``conv_state (b, d, w-1)``
+    is updated in place (its storage never moves, as a captured CUDA graph needs). Returns ``y_t (b, d)``.
+    On CUDA: causal-conv1d's ``causal_conv1d_update`` where it is installed."""
+    k = _kernels() if use_kernels(x_t) else None
+    if k is not None and k.get("conv_update") is not None:
+        return k["conv_update"](x_t, conv_state, weight, bias, "silu")
     window = torch.cat([conv_state.to(x_t.dtype), x_t[..., None]], dim=-1)  # (b, d, w)
-    y = (window * weight[None]).sum(-1)
+    y = torch.einsum("bdw,dw->bd", window, weight)
     if bias is not None:
         y = y + bias
-    return F.silu(y), window[..., 1:]
+    conv_state.copy_(window[..., 1:])
+    return F.silu(y)
 
 
 def gated_rmsnorm(x, z, weight, eps: float, group_size: int):
@@ -219,10 +225,13 @@ def scan_step(ssm_state, x_t, dt_t, A, B_t, C_t, D):
             dt_bias=zero_bias,
             dt_softplus=False,
         )
-    g = B_t.size(1)
-    Bh = B_t.repeat_interleave(h // g, dim=1).float() if g != h else B_t.float()
-    Ch = C_t.repeat_interleave(h // g, dim=1).float() if g != h else C_t.float()
-    new = ssd_step(ssm_state.float(), x_t.float(), dt_t.float(), A.float(), Bh)
-    ssm_state.copy_(new.to(ssm_state.dtype))
-    y = torch.einsum("bhpn,bhn->bhp", new, Ch) + x_t.float() * D.float()[None, :, None]
-    return y.to(x_t.dtype)
+    # the CPU step in place as a few batched ops: s = s * exp(dt A) + (dt x) B^T, y = s C + D x
+    b, g = x_t.size(0), B_t.size(1)
+    Bh = B_t.repeat_interleave(h // g, dim=1) if g != h else B_t
+    Ch = C_t.repeat_interleave(h // g, dim=1) if g != h else C_t
+    dt = dt_t.float()
+    s = ssm_state.view(b * h, p, n)
+    s.mul_(torch.exp(dt * A.float()).view(b * h, 1, 1))
+    s.baddbmm_((dt[..., None] * x_t.float()).view(b * h, p, 1), Bh.float().reshape(b * h, 1, n))
+    y = torch.bmm(s, Ch.float().reshape(b * h, n, 1)).view(b, h, p)
+    return y.addcmul_(x_t.float(), D.float()[None, :, None]).to(x_t.dtype)

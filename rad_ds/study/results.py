@@ -34,7 +34,8 @@ class StudyResults:
         self.data = data
 
     @classmethod
-    def build(cls, cfg, arms: dict, budget: dict, seconds: float) -> StudyResults:
+    def build(cls, cfg, arms: dict, budget: dict, wall: dict) -> StudyResults:
+        """``wall``: ``WallClock.tick()`` (the study's seconds over all invocations, this one's, their count)."""
         even = next((a for a in arms.values() if a["method"] == "even"), None)
         even_final = even["curve"][-1]["heldout_kl"] if even else None
         methods: dict = {}
@@ -65,7 +66,8 @@ class StudyResults:
             if "random_heldout_kl_median" in summary:
                 summary["rad_below_random_median"] = methods["rad"]["heldout_kl"] < summary["random_heldout_kl_median"]
         return cls({"model": cfg.model, "k": cfg.k, "budget": budget, "methods": methods, "summary": summary,
-                    "study_seconds": seconds})
+                    "study_seconds": wall["seconds"], "study_seconds_this_invocation": wall["this_invocation_seconds"],
+                    "invocations": wall["invocations"]})
 
     @classmethod
     def load(cls, out: str | Path) -> StudyResults:
@@ -107,7 +109,10 @@ class StudyResults:
         if "rad_below_even" in s:
             lines.append(f"rad below even: {s['rad_below_even']}; rad below the random median: "
                          f"{s.get('rad_below_random_median')}.")
-        lines += ["", f"Study wall time: {d['study_seconds'] / 60:.1f} min."]
+        n = d.get("invocations", 1)
+        lines += ["", f"Study wall time: {d['study_seconds'] / 60:.1f} min"
+                  + (f" over {n} invocations (this one {d['study_seconds_this_invocation'] / 60:.1f} min)." if n > 1
+                     else ".")]
         return "\n".join(lines) + "\n"
 
     def chart(self, path: Path) -> Path:

@@ -232,19 +232,23 @@ class Study:
     # -- all -------------------------------------------------------------------------------------------------
 
     def run(self) -> StudyResults:
-        t0 = time.perf_counter()
+        clock = WallClock(self.out / WallClock.FILE)
         arms = self.choose()
+        clock.tick()
         cache, cache_s = self.teacher_cache()
         ref = self.heldout()
+        clock.tick()
         out_arms = {}
         for arm in arms:
             timing = self.distill(arm, cache)
+            clock.tick()
             curve = self.score(arm, ref)
+            clock.tick()
             out_arms[arm.name] = {"method": arm.method, "seed": arm.seed, "choice": arm.choice, "curve": curve,
                                   "train_seconds": timing.get("seconds"),
                                   "export": str(self.out / "arms" / arm.name / "final")}
         budget = self._budget(cache_s, ref)
-        results = StudyResults.build(self.cfg, out_arms, budget, time.perf_counter() - t0)
+        results = StudyResults.build(self.cfg, out_arms, budget, clock.tick())
         results.write(self.out)
         return results
 
@@ -256,6 +260,27 @@ class Study:
                 "kd": d.loss.kd, "data": d.data.path, "heldout": self.cfg.heldout,
                 "heldout_positions": ref.positions, "heldout_prompts": len(ref.prompts),
                 "teacher_cache_k": self.cfg.cache_k, "teacher_cache_seconds": cache_s}
+
+
+class WallClock:
+    """The study's wall time over all its invocations: a resumed study adds what the earlier ones spent up to their
+    last finished stage (``tick`` after each stage), so a study killed and resumed reports its whole cost."""
+
+    FILE = "study_wall.json"
+
+    def __init__(self, path: Path):
+        prev = json.loads(path.read_text()) if path.is_file() else {}
+        self.path, self.t0 = path, time.perf_counter()
+        self.before = prev.get("before_seconds", 0.0) + prev.get("this_seconds", 0.0)
+        self.invocations = prev.get("invocations", 0) + 1
+
+    def tick(self) -> dict:
+        """Record the time so far; returns ``{"seconds", "this_invocation_seconds", "invocations"}``."""
+        this = time.perf_counter() - self.t0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path, {"before_seconds": self.before, "this_seconds": this,
+                                      "invocations": self.invocations})
+        return {"seconds": self.before + this, "this_invocation_seconds": this, "invocations": self.invocations}
 
 
 def _user_turns(path: str, tok, n: int) -> list[torch.Tensor]:
