@@ -322,10 +322,10 @@ def render(result: dict, out: Path) -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     bw, t = result["bandwidth_gbs"], result["targets"]
     dev = result.get("device", "cpu")
-    lines = [f"# Inference on {dev} ({result['threads']} threads, {result.get('dtype', 'float32')}, SmolLM2-135M-Instruct "
-             "weights)", "",
-             f"Memory bandwidth (GEMV over 256 MiB): **{bw:.1f} GB/s**. Decode limit = bandwidth / bytes read per token "
-             "(weights once per step, shared by the batch, + every row's cache).",
+    dtype = result.get("dtype", "float32")
+    lines = [f"# Inference on {dev} ({result['threads']} threads, {dtype}, SmolLM2-135M-Instruct weights)", "",
+             f"Memory bandwidth (GEMV over 256 MiB): **{bw:.1f} GB/s**. Decode limit = bandwidth / bytes read per "
+             "token (weights once per step, shared by the batch, + every row's cache).",
              ""]
     if result.get("gemv_chain_tok_s"):
         lines.append(f"The base's weight matrices as bare GEMVs in layer order: **{result['gemv_chain_tok_s']:.1f} "

@@ -130,3 +130,28 @@ def test_shipped_study_config_validates(setup, tmp_path):
     assert cfg.k == 4 and "rad" in cfg.methods and cfg.distill.train.steps > 0
     cfg.out, cfg.heldout, cfg.distill.data.path = str(tmp_path / "s"), str(held), str(train)
     cfg.validate()
+
+
+def test_diagnosis_prompts_come_from_the_training_data(tmp_path):
+    """``diagnose_on=train``: chats up to their first answer (never the answer), text documents cut, shuffled by
+    seed; anything but one local file leaves the built-in prompts."""
+    from rad_ds.study.run import _training_prompts
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                      {"role": "assistant", "content": f"a{i}"},
+                                                      {"role": "user", "content": "more"}]}) + "\n"
+                             for i in range(6)))
+    out = _training_prompts(str(chats), tmp_path / "d" / "p.jsonl", seed=0)
+    rows = [json.loads(x) for x in Path(out).read_text().splitlines()]
+    assert sorted(r["messages"][0]["content"] for r in rows) == [f"q{i}" for i in range(6)]
+    assert all(r["messages"] == [{"role": "user", "content": r["messages"][0]["content"]}] for r in rows)
+    assert [r["messages"][0]["content"] for r in rows] != [f"q{i}" for i in range(6)]  # shuffled
+    again = _training_prompts(str(chats), tmp_path / "e.jsonl", seed=0)
+    assert Path(again).read_text() == Path(out).read_text()
+
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "x" * 3000}) + "\n" + json.dumps({"text": " "}) + "\n")
+    rows = [json.loads(x) for x in Path(_training_prompts(str(text), tmp_path / "t.jsonl", 0)).read_text().splitlines()]
+    assert rows == [{"text": "x" * 1000}]
+    assert _training_prompts(str(tmp_path), tmp_path / "n.jsonl", 0) is None

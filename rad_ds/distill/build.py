@@ -83,7 +83,7 @@ def teacher_identity(path, gguf_file, config) -> dict:
     float32 (for a GGUF/.bin model, its location)."""
     from rad_ds.models.conversion import model_location
 
-    source = _streamable(path, gguf_file)
+    source = streamable_source(path, gguf_file)
     if source is not None:
         weights = source_weights_hash(source, config, torch.float32)
     else:
@@ -197,8 +197,8 @@ def build_models(cfg, s_ds: dict | None = None, t_ds: dict | None = None, world:
     vocab_limit = _vocab_check(src.base_config, src.teacher_config, src.tokenizer, src.teacher_tokenizer,
                                cfg.loss.vocab, src.teacher_path)
     dtype = to_dtype(cfg.model.dtype)
-    base_source = _streamable(cfg.model.path, cfg.model.gguf_file)
-    t_source = base_source if src.self_distill else _streamable(src.teacher_path, cfg.teacher.gguf_file)
+    base_source = streamable_source(cfg.model.path, cfg.model.gguf_file)
+    t_source = base_source if src.self_distill else streamable_source(src.teacher_path, cfg.teacher.gguf_file)
     s_partitioned = zero3_enabled(s_ds) and base_source is not None
     t_partitioned = place.kind == "zero3" and zero3_enabled(t_ds) and t_source is not None
     student, attention, copy_for_teacher, s_hash = _build_student(
@@ -236,7 +236,7 @@ def teacher_gguf(cfg, src: Sources) -> str | None:
     return cfg.model.gguf_file if src.self_distill else None
 
 
-def _streamable(path, gguf_file):
+def streamable_source(path, gguf_file):
     """The safetensors source of a model path, or ``None`` (GGUF, .bin: loaded whole, then partitioned)."""
     from rad_ds.models.conversion import model_location
     from rad_ds.models.weights import WeightSource
@@ -311,4 +311,4 @@ def check_fingerprint(saved: dict, current: dict, tag_dir) -> None:
 
 
 __all__ = ["Models", "Sources", "build_models", "check_fingerprint", "read_sources", "source_weights_hash",
-           "teacher_gguf", "teacher_identity"]
+           "streamable_source", "teacher_gguf", "teacher_identity"]

@@ -39,6 +39,9 @@ class StudyConfig(Config):
                                "(0: every student runs the teacher online)")
     cache_dir: str | None = setting(None, "an existing teacher cache to read (default: build OUT/teacher_cache); "
                                           "studies over the same teacher and data can share one")
+    diagnose_on: str = setting("train", "what the study's diagnosis scores masks on when diagnose.prompts is unset: "
+                                        "train (prompts from the training data: chats up to their first answer, "
+                                        "shuffled with diagnose.seed) or builtin (the diagnosis' math + code mix)")
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
     distill: RunConfig = field(default_factory=RunConfig)
 
@@ -50,6 +53,8 @@ class StudyConfig(Config):
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise ConfigError(f"methods: {bad[0]!r} is not a placement method; use {', '.join(METHODS)}")
+        if self.diagnose_on not in ("train", "builtin"):
+            raise ConfigError(f"diagnose_on: {self.diagnose_on!r} is not train or builtin")
         if "random" in self.methods and not self.random_seeds:
             raise ConfigError("random_seeds is empty: give e.g. --random-seeds 0,1,2")
         at_least(self, ("k", "heldout_rows", "eval_every", "calibration_docs", "greedy_tokens"), 1)

@@ -80,6 +80,8 @@ class Study:
             return str(d / DiagnosisReport.FILE), json.loads(timing.read_text())["seconds"]
         dc = copy.deepcopy(cfg.diagnose)
         dc.model, dc.out, dc.k = cfg.model, str(d), sorted({*dc.k, cfg.k}) if dc.k else [cfg.k]
+        if not dc.prompts and cfg.diagnose_on == "train":
+            dc.prompts = _training_prompts(cfg.distill.data.path, d / "train_prompts.jsonl", dc.seed)
         t0 = time.perf_counter()
         diagnose(dc)
         seconds = time.perf_counter() - t0
@@ -283,20 +285,48 @@ class WallClock:
         return {"seconds": self.before + this, "this_invocation_seconds": this, "invocations": self.invocations}
 
 
-def _user_turns(path: str, tok, n: int) -> list[torch.Tensor]:
-    """The first ``n`` held-out conversations up to their first assistant turn, as generation prompts."""
+def _prompt_turns(path: str, what: str) -> list[list[dict]]:
+    """Each chat record of ``path`` up to its first assistant turn (records without one are left out)."""
     from rad_ds.core.records import read_records
-    from rad_ds.decoding.prompts import encode
 
     out = []
-    for r in read_records(path, what="heldout"):
+    for r in read_records(path, what=what):
         msgs = r.get("messages") or []
         first = next((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), None)
         if first:
-            out.append(encode(tok, "chat", msgs[:first]))
-        if len(out) == n:
-            break
+            out.append(msgs[:first])
     return out
+
+
+def _user_turns(path: str, tok, n: int) -> list[torch.Tensor]:
+    """The first ``n`` held-out conversations up to their first assistant turn, as generation prompts."""
+    from rad_ds.decoding.prompts import encode
+
+    return [encode(tok, "chat", m) for m in _prompt_turns(path, "heldout")[:n]]
+
+
+def _training_prompts(data: str, out: Path, seed: int) -> str | None:
+    """The diagnosis' prompts from the training data (the distribution the students are distilled and judged on):
+    chats up to their first answer, else the text documents' first 1000 characters, shuffled with ``seed``, written
+    to ``out``. ``None`` (the diagnosis' built-in prompts) when the data is not one local file."""
+    import random
+
+    from rad_ds.core.config import resolve_shipped
+    from rad_ds.core.records import read_records
+
+    path = resolve_shipped(data)
+    if not path.is_file():
+        logger.info("diagnosis prompts: %s is not one local file; the diagnosis uses its built-in prompts", data)
+        return None
+    path = str(path)
+    rows = [{"messages": m} for m in _prompt_turns(path, "distill.data.path")]
+    if not rows:
+        rows = [{"text": str(r["text"])[:1000]} for r in read_records(path, what="distill.data.path")
+                if str(r.get("text") or "").strip()]
+    random.Random(seed).shuffle(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(out)
 
 
 def _tokens_by_step(out: Path) -> dict[int, int]:

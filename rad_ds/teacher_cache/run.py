@@ -127,14 +127,14 @@ class _CacheBuild:
             model, _ = load_model(cfg.teacher.path, gguf_file=cfg.teacher.gguf_file, dtype=dtype)
             model.eval().requires_grad_(False)
             return model
-        from rad_ds.distill.build import _streamable
+        from rad_ds.distill.build import streamable_source
         from rad_ds.distill.engines import BatchPlan, fill_ds_config, load_ds_config, teacher_engine
         from rad_ds.models.partitioned import build_partitioned
 
         t_ds = fill_ds_config(load_ds_config(cfg.teacher.deepspeed), BatchPlan(cfg.micro_batch, 1, self.world),
                               cfg.teacher.dtype, cfg.teacher.deepspeed, offload_params=cfg.teacher.offload,
                               optimizer=False, model_config=config)
-        source = _streamable(cfg.teacher.path, cfg.teacher.gguf_file)
+        source = streamable_source(cfg.teacher.path, cfg.teacher.gguf_file)
         if source is not None:
             model = build_partitioned(config, source, t_ds, dtype).model
         else:
