@@ -42,14 +42,12 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat:
 
         dec = StaticDecoder(model, batch_size=1, max_len=ids.size(1) + max_new_tokens)
         out = dec.generate(ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
-        dt = time.perf_counter() - t0
-        new = out[0, ids.size(1):]
-        return GenerationResult(prompt, tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), dt)
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=do_sample,
-        temperature=temperature if do_sample else None, top_p=None, top_k=None,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
+    else:
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature if do_sample else None, top_p=None, top_k=None,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
     dt = time.perf_counter() - t0
     new = out[0, ids.size(1):]
     return GenerationResult(prompt, tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), dt)

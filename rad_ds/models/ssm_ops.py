@@ -21,7 +21,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .ssd_scan import ssd_chunk_scan, ssd_step
+from .ssd_scan import ssd_chunk_scan
 
 logger = logging.getLogger(__name__)
 

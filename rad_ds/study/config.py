@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rad_ds.core.config import Config, ConfigError, at_least, resolve_shipped, setting
+from rad_ds.core.config import Config, ConfigError, at_least, choice, resolve_shipped, setting
 from rad_ds.diagnosis.config import DiagnoseConfig
 from rad_ds.distill.config import RunConfig
 
@@ -53,8 +53,7 @@ class StudyConfig(Config):
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise ConfigError(f"methods: {bad[0]!r} is not a placement method; use {', '.join(METHODS)}")
-        if self.diagnose_on not in ("train", "builtin"):
-            raise ConfigError(f"diagnose_on: {self.diagnose_on!r} is not train or builtin")
+        choice("diagnose_on", self.diagnose_on, ("train", "builtin"))
         if "random" in self.methods and not self.random_seeds:
             raise ConfigError("random_seeds is empty: give e.g. --random-seeds 0,1,2")
         at_least(self, ("k", "heldout_rows", "eval_every", "calibration_docs", "greedy_tokens"), 1)

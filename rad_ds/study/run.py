@@ -285,12 +285,10 @@ class WallClock:
         return {"seconds": self.before + this, "this_invocation_seconds": this, "invocations": self.invocations}
 
 
-def _prompt_turns(path: str, what: str) -> list[list[dict]]:
-    """Each chat record of ``path`` up to its first assistant turn (records without one are left out)."""
-    from rad_ds.core.records import read_records
-
+def _prompt_turns(records: list[dict]) -> list[list[dict]]:
+    """Each chat record up to its first assistant turn (records without one are left out)."""
     out = []
-    for r in read_records(path, what=what):
+    for r in records:
         msgs = r.get("messages") or []
         first = next((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), None)
         if first:
@@ -300,9 +298,10 @@ def _prompt_turns(path: str, what: str) -> list[list[dict]]:
 
 def _user_turns(path: str, tok, n: int) -> list[torch.Tensor]:
     """The first ``n`` held-out conversations up to their first assistant turn, as generation prompts."""
+    from rad_ds.core.records import read_records
     from rad_ds.decoding.prompts import encode
 
-    return [encode(tok, "chat", m) for m in _prompt_turns(path, "heldout")[:n]]
+    return [encode(tok, "chat", m) for m in _prompt_turns(read_records(path, what="heldout"))[:n]]
 
 
 def _training_prompts(data: str, out: Path, seed: int) -> str | None:
@@ -318,11 +317,10 @@ def _training_prompts(data: str, out: Path, seed: int) -> str | None:
     if not path.is_file():
         logger.info("diagnosis prompts: %s is not one local file; the diagnosis uses its built-in prompts", data)
         return None
-    path = str(path)
-    rows = [{"messages": m} for m in _prompt_turns(path, "distill.data.path")]
+    records = read_records(path, what="distill.data.path")
+    rows = [{"messages": m} for m in _prompt_turns(records)]
     if not rows:
-        rows = [{"text": str(r["text"])[:1000]} for r in read_records(path, what="distill.data.path")
-                if str(r.get("text") or "").strip()]
+        rows = [{"text": str(r["text"])[:1000]} for r in records if str(r.get("text") or "").strip()]
     random.Random(seed).shuffle(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
