@@ -1,22 +1,22 @@
-"""Does the diagnosis generalise? The selection of SmolLM2-135M-Instruct made on two disjoint prompt sets
-(A and B: the built-in math + code mix, alternate pairs of one pool, so both halves keep the mix) per prompt
-budget n, their overlap (Jaccard) at each k, and what each budget costs; plus each half's selection scored on
-the other half's prompts (held out) against the half's own baselines.
+"""Does the diagnosis' choice depend on which documents it reads? The selection of SmolLM2-135M-Instruct made on two
+disjoint halves of the training data (documents shuffled with the seed, then alternated into A and B) per position
+budget, their overlap (Jaccard) at each k, what each budget costs, and each half's choice scored on the other half.
 
-The selection is the stage's own procedure (``rad_ds.diagnosis.search.select``: single-skip scores, greedy
-build-up if asked, TPE, swap search) with the default, timing-independent objective (the weights cost model).
-To fit a 2-core CPU the budgets share work: every (prompt, mask) is scored once (``AcceptanceEstimator`` on
-that prompt alone, exact) and a half's budget-n set is the first n prompts of that half, so smaller budgets
-reuse the larger ones' scores. The reported cost of a budget is what one diagnosis on n prompts would spend
-on this machine: the greedy continuations of its prompts plus every mask it scored on each of its prompts
-(each timed when first computed) plus the search's own overhead; the benchmark's wall time is less.
+The selection is the stage's own procedure (``rad_ds.diagnosis.search.select``: single-skip scores, TPE, swap
+search; the defaults of ``DiagnoseConfig``) with the default objective (weights cost model) on the stage's own
+document windows (``rad_ds.diagnosis.documents``). Several signals are scored from the same forward passes
+(``--signals expected,greedy``: the new default and the former one, on the same positions). To fit a 2-core CPU
+the budgets share work: every (window, mask) is scored once, and a half's budget-B set is that half's first
+windows up to B positions, so smaller budgets reuse the larger ones' scores. The reported cost of a budget is what
+one diagnosis at that budget spends on this machine: the full model's pass over its windows plus every mask it
+scored (each timed when first computed) plus the search's own overhead; the benchmark's wall time is less.
 
-    python benchmarks/diagnosis_stability.py              # budgets 4,8,16, k 2,4: diagnosis_stability_cpu.md
-    python benchmarks/diagnosis_stability.py --budgets 4,8,16,32 --trials 0 --swap-evals 0 \
-        --out benchmarks/results/diagnosis_stability_single_skip_cpu.json     # single-skip top-k alone
+    python launchers/corpus.py --config configs/corpus_smollm2.yaml --out runs/corpus-smollm2
+    python benchmarks/diagnosis_stability.py --data runs/corpus-smollm2/train/chat.jsonl    # -> *_cpu.json / .md
 
-Writes ``benchmarks/results/diagnosis_stability_<device>.json`` and ``.md``; per-(prompt, mask) scores are
-kept in ``runs/diagnosis_stability_cache.pt`` so that a rerun with other budgets only scores what is new.
+Writes ``benchmarks/results/diagnosis_stability_<device>.json`` and ``.md`` (``default``: the row of the default
+budget, ``DiagnoseConfig.tokens``); per-(window, mask) scores are kept in ``runs/diagnosis_stability_cache.pt`` so
+that a rerun with other budgets only scores what is new.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,20 +38,24 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-class PromptPool:
-    """Per-prompt acceptance totals of masks, each (prompt, mask) scored once and timed."""
+class WindowPool:
+    """Per-window totals of masks under each signal, each (window, mask) scored once (one draft forward for all
+    signals) and timed."""
 
-    def __init__(self, model, prompts, max_new_tokens: int, draft_len: int, eos, cache_path: Path, key: str):
-        self.model, self.prompts, self.eos = model, prompts, eos
-        self.max_new, self.draft_len = max_new_tokens, draft_len
-        self.keys = [hashlib.sha1(f"{key}|{p.tolist()}".encode()).hexdigest()[:16] for p in prompts]
-        self.cache_path = cache_path
+    def __init__(self, model, windows, signals: list[str], draft_len: int, temperature: float, cache_path: Path,
+                 key: str):
+        from rad_ds.diagnosis.acceptance import AcceptanceEstimator
+
+        self.windows, self.signals, self.cache_path = windows, signals, cache_path
+        self.keys = [hashlib.sha1(f"{key}|{ids.tolist()}|{c.tolist()}".encode()).hexdigest()[:16] for ids, c in windows]
         self.memo, self.setup_s = {}, {}
         if cache_path.is_file():
             saved = torch.load(cache_path)
             self.memo, self.setup_s = saved["memo"], saved["setup_s"]
-        self.est = {}
+        self.model, self.draft_len, self.temperature = model, draft_len, temperature
+        self.est: dict[int, dict] = {}
         self.new_evals, self.new_seconds = 0, 0.0
+        self._est_cls = AcceptanceEstimator
 
     def save(self) -> None:
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,225 +63,266 @@ class PromptPool:
         torch.save({"memo": self.memo, "setup_s": self.setup_s}, tmp)
         tmp.replace(self.cache_path)
 
-    def _estimator(self, s: int):
-        from rad_ds.diagnosis.acceptance import AcceptanceEstimator
+    def _estimator(self, w: int):
+        """The window's estimator and, per signal, (signal, the full model's side) from one full forward."""
+        from rad_ds.diagnosis.signals import make_signal
 
-        if s not in self.est:
+        if w not in self.est:
             t0 = time.perf_counter()
-            self.est[s] = AcceptanceEstimator(self.model, [self.prompts[s]], self.max_new, self.draft_len,
-                                              eos_token_id=self.eos)
-            self.setup_s.setdefault(self.keys[s], time.perf_counter() - t0)
-        return self.est[s]
+            est = self._est_cls(self.model, documents=[self.windows[w]], draft_len=self.draft_len,
+                                signal=self.signals[0], temperature=self.temperature)
+            full = est.runner.full_logits(0, index=est.seqs[0].index)
+            sides = {}
+            for name in self.signals:
+                sig = make_signal(name, self.temperature)
+                sides[name] = (sig, sig.prepare(full, None))
+            self.est[w] = (est, sides)
+            self.setup_s.setdefault(self.keys[w], time.perf_counter() - t0)
+        return self.est[w]
 
-    def stats(self, s: int, mask: frozenset):
+    def stats(self, w: int, mask: frozenset, signal: str):
         from rad_ds.diagnosis.acceptance import AcceptanceStats
 
-        key = (self.keys[s], tuple(sorted(mask)))
+        key = (self.keys[w], tuple(sorted(mask)))
         if key not in self.memo:
-            est = self._estimator(s)
+            est, sides = self._estimator(w)
             t0 = time.perf_counter()
-            st = est.stats(mask)
+            logits = est.runner.logits(0, frozenset(mask), index=est.seqs[0].index)  # one draft forward for all
+            row = {}
+            for name, (sig, ref) in sides.items():
+                t = sig.totals(sig.score(ref, logits), self.draft_len)
+                row[name] = (t.accepted, t.drafted, t.rounds, t.tokens, t.alpha, t.positions)
             dt = time.perf_counter() - t0
-            self.memo[key] = (st.accepted, st.drafted, st.rounds, st.tokens, dt)
+            self.memo[key] = (row, dt)
             self.new_evals += 1
             self.new_seconds += dt
             if self.new_evals % 200 == 0:
                 self.save()
-        a, d, r, t, _ = self.memo[key]
-        return AcceptanceStats(a, d, r, t)
+        return AcceptanceStats(*self.memo[key][0][signal])
 
-    def evaluator(self, idx: list[int], objective_fn):
+    def evaluator(self, idx: list[int], objective_fn, signal: str):
         from rad_ds.diagnosis.acceptance import AcceptanceStats
         from rad_ds.diagnosis.search import MaskEvaluator
 
         def stats_fn(mask):
             total = AcceptanceStats()
-            for s in idx:
-                total = total + self.stats(s, mask)
+            for w in idx:
+                total = total + self.stats(w, mask, signal)
             return total
 
         return MaskEvaluator(stats_fn, objective_fn)
 
     def cost(self, idx: list[int], masks) -> float:
-        """Seconds one diagnosis on prompts ``idx`` would spend: continuations + every mask on every prompt."""
-        setup = sum(self.setup_s[self.keys[s]] for s in idx)
-        return setup + sum(self.memo[(self.keys[s], tuple(sorted(m)))][4] for m in masks for s in idx)
+        """Seconds one diagnosis on windows ``idx`` would spend: the full model's pass + every mask on every window."""
+        setup = sum(self.setup_s[self.keys[w]] for w in idx)
+        return setup + sum(self.memo[(self.keys[w], tuple(sorted(m)))][1] for m in masks for w in idx)
 
 
-def run_selection(pool: PromptPool, idx, cands, ks, objective_fn, args) -> dict:
+def run_selection(pool: WindowPool, idx, cands, ks, objective_fn, signal: str, args) -> dict:
     from rad_ds.diagnosis.search import select
-    from rad_ds.diagnosis.stability import single_skip_stability
 
-    ev = pool.evaluator(idx, objective_fn)
+    ev = pool.evaluator(idx, objective_fn, signal)
     seconds_before, t0 = pool.new_seconds, time.perf_counter()
-    single, results = select(ev, cands, ks, args.trials, args.swap_evals, args.seed, args.greedy)
+    single, results = select(ev, cands, ks, args.trials, args.swap_evals, args.seed, False)
     overhead = (time.perf_counter() - t0) - (pool.new_seconds - seconds_before)  # TPE, bookkeeping
-    per_prompt = {i: torch.tensor([list(pool.memo[(pool.keys[s], (i,))][:4]) for s in idx]) for i in cands}
-    intervals, topk_freq = single_skip_stability(per_prompt, cands, ks, 1000, args.seed)
-    out = {"n": len(idx), "masks": len(ev.cache), "cost_s": pool.cost(idx, ev.cache) + max(overhead, 0.0),
-           "redundancy": {i: single[i].stats.acceptance_rate for i in cands},
-           "redundancy_ci": {i: list(intervals[i]) for i in cands}, "k": {}}
+    out = {"windows": len(idx), "positions": int(sum(int(pool.windows[w][1][:-1].sum()) for w in idx)),
+           "masks": len(ev.cache), "cost_s": pool.cost(idx, ev.cache) + max(overhead, 0.0),
+           "redundancy": {i: single[i].stats.acceptance_rate for i in cands}, "k": {}}
     for k, r in results.items():
         out["k"][k] = {"layers": r.best.layers, "method": r.best.method, "objective": r.best.objective,
-                       "acceptance_rate": r.best.stats.acceptance_rate,
+                       "acceptance_rate": r.best.stats.acceptance_rate, "mean_alpha": r.best.stats.mean_alpha,
                        "baselines": {m: {"layers": s.layers, "objective": s.objective,
                                          "acceptance_rate": s.stats.acceptance_rate} for m, s in r.candidates.items()},
-                       "gains": r.gains(), "swap": r.swap,
-                       "single_skip_topk_frequency": {i: f for i, f in topk_freq[k].items() if f > 0}}
+                       "swap": r.swap}
     return out
 
 
-def held_out_scores(pool: PromptPool, sel: dict, other_idx, objective_fn) -> dict:
-    """A half's selection and baselines per k, scored on the other half's prompts."""
-    ev = pool.evaluator(other_idx, objective_fn)
+def held_out_scores(pool: WindowPool, sel: dict, other_idx, objective_fn, signal: str) -> dict:
+    """A half's selection and baselines per k, scored on the other half's windows (objective)."""
+    ev = pool.evaluator(other_idx, objective_fn, signal)
     out = {}
     for k, r in sel["k"].items():
-        row = {"selection": ev(frozenset(r["layers"])).stats.acceptance_rate}
-        for m, b in r["baselines"].items():
-            row[m] = ev(frozenset(b["layers"])).stats.acceptance_rate
-        out[k] = row
+        out[k] = {"selection": ev(frozenset(r["layers"])).objective,
+                  **{m: ev(frozenset(b["layers"])).objective for m, b in r["baselines"].items()}}
     return out
 
 
 def main():
+    from rad_ds.diagnosis.config import DiagnoseConfig
+
+    d = DiagnoseConfig()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded:smollm2")
-    ap.add_argument("--budgets", default="4,8,16", help="prompts per half, ascending")
-    ap.add_argument("--k", default="2,4")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--draft-len", type=int, default=4)
-    ap.add_argument("--trials", type=int, default=6, help="TPE trials per k")
-    ap.add_argument("--swap-evals", type=int, default=16, help="swap-search budget per k")
-    ap.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=False, help="greedy build-up baseline")
+    ap.add_argument("--data", required=True, help="the training data (its documents are split into halves A and B)")
+    ap.add_argument("--budgets", default=f"1024,2048,{d.tokens}", help="counted positions per half, ascending")
+    ap.add_argument("--k", default="2,4,8")
+    ap.add_argument("--signals", default="expected,greedy", help="signals scored from the same forwards (first: the "
+                                                                  "default)")
+    ap.add_argument("--seq-len", type=int, default=d.seq_len)
+    ap.add_argument("--draft-len", type=int, default=d.draft_len)
+    ap.add_argument("--temperature", type=float, default=d.temperature)
+    ap.add_argument("--trials", type=int, default=d.trials, help="TPE trials per k")
+    ap.add_argument("--swap-evals", type=int, default=d.swap_evals, help="swap-search budget per k")
     ap.add_argument("--held-out", action=argparse.BooleanOptionalAction, default=True,
                     help="score each half's selection on the other half")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: on a shared 2-core CPU, 2 OpenMP threads ran 5-10x slower here)")
-    ap.add_argument("--max-minutes", type=float, default=25.0, help="start no further budget after this")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    from rad_ds.decoding.eos import model_eos_ids
-    from rad_ds.decoding.prompts import default_prompts, encode
+    import random
+
+    from rad_ds.core.provenance import provenance
+    from rad_ds.data.sources import load_records
+    from rad_ds.data.tokenization import tokenize_records
     from rad_ds.decoding.skipping import candidate_layers
     from rad_ds.diagnosis.cost import weights_cost_model
+    from rad_ds.diagnosis.documents import _window
     from rad_ds.diagnosis.stability import jaccard
     from rad_ds.models.conversion import load_model
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     budgets = sorted(int(b) for b in args.budgets.split(","))
     ks = sorted(int(k) for k in args.k.split(","))
+    signals = args.signals.split(",")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_model(args.model, dtype=torch.float32)
     model.to(dev).eval()
-    eos = sorted(model_eos_ids(tok, model))
-    rows = default_prompts(2 * budgets[-1], args.seed)
-    prompts = [encode(tok, kind, value, True) for kind, value in rows]
-    # alternate pairs (math, code) of the pool: A = 0,1,4,5,..., B = 2,3,6,7,...; both keep the mix
-    halves = {"A": [i for i in range(len(prompts)) if i % 4 < 2], "B": [i for i in range(len(prompts)) if i % 4 >= 2]}
+    # the documents of the data, shuffled, one window each (as the stage takes them), alternated into A and B
+    docs = tokenize_records(load_records(args.data), tok, add_eos=True, mask_prompt=True, min_tokens=2, num_proc=1)
+    rng = random.Random(args.seed)
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    windows, halves = [], {"A": [], "B": []}
+    got = {"A": 0, "B": 0}
+    for j in order:
+        w = _window(*docs[j], args.seq_len, rng)
+        n = int(w[1].sum())
+        if n == 0:
+            continue
+        h = "A" if got["A"] <= got["B"] else "B"
+        if got[h] >= budgets[-1]:
+            h = "B" if h == "A" else "A"
+            if got[h] >= budgets[-1]:
+                break
+        halves[h].append(len(windows))
+        windows.append(w)
+        got[h] += n
     cost_model = weights_cost_model(model)
     cands = candidate_layers(model.config)
 
     def objective(mask, st):
         return cost_model.estimated_speedup(len(mask), st.accepted, st.drafted, st.rounds, st.tokens)
 
-    key = f"{args.model}|{args.max_new_tokens}|{args.draft_len}|{dev}|{args.threads}"
-    pool = PromptPool(model, prompts, args.max_new_tokens, args.draft_len, eos,
+    key = f"{args.model}|{args.draft_len}|{args.temperature}|{dev}|{','.join(signals)}"
+    pool = WindowPool(model, windows, signals, args.draft_len, args.temperature,
                       ROOT / "runs" / "diagnosis_stability_cache.pt", key)
-    res = {"device": dev, "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-           "model": args.model, "settings": {"budgets": budgets, "k": ks, "max_new_tokens": args.max_new_tokens,
-                                             "draft_len": args.draft_len, "trials_per_k": args.trials,
-                                             "swap_evals_per_k": args.swap_evals, "greedy_baseline": args.greedy,
-                                             "objective": "estimated speed-up, weights cost model", "seed": args.seed},
-           "prompt_tokens": {h: [int(prompts[i].numel()) for i in idx] for h, idx in halves.items()}, "budgets": []}
+
+    def first(idx, budget):
+        out, n = [], 0
+        for w in idx:
+            if n >= budget:
+                break
+            out.append(w)
+            n += int(windows[w][1][:-1].sum())
+        return out
+
+    res = {"provenance": provenance(), "device": dev, "threads": torch.get_num_threads(), "model": args.model,
+           "data": args.data, "documents": len(docs),
+           "settings": {"budgets": budgets, "k": ks, "signals": signals, "seq_len": args.seq_len,
+                        "draft_len": args.draft_len, "temperature": args.temperature, "trials_per_k": args.trials,
+                        "swap_evals_per_k": args.swap_evals, "objective": "estimated speed-up, weights cost model",
+                        "seed": args.seed, "default_budget": d.tokens},
+           "positions": {h: int(sum(int(windows[w][1][:-1].sum()) for w in idx)) for h, idx in halves.items()},
+           "budgets": []}
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"diagnosis_stability_{dev}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for n in budgets:  # the total work does not depend on the order; ascending gives results early
-        if res["budgets"] and time.perf_counter() - t_start > 60 * args.max_minutes:
-            log(f"stopping before n={n}: over --max-minutes {args.max_minutes}")
-            res["skipped_budgets"] = [b for b in budgets if b >= n]
-            break
-        row = {"n": n}
-        for h, idx in halves.items():
-            t0 = time.perf_counter()
-            row[h] = run_selection(pool, idx[:n], cands, ks, objective, args)
-            log(f"n={n} half {h}: " + ", ".join(f"k={k} {row[h]['k'][k]['layers']} ({row[h]['k'][k]['method']})"
-                                                for k in ks) + f"  [{time.perf_counter() - t0:.0f} s here, "
-                                                f"cost {row[h]['cost_s']:.0f} s]")
-            pool.save()
-        row["jaccard"] = {k: jaccard(row["A"]["k"][k]["layers"], row["B"]["k"][k]["layers"]) for k in ks}
-        row["jaccard_baselines"] = {m: {k: jaccard(row["A"]["k"][k]["baselines"][m]["layers"],
-                                                   row["B"]["k"][k]["baselines"][m]["layers"]) for k in ks}
-                                    for m in row["A"]["k"][ks[0]]["baselines"]}
-        if args.held_out:
-            row["held_out"] = {"A_on_B": held_out_scores(pool, row["A"], halves["B"][:n], objective),
-                               "B_on_A": held_out_scores(pool, row["B"], halves["A"][:n], objective)}
-            pool.save()
-        row["cost_s"] = (row["A"]["cost_s"] + row["B"]["cost_s"]) / 2
-        log(f"n={n}: jaccard {row['jaccard']}  (single-skip top-k {row['jaccard_baselines']['single_skip_topk']})")
+    for b in budgets:  # ascending: results early
+        row = {"tokens": b, "signals": {}}
+        for sig in signals:
+            r = {}
+            for h, idx in halves.items():
+                t0 = time.perf_counter()
+                r[h] = run_selection(pool, first(idx, b), cands, ks, objective, sig, args)
+                log(f"budget {b} {sig} half {h}: " + ", ".join(f"k={k} {r[h]['k'][k]['layers']}" for k in ks)
+                    + f"  [{time.perf_counter() - t0:.0f} s here, cost {r[h]['cost_s']:.0f} s]")
+                pool.save()
+            r["jaccard"] = {str(k): jaccard(r["A"]["k"][k]["layers"], r["B"]["k"][k]["layers"]) for k in ks}
+            r["jaccard_single_skip_topk"] = {
+                str(k): jaccard(r["A"]["k"][k]["baselines"]["single_skip_topk"]["layers"],
+                                r["B"]["k"][k]["baselines"]["single_skip_topk"]["layers"]) for k in ks}
+            if args.held_out:
+                r["held_out"] = {"A_on_B": held_out_scores(pool, r["A"], first(halves["B"], b), objective, sig),
+                                 "B_on_A": held_out_scores(pool, r["B"], first(halves["A"], b), objective, sig)}
+                pool.save()
+            r["seconds"] = (r["A"]["cost_s"] + r["B"]["cost_s"]) / 2
+            log(f"budget {b} {sig}: jaccard {r['jaccard']} (single-skip top-k {r['jaccard_single_skip_topk']})")
+            row["signals"][sig] = r
         res["budgets"].append(row)
         res["wall_s"] = time.perf_counter() - t_start
         res["scored_here"] = {"evaluations": pool.new_evals, "seconds": pool.new_seconds}
-        target = [r["n"] for r in res["budgets"] if r["jaccard"].get(4, 0.0) >= 0.6]
-        res["smallest_budget_jaccard_k4_ge_0.6"] = min(target) if target else None
+        _summarise(res, signals[0])
         out.write_text(json.dumps(res, indent=2) + "\n")  # after every budget: a stopped run keeps its results
         out.with_suffix(".md").write_text(markdown(res) + "\n")
     print(markdown(res))
     print(f"results: {out}")
 
 
+def _summarise(res: dict, signal: str) -> None:
+    """``default``: the default signal at the default budget (or the largest run so far, named)."""
+    rows = {r["tokens"]: r for r in res["budgets"]}
+    b = res["settings"]["default_budget"] if res["settings"]["default_budget"] in rows else max(rows)
+    r = rows[b]["signals"][signal]
+    res["default"] = {"tokens": b, "signal": signal, "jaccard": r["jaccard"], "seconds": r["seconds"],
+                      "jaccard_single_skip_topk": r["jaccard_single_skip_topk"]}
+    ok = [t for t, x in sorted(rows.items()) if x["signals"][signal]["jaccard"].get("4", 0.0) >= 0.6]
+    res["smallest_budget_jaccard_k4_ge_0.6"] = ok[0] if ok else None
+
+
 def markdown(res: dict) -> str:
     s, ks = res["settings"], res["settings"]["k"]
-    procedure = (f"single-skip scores, {'greedy build-up, ' if s['greedy_baseline'] else ''}TPE {s['trials_per_k']} "
-                 f"trials per k, swap search {s['swap_evals_per_k']} evaluations per k")
+    p = res["provenance"]
     md = [f"# Diagnosis stability ({res['device']}, {res['threads']} threads, {res['model']})", "",
-          f"Selection on two disjoint prompt sets A and B (the built-in math + code mix) per budget n; "
-          f"{procedure}; objective: {s['objective']}; {s['max_new_tokens']} new tokens, draft length "
-          f"{s['draft_len']}, seed {s['seed']}. Cost: seconds one diagnosis on n prompts spends on this machine "
-          f"(mean of A and B). Wall time of the whole benchmark {res['wall_s'] / 60:.1f} min.", "",
-          "| n | " + " | ".join(f"k={k} A | k={k} B | Jaccard k={k} (single-skip top-k)" for k in ks)
-          + " | masks scored (A/B) | cost (s) |",
-          "|---" * (3 * len(ks) + 3) + "|"]
+          f"Selection on two disjoint halves A and B of `{res['data']}` ({res['documents']} documents, shuffled with "
+          f"seed {s['seed']}, one window of up to {s['seq_len']} tokens each, alternated into A and B) per budget of "
+          f"counted positions; single-skip scores, TPE {s['trials_per_k']} trials and a swap search of "
+          f"{s['swap_evals_per_k']} evaluations per k; objective: {s['objective']}; draft length {s['draft_len']}, "
+          f"temperature {s['temperature']}. Cost: seconds one diagnosis at that budget spends on this machine (mean "
+          f"of A and B). Wall time of the whole benchmark {res['wall_s'] / 60:.1f} min.", "",
+          "| positions | signal | " + " | ".join(f"k={k}: A / B | Jaccard k={k} (single-skip top-k)" for k in ks)
+          + " | cost (s) |", "|---" * (2 * len(ks) + 3) + "|"]
     for r in res["budgets"]:
-        cells = []
-        for k in ks:
-            a, b = r["A"]["k"][k], r["B"]["k"][k]
-            cells += [f"{a['layers']} {a['method']}", f"{b['layers']} {b['method']}",
-                      f"**{r['jaccard'][k]:.2f}** ({r['jaccard_baselines']['single_skip_topk'][k]:.2f})"]
-        masks = f"{r['A']['masks']}/{r['B']['masks']}"
-        md.append(f"| {r['n']} | " + " | ".join(cells) + f" | {masks} | {r['cost_s']:.0f} |")
+        for sig, x in r["signals"].items():
+            cells = []
+            for k in ks:
+                a, b = x["A"]["k"][k], x["B"]["k"][k]
+                cells += [f"{a['layers']} / {b['layers']}",
+                          f"**{x['jaccard'][str(k)]:.2f}** ({x['jaccard_single_skip_topk'][str(k)]:.2f})"]
+            md.append(f"| {r['tokens']} | {sig} | " + " | ".join(cells) + f" | {x['seconds']:.0f} |")
+    dflt = res["default"]
     best = res["smallest_budget_jaccard_k4_ge_0.6"]
-    md += ["", "Smallest budget with Jaccard >= 0.6 at k=4: " + (f"**{best} prompts**." if best else
-           f"**none of {[r['n'] for r in res['budgets']]}**.")
-           + (f" Budgets {res['skipped_budgets']} not run (time limit)." if res.get("skipped_budgets") else ""), ""]
-    if any("held_out" in r for r in res["budgets"]):
-        md += ["Held out: each half's choice scored on the other half's n prompts (acceptance rate), against the "
-               "same half's baselines:", "",
-               "| n | k | A's selection on B | A's single-skip top-k on B | B's selection on A | "
-               "B's single-skip top-k on A |", "|---|---|---|---|---|---|"]
+    md += ["", f"Default ({dflt['signal']}, {dflt['tokens']} positions): Jaccard "
+               + ", ".join(f"k={k} {v:.2f}" for k, v in dflt["jaccard"].items())
+               + f"; one diagnosis at k = {', '.join(map(str, ks))} costs {dflt['seconds']:.0f} s here. Smallest budget "
+               "with Jaccard >= 0.6 at k=4: " + (f"**{best} positions**." if best else "**none run**."), ""]
+    if any("held_out" in x for r in res["budgets"] for x in r["signals"].values()):
+        md += ["Held out: each half's choice scored on the other half's windows (estimated speed-up), against the "
+               "same half's single-skip top-k:", "",
+               "| positions | signal | k | A's choice on B | A's single-skip top-k on B | B's choice on A | "
+               "B's single-skip top-k on A |", "|---|---|---|---|---|---|---|"]
         for r in res["budgets"]:
-            if "held_out" not in r:
-                continue
-            for k in ks:
-                ab, ba = r["held_out"]["A_on_B"][k], r["held_out"]["B_on_A"][k]
-                md.append(f"| {r['n']} | {k} | {ab['selection']:.3f} | {ab['single_skip_topk']:.3f} | "
-                          f"{ba['selection']:.3f} | {ba['single_skip_topk']:.3f} |")
+            for sig, x in r["signals"].items():
+                if "held_out" not in x:
+                    continue
+                for k in ks:
+                    ab, ba = x["held_out"]["A_on_B"][k], x["held_out"]["B_on_A"][k]
+                    md.append(f"| {r['tokens']} | {sig} | {k} | {ab['selection']:.4f} | {ab['single_skip_topk']:.4f} | "
+                              f"{ba['selection']:.4f} | {ba['single_skip_topk']:.4f} |")
         md.append("")
-    md += ["Gains of the search over its baselines on its own prompts (objective; acceptance rate):", "",
-           "| n | half | k | vs single-skip top-k | vs TPE | vs greedy | swap moves / evaluations |",
-           "|---|---|---|---|---|---|---|"]
-    for r in res["budgets"]:
-        for h in ("A", "B"):
-            for k in ks:
-                g, sw = r[h]["k"][k]["gains"], r[h]["k"][k]["swap"]
-
-                def cell(m, g=g):
-                    return f"{g[m]['objective']:+.3f}; {g[m]['acceptance_rate']:+.3f}" if m in g else "-"
-
-                md.append(f"| {r['n']} | {h} | {k} | {cell('single_skip_topk')} | {cell('bo')} | "
-                          f"{cell('greedy')} | {len(sw['moves'])} / {sw['evaluations']} |")
+    md += [f"Made by `{p['command']}` at commit {p['commit'][:10] if p['commit'] else '?'}"
+           f"{' (dirty tree)' if p['dirty'] else ''} on {p['date']}."]
     return "\n".join(md)
 
 

@@ -12,9 +12,11 @@ shared teacher cache; the arms differ only in the recipe:
 * ``two_stage_skip``: both.
 
 Each arm is a placement study of one method (``launchers/placement.py``), so the numbers are the study's own
-(held-out KL, perplexity, top-1 / greedy agreement, every ``--eval-every`` steps).
+(held-out KL, perplexity, top-1 / greedy agreement, every ``--eval-every`` steps). The comparison chooses a
+default recipe, so ``--heldout`` is the corpus' validation split (docs/corpus.md), never its test split.
 
-    python benchmarks/recipe.py --data runs/corpus-smollm2/train.jsonl --heldout runs/corpus-smollm2/heldout.jsonl
+    python benchmarks/recipe.py --data runs/corpus-smollm2/train/chat.jsonl \
+        --heldout runs/corpus-smollm2/validation/chat.jsonl
 """
 
 from __future__ import annotations

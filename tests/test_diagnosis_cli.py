@@ -33,7 +33,11 @@ def setup(tmp_path_factory):
         for i in range(6):
             f.write(json.dumps({"messages": [{"role": "user", "content": " ".join(
                 f"w{(11 * i + 3 * j) % 300}" for j in range(4 + i))}]}) + "\n")
-    return tmp, base, prompts
+    data = tmp / "data.jsonl"  # the "distillation data": documents the masks are scored on, teacher-forced
+    with data.open("w") as f:
+        for i in range(9):
+            f.write(json.dumps({"text": " ".join(f"w{(7 * i + 5 * j) % 300}" for j in range(30 + 3 * i))}) + "\n")
+    return tmp, base, prompts, data
 
 
 def _args(base, prompts, out, *extra):
@@ -43,30 +47,38 @@ def _args(base, prompts, out, *extra):
 
 
 def test_one_process_equals_two_ranks_under_deepspeed(setup):
-    tmp, base, prompts = setup
-    r1 = subprocess.run([PY, DIAG, *_args(base, prompts, tmp / "one")], capture_output=True, text=True,
+    """The expected signal on documents and continuations at once: every score is a float sum, still equal."""
+    tmp, base, prompts, data = setup
+    extra = ["--data", str(data), "--source", "both", "--tokens", "120", "--held-out-tokens", "60", "--seq-len", "24"]
+    r1 = subprocess.run([PY, DIAG, *_args(base, prompts, tmp / "one", *extra)], capture_output=True, text=True,
                         env=_env(), timeout=600)
     assert r1.returncode == 0, r1.stderr[-3000:]
     port = str(random.randint(29600, 29900))
     r2 = subprocess.run([str(Path(PY).parent / "deepspeed"), "--num_gpus", "2", "--master_port", port, DIAG,
-                         *_args(base, prompts, tmp / "two")], capture_output=True, text=True, env=_env(), timeout=600)
+                         *_args(base, prompts, tmp / "two", *extra)], capture_output=True, text=True, env=_env(),
+                        timeout=600)
     assert r2.returncode == 0, (r2.stdout[-2000:], r2.stderr[-3000:])
     a = json.loads((tmp / "one" / "report.json").read_text())
     b = json.loads((tmp / "two" / "report.json").read_text())
     assert a["settings"]["world_size"] == 1 and b["settings"]["world_size"] == 2
-    for s in a["selections"] + b["selections"]:  # timings differ between runs; drop them
+    assert all(0 < s["measured_acceptance_rate"] <= 1 for s in a["selections"])  # the sampling re-check ran
+    for s in a["selections"] + b["selections"]:  # timings (and the sampled re-check) differ between runs; drop them
         s.pop("measured_speedup"), s.pop("measured_acceptance_rate")
     assert a["selections"] == b["selections"]  # with the swap search, gains and bootstrap intervals
     assert a["layers"] == b["layers"]
     assert a["trials"] == b["trials"]
     assert a["held_out"] == b["held_out"] and a["held_out"]["n"] == 2  # held-out prompts sharded over ranks too
+    assert a["held_out"]["documents"] >= 2 and a["held_out"]["positions"] >= 60  # and held-out documents
     assert a["stability"] == b["stability"]
-    assert all(s["estimator_exact"] for s in b["selections"])
+    assert a["settings"]["signal"] == "expected" and a["settings"]["scored_on"] == "both"
+    assert a["data"]["positions"] >= 120 and a["data"]["windows"] >= 5
+    assert all(s["estimator_exact"] is None for s in b["selections"])  # exactness is greedy's, on continuations
+    assert all(0 < s["mean_alpha"] < 1 for s in a["selections"])
     assert "| k | layers |" in r1.stdout  # the summary table
 
 
 def test_bad_input_exits_nonzero_and_keeps_a_good_report(setup):
-    tmp, base, prompts = setup
+    tmp, base, prompts, _ = setup
     out = tmp / "keep"
     r = subprocess.run([PY, DIAG, *_args(base, prompts, out)], capture_output=True, text=True, env=_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

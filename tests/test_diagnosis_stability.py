@@ -164,7 +164,7 @@ def _cfg(tiny, out, **kw):
     from rad_ds.diagnosis.config import DiagnoseConfig
 
     _, base, prompts = tiny
-    kw = {"k": [1, 2], "prompts": str(prompts), "num_prompts": 4, "held_out": 3, "trials": 4, "swap_evals": 6,
+    kw = {"k": [1, 2], "greedy_baseline": True, "prompts": str(prompts), "num_prompts": 4, "held_out": 3, "trials": 4, "swap_evals": 6,
           "max_new_tokens": 16, "recheck_prompts": 0, "progress": False, "bootstrap": 200, **kw}
     return DiagnoseConfig(model=str(base), out=str(out), **kw)
 
@@ -208,11 +208,13 @@ def test_held_out_prompts_are_disjoint_and_scored_like_an_independent_estimator(
     rep = d.run()
     held = rep["held_out"]
     assert held["n"] == 2 and rep["prompts"]["held_out"] == 2
-    oracle = AcceptanceEstimator(d.model, d.held_prompts, cfg.max_new_tokens, cfg.draft_len, eos_token_id=d.eos)
+    oracle = AcceptanceEstimator(d.model, d.held_prompts, cfg.max_new_tokens, cfg.draft_len, eos_token_id=d.eos,
+                                 signal=cfg.signal, temperature=cfg.temperature)
+    assert rep["settings"]["signal"] == cfg.signal == "expected"
     for row in held["selections"]:
-        assert row["acceptance_rate"] == oracle.stats(row["layers"]).acceptance_rate
+        assert row["acceptance_rate"] == pytest.approx(oracle.stats(row["layers"]).acceptance_rate, rel=1e-12)
         for m, b in row["baselines"].items():
-            assert b["acceptance_rate"] == oracle.stats(b["layers"]).acceptance_rate
+            assert b["acceptance_rate"] == pytest.approx(oracle.stats(b["layers"]).acceptance_rate, rel=1e-12)
             assert row["gains"][m]["acceptance_rate"] == pytest.approx(row["acceptance_rate"] - b["acceptance_rate"])
         assert {"single_skip_topk", "greedy", "bo"} <= set(row["baselines"])
     # the report's new keys round-trip through DiagnosisReport

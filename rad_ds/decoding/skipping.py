@@ -65,19 +65,24 @@ class PrefixRunner:
                 self.pos.append(pe)
                 self.masks.append(am)
 
-    def full_logits(self, s: int, start: int = 0) -> torch.Tensor:
+    def _head(self, h: torch.Tensor, start: int, index: torch.Tensor | None) -> torch.Tensor:
+        h = h[0, start:] if index is None else h[0, index]
+        return self.model.lm_head(self.inner.norm(h))
+
+    def full_logits(self, s: int, start: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
         with torch.no_grad():
-            return self.model.lm_head(self.inner.norm(self.hidden[s][-1][:, start:]))[0]
+            return self._head(self.hidden[s][-1], start, index)
 
     @torch.no_grad()
-    def logits(self, s: int, mask: frozenset[int], start: int = 0) -> torch.Tensor:
-        """Draft logits (T - start, V) at positions ``start..`` of sequence ``s`` with attention sublayers
-        ``mask`` skipped (the LM head, a large share of a small model's cost, runs only where needed)."""
+    def logits(self, s: int, mask: frozenset[int], start: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Draft logits (T - start, V) at positions ``start..`` of sequence ``s`` (or at the positions ``index``)
+        with attention sublayers ``mask`` skipped (the LM head, a large share of a small model's cost, runs only
+        where needed)."""
         if not mask:
-            return self.full_logits(s, start)
+            return self.full_logits(s, start, index)
         first = min(mask)
         h = self.hidden[s][first]
         pe, am = self.pos[s], self.masks[s]
         for i in range(first, len(self.inner.layers)):
             h = self.inner.layers[i](h, position_embeddings=pe, attn_mask=am, skip_mixer=i in mask)
-        return self.model.lm_head(self.inner.norm(h[:, start:]))[0]
+        return self._head(h, start, index)

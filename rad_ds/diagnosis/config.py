@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rad_ds.core.config import Config, ConfigError, at_least, choice, setting
+from rad_ds.core.config import Config, ConfigError, at_least, choice, resolve_shipped, setting
 from rad_ds.core.dtypes import NAMES as DTYPE_NAMES
 
+from .signals import SIGNALS
+
 OBJECTIVES = ("estimated", "measured")
+SOURCES = ("auto", "documents", "continuations", "both")
 
 
 @dataclass
@@ -16,16 +19,32 @@ class DiagnoseConfig(Config):
     out: str | None = setting(None, "output directory (report.json, redundancy.png, cost_model.json)")
     k: list[int] = setting([2, 4, 8], "numbers of attention layers to skip, e.g. 2,4,8")
     gguf_file: str | None = setting(None, "GGUF file name inside model")
-    prompts: str | None = setting(None, "jsonl/parquet/json/csv/txt with a 'messages' or text field "
-                                        "(unset: the built-in math + code mix)")
-    num_prompts: int = setting(8, "prompts the search scores masks on (<= 0: all of a prompts file)")
+    data: str | None = setting(None, "the user's data (the distillation data: jsonl/parquet/json/txt with a 'messages' "
+                                     "or text field): masks are scored on its documents' counted positions, "
+                                     "teacher-forced (unset: on continuations of the prompts)")
+    source: str = setting("auto", "what masks are scored on: documents (data, teacher-forced), continuations (the "
+                                  "model's greedy continuations of prompts), both; auto: documents when data is "
+                                  "set, else continuations")
+    signal: str = setting("expected", "the acceptance signal: " + "; ".join(f"{n}: {c.help}" for n, c in SIGNALS.items()))
+    temperature: float = setting(1.0, "sampling temperature of the expected signal (and of the sampling re-check)")
+    tokens: int = setting(2048, "counted positions of data the search scores masks on (documents source; "
+                                "benchmarks/results/diagnosis_stability_cpu.md: the choice per budget)")
+    held_out_tokens: int = setting(1024, "further positions, from other documents of data, on which the chosen masks "
+                                         "and the baselines are scored after the search (0: none)")
+    seq_len: int = setting(256, "tokens per document window of data")
+    prompts: str | None = setting(None, "jsonl/parquet/json/csv/txt with a 'messages' or text field for the "
+                                        "continuations and the re-check (unset: prompts from data when it is set, "
+                                        "else the built-in math + code mix)")
+    num_prompts: int = setting(8, "prompts the search scores masks on (continuations source; <= 0: all of a prompts "
+                                  "file)")
     held_out: int = setting(8, "further prompts, disjoint from the search's, on which the chosen masks and the "
-                               "baselines are scored after the search (0: none)")
+                               "baselines are scored after the search (continuations source; 0: none)")
     chat: bool = setting(True, "apply the chat template (--no-chat: plain prompts)")
     max_new_tokens: int = setting(64, "tokens generated per prompt")
     draft_len: int = setting(4, "tokens drafted per round")
-    trials: int = setting(60, "Bayesian-optimisation (optuna TPE) trials per k (0: none)")
-    swap_evals: int = setting(40, "new masks the swap search (one layer out, one in, around the best mask) may "
+    trials: int = setting(12, "Bayesian-optimisation (optuna TPE) trials per k (0: none; the default fits k = 2, 4, 8 in "
+                                  "under 10 min on 2 CPU cores at the default tokens: raise it on a GPU)")
+    swap_evals: int = setting(16, "new masks the swap search (one layer out, one in, around the best mask) may "
                                   "score per k (0: no swap search)")
     seed: int = setting(0, "seed of the prompts and the search")
     objective: str = setting("estimated", "estimated: exact acceptance x cost model (fast); measured: real "
@@ -33,7 +52,7 @@ class DiagnoseConfig(Config):
     cost_model: str = setting("weights", "weights (analytic, memory-bound: the same on every machine), measured "
                                          "(timed here: the choice can differ between machines), or a "
                                          "cost_model.json")
-    greedy_baseline: bool = setting(True, "run the greedy build-up baseline (the search starts from the best of "
+    greedy_baseline: bool = setting(False, "run the greedy build-up baseline (the search starts from the best of "
                                           "it, TPE and the single-skip top-k)")
     bootstrap: int = setting(1000, "bootstrap resamples over prompts for the score intervals (0: none)")
     recheck_prompts: int = setting(4, "prompts per rank for the real-decoder re-check of the chosen sets (0: skip)")
@@ -50,16 +69,35 @@ class DiagnoseConfig(Config):
             raise ConfigError("out is not set: give --out DIR (report.json, redundancy.png)")
         if not self.k:
             raise ConfigError("k is empty; give e.g. --k 2,4,8")
-        at_least(self, ("max_new_tokens", "draft_len"), 1)
-        at_least(self, ("trials", "swap_evals", "held_out", "bootstrap", "recheck_prompts"), 0)
-        if not self.prompts and self.num_prompts < 1:
+        at_least(self, ("max_new_tokens", "draft_len", "tokens", "seq_len"), 1)
+        at_least(self, ("trials", "swap_evals", "held_out", "held_out_tokens", "bootstrap", "recheck_prompts"), 0)
+        if not self.prompts and not self.data and self.num_prompts < 1:
             raise ConfigError(f"num_prompts = {self.num_prompts}: the built-in prompts need a count >= 1 "
                               "(<= 0 means all rows of a --prompts file)")
         choice("objective", self.objective, OBJECTIVES)
+        choice("signal", self.signal, tuple(SIGNALS))
+        choice("source", self.source, SOURCES)
+        if self.source in ("documents", "both") and not self.data:
+            raise ConfigError(f"source = {self.source}: set data (--data FILE, the distillation data) to score "
+                              "masks on its documents")
+        if self.data:
+            found = resolve_shipped(self.data)
+            if not found.exists():
+                raise ConfigError(f"data: {self.data} not found; give the distillation data (jsonl/parquet/json/txt)")
+            self.data = str(found)
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature = {self.temperature}: give a value > 0 (1.0: the model's own distribution)")
         if self.dtype is not None:
             choice("dtype", self.dtype, DTYPE_NAMES)
         self.k = sorted(set(self.k))
         return self
+
+    @property
+    def scored_on(self) -> str:
+        """documents, continuations or both (``source`` with ``auto`` resolved)."""
+        if self.source != "auto":
+            return self.source
+        return "documents" if self.data else "continuations"
 
 
 __all__ = ["DiagnoseConfig", "OBJECTIVES"]

