@@ -59,7 +59,8 @@ def main() -> None:
 
     work = Path(a.work)
     cache = work / "teacher_cache"
-    common = ["--model", a.model, "--k", str(a.k), "--data", a.data, "--heldout", a.heldout, "--steps", str(a.steps),
+    common = ["--model", a.model, "--k", str(a.k), "--data", a.data, "--test", a.heldout, "--split", "validation",
+              "--seeds", "0", "--steps", str(a.steps),
               "--seq-len", str(a.seq_len), "--micro-batch", str(a.micro_batch), "--lr", str(a.lr),
               f"--methods={a.method}", f"--eval_every={a.eval_every}", "--distill.log.wandb=false",
               "--distill.loss.hidden=mse", "--distill.loss.hidden_weight=0", "--distill.optim.warmup_steps=2"]
@@ -74,7 +75,14 @@ def main() -> None:
         if rc:
             sys.exit(rc)
         res = json.loads((work / name / "results.json").read_text())
-        results[name] = {"overrides": extra, **res["methods"][a.method]}
+        e = res["k"][str(a.k)][a.method]  # one seed: its scores, in this benchmark's former names
+        names = {"heldout_kl": "test_kl", "ppl": "ppl", "top1_agreement": "top1_agreement",
+                 "greedy_agreement": "greedy_agreement"}
+        results[name] = {"overrides": extra, "layers": e["layers"], **{m: e[r][0] for m, r in names.items()},
+                         "initial": {m: e["initial"][r] for m, r in names.items()},
+                         "curve": [{"step": s, "tokens": t, "heldout_kl": kl[0], "top1_agreement": t1[0]}
+                                   for s, t, kl, t1 in zip(e["curve"]["steps"], e["curve"]["tokens"],
+                                                           e["curve"]["test_kl"], e["curve"]["top1_agreement"])]}
     out = Path(a.out)
     summary = {"benchmark": "recipe", "model": a.model, "k": a.k, "method": a.method, "steps": a.steps,
                "stage1_steps": a.stage1, "seq_len": a.seq_len, "micro_batch": a.micro_batch, "lr": a.lr,

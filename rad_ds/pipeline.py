@@ -128,6 +128,9 @@ class PipelineConfig(Config):
                                   "the report); drop one of the two")
             t.model.path, t.model.gguf_file = str(d["replace"]), None
             t.student.layers = t.student.report = t.student.k = t.student.placement = None
+        dg = self.diagnose
+        if dg.data is None and dg.prompts is None and dg.source in ("auto", "documents", "both") and t.data.path:
+            dg.data = t.data.path  # the diagnosis scores masks on the data this run distils on
         e = self.evaluate
         joined = [self.model, str(d["distill"] / "final")]
         e.models = joined + [m for m in e.models if m not in joined]  # the section may add models (a teacher)
@@ -247,11 +250,12 @@ class Pipeline:
         """Base vs student: the evaluation scores and speed, the replaced layers and the diagnosis."""
         lines = [f"# RAD: {self.cfg.model} -> hybrid student", ""]
         if self.cfg.report_path.is_file():
-            sel = DiagnosisReport.load(self.cfg.report_path).selection(self.cfg.k)
+            rep = DiagnosisReport.load(self.cfg.report_path)
+            sel = rep.selection(self.cfg.k)
             meas = f", measured {sel.measured_speedup:.2f}x" if sel.measured_speedup else ""
             lines += [f"Diagnosis: k={sel.k} attention layers {list(sel.layers)} ({sel.method}): draft acceptance "
                       f"{sel.acceptance_rate:.3f}, mean accepted length {sel.mean_accepted_length:.2f}, estimated "
-                      f"speed-up {sel.estimated_speedup:.2f}x{meas}.", ""]
+                      f"speed-up {sel.estimated_speedup:.2f}x{meas}. {rep.scored_on()}", ""]
         s = RunSummary.load(self.dirs["distill"])
         if s is not None and s.get("final_loss") is not None:
             lines += [f"Distillation: {s['last_step']} steps on {s['world']} rank(s), {s['tokens']} tokens, loss "

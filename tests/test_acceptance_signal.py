@@ -134,3 +134,60 @@ def test_sampling_decoder_accepts_at_the_expected_rate(temperature):
     assert abs(z(alphas)) < 4, z(alphas)
     assert abs(z(wrong_t)) > 4, z(wrong_t)  # the test has power: a wrong temperature is rejected
     assert abs(z(greedy)) > 4, z(greedy)  # ... and so is argmax agreement standing in for alpha
+
+
+def test_document_windows_are_disjoint_and_count_what_distillation_trains_on(tmp_path):
+    """The diagnosis' documents: the search's windows and the held-out ones come from different documents; a text
+    document counts every position but its window's last, a chat only the positions that predict its answer."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from rad_ds.diagnosis.documents import document_windows
+    from tests.model_factories import save_tiny_with_tokenizer
+
+    base, _ = save_tiny_with_tokenizer(tmp_path, num_hidden_layers=2)
+    tok = AutoTokenizer.from_pretrained(base)
+    words = lambda i, n: " ".join(f"w{(13 * i + 7 * j) % 300}" for j in range(n))  # noqa: E731
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": f"doc{i} " + words(i, 20 + 9 * i)}) + "\n" for i in range(12)))
+    w = document_windows(str(text), tok, tokens=120, held_out_tokens=60, seq_len=40, seed=3)
+    assert w.documents == 12 and w.positions(w.search) >= 120 and w.positions(w.held_out) >= 60
+    seen = [tok(f"doc{i} " + words(i, 20 + 9 * i)).input_ids + [tok.eos_token_id] for i in range(12)]
+    for ids, counted in w.search + w.held_out:
+        assert ids.numel() <= 40 and int(counted.sum()) == ids.numel() - 1 and not counted[-1]
+        assert any(_is_window(ids.tolist(), s) for s in seen)  # a real window of one document
+    src = lambda ws: {next(i for i, s in enumerate(seen) if _is_window(ids.tolist(), s)) for ids, _ in ws}  # noqa
+    assert not src(w.search) & src(w.held_out)
+    assert document_windows(str(text), tok, 120, 60, 40, seed=3).search[0][0].tolist() == w.search[0][0].tolist()
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": words(i, 9)},
+                                                      {"role": "assistant", "content": words(i + 40, 6)}]}) + "\n"
+                             for i in range(6)))
+    c = document_windows(str(chats), tok, tokens=10, held_out_tokens=0, seq_len=256)
+    for ids, counted in c.search:
+        n = int(counted.sum())
+        assert 6 <= n <= 8 < ids.numel() // 2  # the answer (and its end), not the prompt
+        assert counted.nonzero().min() > ids.numel() // 2  # counted positions sit at the end, where the answer is
+
+
+def _is_window(w: list[int], doc: list[int]) -> bool:
+    n = len(w)
+    return any(doc[a:a + n] == w for a in range(len(doc) - n + 1))
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"source": "documents"}, "set data"),
+    ({"signal": "argmax"}, "signal"),
+    ({"temperature": 0.0}, "temperature = 0.0"),
+    ({"data": "no/such/file.jsonl"}, "data: no/such/file.jsonl not found"),
+])
+def test_diagnose_config_errors_name_the_setting(kw, message):
+    from rad_ds.core.config import ConfigError
+    from rad_ds.diagnosis.config import DiagnoseConfig
+
+    with pytest.raises(ConfigError, match=message):
+        DiagnoseConfig(model="m", out="o", **kw).validate()
+    assert DiagnoseConfig(model="m", out="o", data="rad_ds/data/demo_text.jsonl").validate().scored_on == "documents"
+    assert DiagnoseConfig(model="m", out="o").validate().scored_on == "continuations"

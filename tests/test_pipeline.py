@@ -25,7 +25,6 @@ def _write_jsonl(path, rows):
 def test_pipeline_end_to_end_and_resume(tmp_path):
     base, _ = save_tiny_with_tokenizer(tmp_path, num_hidden_layers=4)
     words = lambda i, n: " ".join(f"w{(13 * i + 7 * j) % 300}" for j in range(n))  # noqa: E731
-    prompts = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": words(i, 6)} for i in range(3)])
     chats = _write_jsonl(tmp_path / "chats.jsonl", [
         {"messages": [{"role": "user", "content": words(i, 8)}, {"role": "assistant", "content": words(i + 50, 12)}]}
         for i in range(16)])
@@ -35,8 +34,8 @@ def test_pipeline_end_to_end_and_resume(tmp_path):
     text.write_text("\n".join(words(i, 40) for i in range(3)) + "\n")
     cfg = {
         "out": str(tmp_path / "run"), "model": str(base), "k": 1, "nproc": 1,
-        "diagnose": {"k": [1, 2], "prompts": str(prompts), "trials": 4, "max_new_tokens": 12, "cost_model": "weights",
-                     "recheck_prompts": 1},
+        "diagnose": {"k": [1, 2], "tokens": 96, "held_out_tokens": 48, "trials": 4, "max_new_tokens": 12,
+                     "cost_model": "weights", "recheck_prompts": 1},
         "distill": {"data.path": str(chats), "data.seq_len": 32, "train.steps": 2, "train.micro_batch": 2,
                     "log.wandb": False, "log.progress": False},
         "evaluate": {"tasks": "gsm8k,ppl", "data": [f"gsm8k={gsm}", f"ppl={text}"], "max_new_tokens": 8,
@@ -49,6 +48,9 @@ def test_pipeline_end_to_end_and_resume(tmp_path):
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     run = tmp_path / "run"
     rep = json.loads((run / "diagnosis" / "report.json").read_text())
+    # the diagnosis scored masks on the run's own distillation data (its answers, teacher-forced), expected signal
+    assert rep["data"]["path"] == str(chats) and rep["data"]["positions"] >= 96
+    assert rep["settings"]["signal"] == "expected" and rep["settings"]["scored_on"] == "documents"
     layers = next(s["layers"] for s in rep["selections"] if s["k"] == 1)
     student_cfg = json.loads((run / "student" / "config.json").read_text())
     assert student_cfg["replaced_layers"]["layers"] == layers

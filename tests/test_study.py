@@ -171,3 +171,25 @@ def test_diagnosis_prompts_come_from_the_training_data(tmp_path):
     text = tmp_path / "text.jsonl"
     text.write_text(json.dumps({"text": "x" * 3000}) + "\n" + json.dumps({"text": " "}) + "\n")
     assert rows_from_data(text, 0) == [("text", "x" * 1000)]
+
+
+def test_mean_interval_against_the_t_table():
+    """95% Student-t interval of a mean: t(0.975, 2 df) = 4.3027 from the printed table, not from scipy."""
+    from rad_ds.core.intervals import mean_interval
+
+    m, (lo, hi) = mean_interval([0.10, 0.12, 0.17])
+    sd = ((0.03 ** 2 + 0.01 ** 2 + 0.04 ** 2) / 2) ** 0.5  # deviations from the mean 0.13
+    assert m == pytest.approx(0.13) and hi - m == pytest.approx(4.3027 * sd / 3 ** 0.5, rel=1e-4)
+    assert m - lo == pytest.approx(hi - m)
+    assert mean_interval([0.5]) == (0.5, None)
+
+
+def test_results_record_their_provenance():
+    import subprocess
+
+    from rad_ds.core.provenance import provenance
+
+    p = provenance(["python", "benchmarks/x.py", "--k", "4"])
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert p["commit"] == head and isinstance(p["dirty"], bool) and p["command"] == "python benchmarks/x.py --k 4"
+    assert p["versions"]["torch"] and p["machine"]["cpus"] >= 1 and p["date"][:2] == "20"

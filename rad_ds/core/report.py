@@ -97,6 +97,10 @@ class DiagnosisReport:
     def summary_table(self) -> str:
         return summary_table(self.data)
 
+    def scored_on(self) -> str:
+        """One line: the acceptance signal and what the masks were scored on."""
+        return _scored_on(self.data)
+
     def _where(self) -> str:
         return f"{self.what} {self.path}"
 

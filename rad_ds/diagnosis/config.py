@@ -81,10 +81,15 @@ class DiagnoseConfig(Config):
             raise ConfigError(f"source = {self.source}: set data (--data FILE, the distillation data) to score "
                               "masks on its documents")
         if self.data:
+            from rad_ds.data.sources import DataError, resolve_files
+
             found = resolve_shipped(self.data)
-            if not found.exists():
-                raise ConfigError(f"data: {self.data} not found; give the distillation data (jsonl/parquet/json/txt)")
-            self.data = str(found)
+            try:
+                if resolve_files(str(found))[0] != "hub":
+                    self.data = str(found)
+            except DataError:
+                raise ConfigError(f"data: {self.data} not found; give the distillation data (jsonl/parquet/json/txt "
+                                  "file or directory, or a hub dataset name)") from None
         if not self.temperature > 0:
             raise ConfigError(f"temperature = {self.temperature}: give a value > 0 (1.0: the model's own distribution)")
         if self.dtype is not None:

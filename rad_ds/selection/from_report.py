@@ -36,7 +36,8 @@ def _fix(rep: DiagnosisReport, k: int) -> str:
 
 
 def _prompts(rep: DiagnosisReport) -> int:
-    return int((rep.data.get("prompts") or {}).get("n") or 0)
+    """Sequences each mask was scored on: prompts' continuations and document windows."""
+    return int((rep.data.get("prompts") or {}).get("n") or 0) + int((rep.data.get("data") or {}).get("windows") or 0)
 
 
 def _search_seconds(rep: DiagnosisReport) -> float | None:

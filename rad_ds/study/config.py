@@ -34,6 +34,8 @@ class StudyConfig(Config):
                                        "the diagnosis with the diagnose section's settings, timed)")
     test: str | None = setting(None, "test data (jsonl/parquet/txt or a directory; the corpus' test split): reported, "
                                      "never trained on, never used to choose layers or settings")
+    split: str = setting("test", "name of the scored split in the results: test (reported, never used to choose), or "
+                                 "validation when the study is used to choose a setting (benchmarks/recipe.py)")
     heldout_rows: int = setting(16, "packed test rows scored (data.seq_len tokens each)")
     heldout_prompts: int = setting(8, "test prompts for greedy-generation agreement")
     prompts: str | None = setting(None, "file of test prompts (default: the test chats up to their first "
@@ -61,6 +63,7 @@ class StudyConfig(Config):
         if bad:
             raise ConfigError(f"methods: {bad[0]!r} is not a placement method; use {', '.join(METHODS)}")
         choice("diagnose_on", self.diagnose_on, DIAGNOSE_ON)
+        choice("split", self.split, ("test", "validation"))
         if "random" in self.methods and not self.random_seeds:
             raise ConfigError("random_seeds is empty: give e.g. --random-seeds 0,1,2")
         if not self.k or any(k < 1 for k in self.k):

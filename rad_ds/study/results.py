@@ -56,6 +56,8 @@ def _entry(arms: list[dict], seeds: list[int]) -> dict:
     steps = [p["step"] for p in by_seed[seeds[0]]["curve"]]
     out["curve"] = {"steps": steps, "test_kl": [[by_seed[s]["curve"][i]["heldout_kl"] for s in seeds]
                                                 for i in range(len(steps))],
+                    "top1_agreement": [[by_seed[s]["curve"][i]["top1_agreement"] for s in seeds]
+                                       for i in range(len(steps))],
                     "tokens": [p.get("tokens", 0) for p in by_seed[seeds[0]]["curve"]]}
     return out
 
@@ -105,7 +107,11 @@ class StudyResults:
                          for b in BASELINES if b in methods}
             summary[k] = {"rad_not_worse_than": {b: p["rad_not_worse"] for b, p in paired[k].items()},
                           "rad_best_mean_test_kl": all(p["mean"] <= 0 for p in paired[k].values())}
-        return cls({"split": "test", "note": NOTE, "model": cfg.model, "seeds": seeds, "budget": budget,
+        note = NOTE if cfg.split == "test" else ("validation split: the study was used to choose a setting; its "
+                                                 "numbers are not a test result")
+        from rad_ds.core.provenance import provenance
+
+        return cls({"split": cfg.split, "note": note, "provenance": provenance(), "model": cfg.model, "seeds": seeds, "budget": budget,
                     "k": per_k, "paired": paired, "summary": summary, "distinct_runs": distinct_runs,
                     "study_seconds": wall["seconds"], "study_seconds_this_invocation": wall["this_invocation_seconds"],
                     "invocations": wall["invocations"]})
@@ -164,10 +170,14 @@ class StudyResults:
                                  f"{x['mean']:+.4f}{ci} | {'yes' if x['rad_not_worse'] else '**no**'} |")
         runs = d.get("distinct_runs")
         inv = d.get("invocations", 1)
+        p = d.get("provenance") or {}
         lines += ["", f"Students distilled: {runs} (placements that agree share their runs)." if runs else "",
                   f"Study wall time: {d['study_seconds'] / 60:.1f} min"
                   + (f" over {inv} invocations (this one {d['study_seconds_this_invocation'] / 60:.1f} min)."
                      if inv > 1 else ".")]
+        if p:
+            lines.append(f"Made by `{p['command']}` at commit {(p['commit'] or '?')[:10]}"
+                         f"{' (dirty tree)' if p['dirty'] else ''} on {p['date']}.")
         return "\n".join(x for x in lines) + "\n"
 
     def chart(self, path: Path) -> Path:
