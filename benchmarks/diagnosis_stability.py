@@ -189,8 +189,19 @@ def main():
                     help="score each half's selection on the other half")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--timed-report", default=None,
+                    help="report.json of a default diagnosis (k = 2, 4, 8) run alone on this machine: its seconds "
+                         "become default.seconds (the benchmark's own costs are measured beside other work)")
+    ap.add_argument("--render-only", action="store_true", help="re-read --out, apply --timed-report, re-render the .md")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.render_only:
+        out = Path(args.out or ROOT / "benchmarks" / "results" / "diagnosis_stability_cpu.json")
+        res = json.loads(out.read_text())
+        _summarise(res, res["settings"]["signals"][0], args.timed_report)
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown(res) + "\n")
+        return
 
     import random
 
@@ -288,22 +299,36 @@ def main():
         res["budgets"].append(row)
         res["wall_s"] = time.perf_counter() - t_start
         res["scored_here"] = {"evaluations": pool.new_evals, "seconds": pool.new_seconds}
-        _summarise(res, signals[0])
+        _summarise(res, signals[0], args.timed_report)
         out.write_text(json.dumps(res, indent=2) + "\n")  # after every budget: a stopped run keeps its results
         out.with_suffix(".md").write_text(markdown(res) + "\n")
     print(markdown(res))
     print(f"results: {out}")
 
 
-def _summarise(res: dict, signal: str) -> None:
-    """``default``: the default signal at the default budget (or the largest run so far, named)."""
-    rows = {r["tokens"]: r for r in res["budgets"]}
+def _summarise(res: dict, signal: str, timed_report: str | None = None) -> None:
+    """``default``: the default signal at the default budget (or the largest run so far, named); with a timed
+    report, its seconds (a default diagnosis run alone) are ``default.seconds``."""
+    rows = {int(t): r for t, r in ((r["tokens"], r) for r in res["budgets"])}
     b = res["settings"]["default_budget"] if res["settings"]["default_budget"] in rows else max(rows)
     r = rows[b]["signals"][signal]
     res["default"] = {"tokens": b, "signal": signal, "jaccard": r["jaccard"], "seconds": r["seconds"],
+                      "seconds_source": "this benchmark's cost of one diagnosis (measured beside other work)",
                       "jaccard_single_skip_topk": r["jaccard_single_skip_topk"]}
+    if timed_report:
+        rep = json.loads(Path(timed_report).read_text())
+        res["default"].update(seconds=rep["seconds"], seconds_breakdown=rep.get("seconds_breakdown"),
+                              seconds_source=f"a default diagnosis alone on this machine ({timed_report}: k "
+                                             f"{rep['settings']['k']}, {rep['evaluated_masks']} masks, "
+                                             f"{rep['settings'].get('world_size', 1)} process)",
+                              timed_selections={str(x["k"]): x["layers"] for x in rep["selections"]})
     ok = [t for t, x in sorted(rows.items()) if x["signals"][signal]["jaccard"].get("4", 0.0) >= 0.6]
     res["smallest_budget_jaccard_k4_ge_0.6"] = ok[0] if ok else None
+
+
+def _at(d: dict, k):
+    """``d[k]`` for an int k, whether ``d`` was built here (int keys) or read back from JSON (string keys)."""
+    return d[k] if k in d else d[str(k)]
 
 
 def markdown(res: dict) -> str:
@@ -322,7 +347,7 @@ def markdown(res: dict) -> str:
         for sig, x in r["signals"].items():
             cells = []
             for k in ks:
-                a, b = x["A"]["k"][k], x["B"]["k"][k]
+                a, b = _at(x["A"]["k"], k), _at(x["B"]["k"], k)
                 cells += [f"{a['layers']} / {b['layers']}",
                           f"**{x['jaccard'][str(k)]:.2f}** ({x['jaccard_single_skip_topk'][str(k)]:.2f})"]
             md.append(f"| {r['tokens']} | {sig} | " + " | ".join(cells) + f" | {x['seconds']:.0f} |")
@@ -330,13 +355,16 @@ def markdown(res: dict) -> str:
         for sig, x in (r.get("single_skip_only") or {}).items():
             cells = []
             for k in ks:
-                cells += [f"{x['A']['k'][k]} / {x['B']['k'][k]}", f"({x['jaccard'][str(k)]:.2f}, single-skip top-k only)"]
+                cells += [f"{_at(x['A']['k'], k)} / {_at(x['B']['k'], k)}",
+                          f"({x['jaccard'][str(k)]:.2f}, single-skip top-k only)"]
             md.append(f"| {r['tokens']} | {sig} | " + " | ".join(cells) + " | - |")
     dflt = res["default"]
     best = res["smallest_budget_jaccard_k4_ge_0.6"]
     md += ["", f"Default ({dflt['signal']}, {dflt['tokens']} positions): Jaccard "
                + ", ".join(f"k={k} {v:.2f}" for k, v in dflt["jaccard"].items())
-               + f"; one diagnosis at k = {', '.join(map(str, ks))} costs {dflt['seconds']:.0f} s here. Smallest budget "
+               + f"; one diagnosis at k = {', '.join(map(str, ks))} costs {dflt['seconds']:.0f} s "
+               f"({dflt.get('seconds_source', 'here')}). "
+               "Smallest budget "
                "with Jaccard >= 0.6 at k=4: " + (f"**{best} positions**." if best else "**none run**."), ""]
     if any("held_out" in x for r in res["budgets"] for x in r["signals"].values()):
         md += ["Held out: each half's choice scored on the other half's windows (estimated speed-up), against the "
@@ -348,7 +376,7 @@ def markdown(res: dict) -> str:
                 if "held_out" not in x:
                     continue
                 for k in ks:
-                    ab, ba = x["held_out"]["A_on_B"][k], x["held_out"]["B_on_A"][k]
+                    ab, ba = _at(x["held_out"]["A_on_B"], k), _at(x["held_out"]["B_on_A"], k)
                     md.append(f"| {r['tokens']} | {sig} | {k} | {ab['selection']:.4f} | {ab['single_skip_topk']:.4f} | "
                               f"{ba['selection']:.4f} | {ba['single_skip_topk']:.4f} |")
         md.append("")

@@ -163,7 +163,8 @@ def markdown(res: dict) -> str:
         for w, s in d.items():
             md.append(f"| {w} | {s['mean']:.4f} | {s['n']} | {s['min']:.4f}-{s['max']:.4f} |")
         md.append("")
-    md += ["Every placement:", "", "| k | layers | way | from | validation KL | top-1 agr. |", "|---|---|---|---|---:|---:|"]
+    md += ["Every placement:", "", "| k | layers | way | from | validation KL | top-1 agr. |",
+           "|---|---|---|---|---:|---:|"]
     for r in sorted(res["placements"], key=lambda r: (r["k"], r["validation_kl"])):
         md.append(f"| {r['k']} | {r['layers']} | {r['way']} | {r['source']} | {r['validation_kl']:.4f} | "
                   f"{r['validation_top1']:.3f} |")

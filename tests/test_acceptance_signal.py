@@ -115,7 +115,8 @@ def test_sampling_decoder_accepts_at_the_expected_rate(temperature):
                 continue
             counted = torch.ones(ids.numel(), dtype=torch.bool)
             docs = [(ids, counted)]
-            vals = AcceptanceEstimator(model, documents=docs, signal="expected", temperature=temperature).values(0, mask)
+            vals = AcceptanceEstimator(model, documents=docs, signal="expected",
+                                       temperature=temperature).values(0, mask)
             other = AcceptanceEstimator(model, documents=docs, signal="expected",
                                         temperature=temperature * 3).values(0, mask)
             agree = AcceptanceEstimator(model, documents=docs, signal="greedy").values(0, mask)

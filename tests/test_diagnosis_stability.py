@@ -164,7 +164,8 @@ def _cfg(tiny, out, **kw):
     from rad_ds.diagnosis.config import DiagnoseConfig
 
     _, base, prompts = tiny
-    kw = {"k": [1, 2], "greedy_baseline": True, "prompts": str(prompts), "num_prompts": 4, "held_out": 3, "trials": 4, "swap_evals": 6,
+    kw = {"k": [1, 2], "greedy_baseline": True, "prompts": str(prompts), "num_prompts": 4, "held_out": 3, "trials": 4,
+          "swap_evals": 6,
           "max_new_tokens": 16, "recheck_prompts": 0, "progress": False, "bootstrap": 200, **kw}
     return DiagnoseConfig(model=str(base), out=str(out), **kw)
 

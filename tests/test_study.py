@@ -193,3 +193,17 @@ def test_results_record_their_provenance():
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert p["commit"] == head and isinstance(p["dirty"], bool) and p["command"] == "python benchmarks/x.py --k 4"
     assert p["versions"]["torch"] and p["machine"]["cpus"] >= 1 and p["date"][:2] == "20"
+
+
+def test_committed_results_follow_their_contract():
+    """The committed study and stability results keep the keys users' scripts read (issue contract)."""
+    res = json.loads((ROOT / "benchmarks" / "results" / "placement_cpu.json").read_text())
+    assert res["split"] == "test" and len(res["seeds"]) >= 3 and {"4", "8"} <= set(res["k"])
+    for k in ("4", "8"):
+        m = res["k"][k]
+        for method in ("rad", "cosine", "single_skip", "even"):
+            assert len(m[method]["layers"]) == int(k) and len(m[method]["test_kl"]) == len(res["seeds"])
+        assert m["random"] and all(len(r["test_kl"]) == len(res["seeds"]) for r in m["random"])
+        assert res["provenance"]["commit"] and res["provenance"]["command"].startswith("python launchers/placement.py")
+    stab = json.loads((ROOT / "benchmarks" / "results" / "diagnosis_stability_cpu.json").read_text())
+    assert set(stab["default"]["jaccard"]) == {"2", "4", "8"} and stab["default"]["seconds"] > 0

@@ -41,7 +41,8 @@ def provenance(command: list[str] | None = None) -> dict:
     if argv0:
         argv = ["python", argv0, *sys.argv[1:]]
     return {"commit": _git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None,
-            "command": shlex.join(argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": shlex.join(argv),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": {"python": platform.python_version(), **versions},
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "cpus": os.cpu_count()}}

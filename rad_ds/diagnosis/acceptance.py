@@ -130,7 +130,8 @@ class AcceptanceEstimator:
             # the last generated token is never fed to the draft: its successor is not needed
             ids = torch.cat([p, torch.tensor(y[:-1], dtype=p.dtype)])
             index = torch.arange(p.numel() - 1, p.numel() - 1 + len(y))
-            self.seqs.append(Scored(ids, index, torch.tensor(y, dtype=torch.long), self.eos_at_end[-1], "continuations"))
+            targets = torch.tensor(y, dtype=torch.long)
+            self.seqs.append(Scored(ids, index, targets, self.eos_at_end[-1], "continuations"))
         for d in documents:
             ids, target = (d if isinstance(d, (tuple, list)) else (d, None))
             ids = torch.as_tensor(ids, dtype=torch.long).view(-1)

@@ -25,7 +25,8 @@ class DiagnoseConfig(Config):
     source: str = setting("auto", "what masks are scored on: documents (data, teacher-forced), continuations (the "
                                   "model's greedy continuations of prompts), both; auto: documents when data is "
                                   "set, else continuations")
-    signal: str = setting("expected", "the acceptance signal: " + "; ".join(f"{n}: {c.help}" for n, c in SIGNALS.items()))
+    signal: str = setting("expected", "the acceptance signal: "
+                          + "; ".join(f"{n}: {c.help}" for n, c in SIGNALS.items()))
     temperature: float = setting(1.0, "sampling temperature of the expected signal (and of the sampling re-check)")
     tokens: int = setting(2048, "counted positions of data the search scores masks on (documents source; "
                                 "benchmarks/results/diagnosis_stability_cpu.md: the choice per budget)")
@@ -42,7 +43,8 @@ class DiagnoseConfig(Config):
     chat: bool = setting(True, "apply the chat template (--no-chat: plain prompts)")
     max_new_tokens: int = setting(64, "tokens generated per prompt")
     draft_len: int = setting(4, "tokens drafted per round")
-    trials: int = setting(12, "Bayesian-optimisation (optuna TPE) trials per k (0: none; the default fits k = 2, 4, 8 in "
+    trials: int = setting(12, "Bayesian-optimisation (optuna TPE) trials per k (0: none; the default fits k = 2, 4, 8 "
+                              "in "
                                   "under 10 min on 2 CPU cores at the default tokens: raise it on a GPU)")
     swap_evals: int = setting(16, "new masks the swap search (one layer out, one in, around the best mask) may "
                                   "score per k (0: no swap search)")

@@ -11,7 +11,8 @@ per-sequence totals (accepted, drafted, rounds) that the cost model turns into a
   full model's greedy continuations (``acceptance.py``), the former default.
 
 A signal is one entry of ``SIGNALS``: a name, a sentence for ``--help`` and the report, ``prepare`` (the full
-model's side of a sequence, once), ``score`` (per position, per mask) and ``totals`` (per sequence). Adding one is a class and a registry line.
+model's side of a sequence, once), ``score`` (per position, per mask) and ``totals`` (per sequence). Adding one is
+a class and a registry line.
 """
 
 from __future__ import annotations

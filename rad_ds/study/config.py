@@ -20,7 +20,8 @@ DIAGNOSE_ON = ("train", "train_prompts", "builtin")
 class StudyConfig(Config):
     RENAMED: ClassVar[dict[str, str]] = {"heldout": "test"}
 
-    out: str | None = setting(None, "study directory: diagnosis/, teacher_cache/, placements.json, arms/, results.json, "
+    out: str | None = setting(None, "study directory: diagnosis/, teacher_cache/, placements.json, arms/, "
+                                    "results.json, "
                                     "results.md, curves.png")
     model: str = setting("embedded:smollm2", "base model (the teacher of every student): HF dir, .gguf, "
                                              "embedded:smollm2")

@@ -40,11 +40,13 @@ def _entry(arms: list[dict], seeds: list[int]) -> dict:
     """One placement's students (one per seed) -> its per-seed scores, means, intervals and curves."""
     by_seed = {a["seed"]: a for a in arms}
     first = arms[0]
-    out = {"layers": list(first["choice"]["layers"]), "initial": {REPORTED[m]: first["curve"][0].get(m) for m in METRICS},
+    out = {"layers": list(first["choice"]["layers"]),
+           "initial": {REPORTED[m]: first["curve"][0].get(m) for m in METRICS},
            "selection_seconds": first["choice"].get("seconds"),
            "diagnosis_seconds": first["choice"].get("diagnosis_seconds"),
            "selection_forward_passes": first["choice"].get("forward_passes"),
-           "runs": [by_seed[s]["run"] for s in seeds], "train_seconds": [by_seed[s].get("train_seconds") for s in seeds],
+           "runs": [by_seed[s]["run"] for s in seeds],
+           "train_seconds": [by_seed[s].get("train_seconds") for s in seeds],
            "exports": [by_seed[s].get("export") for s in seeds]}
     if first.get("draw") is not None:
         out["draw"] = first["draw"]
@@ -111,7 +113,8 @@ class StudyResults:
                                                  "numbers are not a test result")
         from rad_ds.core.provenance import provenance
 
-        return cls({"split": cfg.split, "note": note, "provenance": provenance(), "model": cfg.model, "seeds": seeds, "budget": budget,
+        return cls({"split": cfg.split, "note": note, "provenance": provenance(), "model": cfg.model, "seeds": seeds,
+                    "budget": budget,
                     "k": per_k, "paired": paired, "summary": summary, "distinct_runs": distinct_runs,
                     "study_seconds": wall["seconds"], "study_seconds_this_invocation": wall["this_invocation_seconds"],
                     "invocations": wall["invocations"]})
@@ -136,7 +139,8 @@ class StudyResults:
         lines = [f"# Placement study: {d['model']}, k = {', '.join(d['k'])}", "",
                  f"**Split: {d['split']}** ({d['note']}).", "",
                  f"Every student: {b['steps']} steps of {b['micro_batch']} x {b['seq_len']} tokens (grad_accum "
-                 f"{b['grad_accum']}), lr {b['lr']} ({b['schedule']}), init {b['init']}, {b['stage1_steps']} layer-wise "
+                 f"{b['grad_accum']}), lr {b['lr']} ({b['schedule']}), init {b['init']}, {b['stage1_steps']} "
+                 "layer-wise "
                  f"steps then {b['kd']} on the logits"
                  + (f" from a shared teacher cache (k={b['teacher_cache_k']}, built in "
                     f"{b['teacher_cache_seconds']:.0f} s)" if b['teacher_cache_k'] else "")
@@ -151,7 +155,8 @@ class StudyResults:
                 ci = r["ci95"]["test_kl"]
                 ci_s = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
                 lines.append(
-                    f"| {label} | {r['layers']} | {r['initial']['test_kl']:.3f} -> **{r['mean']['test_kl']:.3f}**{ci_s} "
+                    f"| {label} | {r['layers']} | {r['initial']['test_kl']:.3f} -> "
+                    f"**{r['mean']['test_kl']:.3f}**{ci_s} "
                     f"| {', '.join(f'{x:.3f}' for x in r['test_kl'])} | {r['mean']['ppl']:.3f} | "
                     f"{r['mean']['top1_agreement']:.3f} | {r['mean']['greedy_agreement']:.3f} | "
                     f"{(r['selection_seconds'] or 0):.1f} |")
