@@ -210,7 +210,7 @@ def main():
     from rad_ds.data.tokenization import tokenize_records
     from rad_ds.decoding.skipping import candidate_layers
     from rad_ds.diagnosis.cost import weights_cost_model
-    from rad_ds.diagnosis.documents import _window
+    from rad_ds.diagnosis.documents import window
     from rad_ds.diagnosis.stability import jaccard
     from rad_ds.models.conversion import load_model
 
@@ -231,7 +231,7 @@ def main():
     windows, halves = [], {"A": [], "B": []}
     got = {"A": 0, "B": 0}
     for j in order:
-        w = _window(*docs[j], args.seq_len, rng)
+        w = window(*docs[j], args.seq_len, rng)
         n = int(w[1].sum())
         if n == 0:
             continue

@@ -100,10 +100,9 @@ def main():
     args = ap.parse_args()
 
     from rad_ds.core.provenance import provenance
-    from rad_ds.data import build_packed
     from rad_ds.distill.config import DataConfig
     from rad_ds.models.conversion import load_model
-    from rad_ds.study.heldout import HeldOut
+    from rad_ds.study.heldout import HeldOut, scored_rows
     from rad_ds.surgery import replace_attention
 
     if args.threads:
@@ -113,12 +112,8 @@ def main():
     teacher, tok = load_model(args.model, dtype=torch.float32)
     teacher.eval()
     data = DataConfig()
-    data.path, data.seq_len, data.shuffle, data.max_documents = args.validation, args.seq_len, False, None
-    packed = build_packed(data, tok)
-    n = args.rows
-    packed = type(packed)(packed.input_ids[:n], packed.target[:n], packed.token[:n], packed.position_ids[:n],
-                          packed.n_documents, packed.n_split)
-    ref = HeldOut(teacher, tok, packed, [], 0)
+    data.seq_len = args.seq_len
+    ref = HeldOut(teacher, tok, scored_rows(data, args.validation, tok, args.rows), [], 0)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"placement_validation_{dev}.json")
     scored: dict[tuple, dict] = {}
     if args.reuse and out.is_file():  # scores of the same placements on the same positions: not recomputed

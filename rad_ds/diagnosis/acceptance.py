@@ -79,7 +79,10 @@ class Scored:
     index: torch.Tensor
     targets: torch.Tensor | None = None
     eos_at_end: bool = False
-    kind: str = "documents"
+
+    @property
+    def is_continuation(self) -> bool:
+        return self.targets is not None
 
 
 def replay_rounds(agree: list[bool], eos_at_end: bool, n_new: int, draft_len: int, max_new_tokens: int):
@@ -120,18 +123,15 @@ class AcceptanceEstimator:
         self.signal = make_signal(signal, temperature)
         eos = eos_set(eos_token_id)
         self.seqs: list[Scored] = []
-        self.continuations, self.prompt_lens, self.eos_at_end = [], [], []  # of the continuation sequences
+        self.continuations = []  # the full model's greedy continuation of each prompt
         for p in prompts:
             p = torch.as_tensor(p).view(-1)
             y = plain_decode(model, p, max_new_tokens, eos_token_id=eos_token_id).tokens
-            self.prompt_lens.append(p.numel())
             self.continuations.append(y)
-            self.eos_at_end.append(bool(y) and y[-1] in eos)
             # the last generated token is never fed to the draft: its successor is not needed
             ids = torch.cat([p, torch.tensor(y[:-1], dtype=p.dtype)])
             index = torch.arange(p.numel() - 1, p.numel() - 1 + len(y))
-            targets = torch.tensor(y, dtype=torch.long)
-            self.seqs.append(Scored(ids, index, targets, self.eos_at_end[-1], "continuations"))
+            self.seqs.append(Scored(ids, index, torch.tensor(y, dtype=torch.long), bool(y) and y[-1] in eos))
         for d in documents:
             ids, target = (d if isinstance(d, (tuple, list)) else (d, None))
             ids = torch.as_tensor(ids, dtype=torch.long).view(-1)
@@ -183,7 +183,7 @@ class AcceptanceEstimator:
         """The totals of sequence ``s`` alone (the unit that bootstrap intervals resample)."""
         seq = self.seqs[s]
         g = draft_len or self.draft_len
-        cap = self.max_new_tokens if seq.kind == "continuations" else None
+        cap = self.max_new_tokens if seq.is_continuation else None
         t = self.signal.totals(self.values(s, mask), g, cap, seq.eos_at_end)
         return AcceptanceStats(t.accepted, t.drafted, t.rounds, t.tokens, t.alpha, t.positions)
 

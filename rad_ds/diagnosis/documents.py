@@ -28,7 +28,8 @@ class DocumentWindows:
         return int(sum(int(c[:-1].sum()) for _, c in windows))
 
 
-def _window(ids: np.ndarray, target: np.ndarray, seq_len: int, rng: random.Random):
+def window(ids: np.ndarray, target: np.ndarray, seq_len: int, rng: random.Random):
+    """One window of at most ``seq_len`` tokens of a document at a seeded offset: (ids, counted positions)."""
     n = len(ids)
     a = rng.randrange(0, n - seq_len + 1) if n > seq_len else 0
     ids, target = ids[a:a + seq_len], target[a:a + seq_len].copy()
@@ -51,18 +52,19 @@ def document_windows(path: str, tokenizer, tokens: int, held_out_tokens: int = 0
     order = list(range(len(docs)))
     rng = random.Random(seed)
     rng.shuffle(order)
-    search, held, got = [], [], 0
+    search, held, got, got_held = [], [], 0, 0
     for j in order:
         ids, target = docs[j]
-        w = _window(ids, target, seq_len, rng)
+        w = window(ids, target, seq_len, rng)
         n = int(w[1].sum())
         if n == 0:
             continue
         if got < tokens:
             search.append(w)
             got += n
-        elif DocumentWindows.positions(held) < held_out_tokens:
+        elif got_held < held_out_tokens:
             held.append(w)
+            got_held += n
         else:
             break
     if not search:
@@ -70,4 +72,4 @@ def document_windows(path: str, tokenizer, tokens: int, held_out_tokens: int = 0
     return DocumentWindows(search, held, len(docs))
 
 
-__all__ = ["DocumentWindows", "document_windows"]
+__all__ = ["DocumentWindows", "document_windows", "window"]

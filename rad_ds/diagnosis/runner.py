@@ -102,9 +102,11 @@ class Diagnosis:
             if got < cfg.held_out_tokens:
                 logger.warning("held_out_tokens = %d: only %d positions left in %s after the search's; the report's "
                                "held_out section scores those", cfg.held_out_tokens, got, cfg.data)
-        self.recheck_set = self.prompts or load_prompts(
+        # the real decoder's prompts (re-check, measured objective): the search's, else read for it
+        decodes = cfg.recheck_prompts > 0 or cfg.objective == "measured"
+        self.recheck_set = self.prompts or (load_prompts(
             tok, cfg.prompts, max(cfg.recheck_prompts, 1) * self.world, cfg.seed, cfg.chat, cfg.max_new_tokens,
-            self.model.config.max_position_embeddings, what="prompts", data=cfg.data)
+            self.model.config.max_position_embeddings, what="prompts", data=cfg.data) if decodes else [])
         docs = self.windows.search if self.windows else []
         self.mine = self.prompts[self.rank::self.world]
         self.recheck_mine = self.recheck_set[self.rank::self.world]

@@ -26,11 +26,8 @@ def acceptance_probability(p_logits: torch.Tensor, q_logits: torch.Tensor, tempe
     """``sum_v min(p(v), q(v))`` per row, with ``p, q = softmax(logits / temperature)`` (computed in float32 or
     wider): the chance that speculative sampling accepts a token the draft ``q`` proposed where the verifier
     is ``p``."""
-    t = max(float(temperature), 1e-6)
-    dt = torch.promote_types(p_logits.dtype, torch.float32)
-    p = torch.softmax(p_logits.to(dt) / t, -1)
-    q = torch.softmax(q_logits.to(dt) / t, -1)
-    return torch.minimum(p, q).sum(-1).clamp_(0.0, 1.0)
+    sig = ExpectedSignal(temperature)
+    return sig.score(sig.prepare(p_logits), q_logits)
 
 
 def expected_accepted_lengths(alpha: torch.Tensor, draft_len: int) -> torch.Tensor:
@@ -65,14 +62,17 @@ class ExpectedSignal:
     def __init__(self, temperature: float = 1.0):
         self.temperature = temperature
 
+    def _probs(self, logits: torch.Tensor, dtype=None) -> torch.Tensor:
+        dt = dtype or torch.promote_types(logits.dtype, torch.float32)
+        return torch.softmax(logits.to(dt) / max(float(self.temperature), 1e-6), -1)
+
     def prepare(self, full_logits: torch.Tensor, targets=None) -> torch.Tensor:
         """The full model's side, computed once per sequence: its probabilities at the temperature."""
-        dt = torch.promote_types(full_logits.dtype, torch.float32)
-        return torch.softmax(full_logits.to(dt) / max(float(self.temperature), 1e-6), -1)
+        return self._probs(full_logits)
 
     def score(self, reference: torch.Tensor, draft_logits: torch.Tensor) -> torch.Tensor:
         """alpha per position from the full model's probabilities and the draft's logits."""
-        q = torch.softmax(draft_logits.to(reference.dtype) / max(float(self.temperature), 1e-6), -1)
+        q = self._probs(draft_logits, reference.dtype)
         return torch.minimum(reference, q).sum(-1).clamp_(0.0, 1.0).double()
 
     def totals(self, values: torch.Tensor, draft_len: int, max_new_tokens: int | None = None,

@@ -13,12 +13,25 @@ position, its greedy continuations) and then scores any number of students again
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+def scored_rows(data_cfg, path: str, tokenizer, rows: int):
+    """The first ``rows`` packed rows of ``path`` (a held-out split), packed as ``data_cfg`` packs the training data
+    but in file order: the rows ``HeldOut`` scores."""
+    from rad_ds.data import build_packed
+
+    data = copy.deepcopy(data_cfg)
+    data.path, data.max_documents, data.shuffle = path, None, False
+    p = build_packed(data, tokenizer)
+    return type(p)(p.input_ids[:rows], p.target[:rows], p.token[:rows], p.position_ids[:rows], p.n_documents,
+                   p.n_split)
 
 
 @dataclass
@@ -98,4 +111,4 @@ def _greedy_continuations(teacher, tokenizer, prompts: list[torch.Tensor], n: in
     return result
 
 
-__all__ = ["HeldOut"]
+__all__ = ["HeldOut", "scored_rows"]

@@ -101,8 +101,8 @@ class StudyResults:
             rnd = methods.get("random")
             if rnd:
                 med = [statistics.median(r["test_kl"][i] for r in rnd) for i in range(len(seeds))]
-                methods["random_median"] = {"test_kl": med, "mean": {"test_kl": mean_interval(med)[0]},
-                                            "ci95": {"test_kl": mean_interval(med)[1]}}
+                mean, ci = mean_interval(med)
+                methods["random_median"] = {"test_kl": med, "mean": {"test_kl": mean}, "ci95": {"test_kl": ci}}
             if "rad" not in methods:
                 continue
             paired[k] = {b: _paired(methods["rad"]["test_kl"], methods[b]["test_kl"])

@@ -36,7 +36,7 @@ from rad_ds.core.io import write_json_atomic
 from rad_ds.distill.config import RunConfig
 
 from .config import StudyConfig
-from .heldout import HeldOut
+from .heldout import HeldOut, scored_rows
 from .results import StudyResults
 
 logger = logging.getLogger(__name__)
@@ -208,18 +208,12 @@ class Study:
 
     def heldout(self) -> HeldOut:
         """The teacher's side of the test data (once): its log-probabilities and greedy continuations."""
-        from rad_ds.data import build_packed
         from rad_ds.decoding.prompts import load_prompts
         from rad_ds.models.conversion import load_model
 
         cfg = self.cfg
         teacher, tok = load_model(cfg.model)
-        data = copy.deepcopy(cfg.distill.data)
-        data.path, data.max_documents, data.shuffle = cfg.test, None, False
-        packed = build_packed(data, tok)
-        packed = type(packed)(packed.input_ids[:cfg.heldout_rows], packed.target[:cfg.heldout_rows],
-                              packed.token[:cfg.heldout_rows], packed.position_ids[:cfg.heldout_rows],
-                              packed.n_documents, packed.n_split)
+        packed = scored_rows(cfg.distill.data, cfg.test, tok, cfg.heldout_rows)
         prompts = []
         if cfg.heldout_prompts and cfg.prompts:
             prompts = load_prompts(tok, cfg.prompts, n=cfg.heldout_prompts, what="prompts")
