@@ -22,13 +22,14 @@ def main() -> None:
     ap.add_argument("--wall-s", type=float, default=None, help="wall time of the demo command, if measured")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "demo_cpu.json"))
     a = ap.parse_args()
+    from rad_ds.core.provenance import provenance
     from rad_ds.eval.results import EvalResults
 
     run = Path(a.run)
     res = EvalResults.load(run / "eval")
     base, student = (res.score(m, "ppl")["score"] for m in res.models)
     pipeline = json.loads((run / "pipeline.json").read_text()) if (run / "pipeline.json").is_file() else {}
-    out = {"benchmark": "demo", "config": "configs/rad_demo.yaml", "base_ppl": base, "student_ppl": student,
+    out = {"benchmark": "demo", "provenance": provenance(), "config": "configs/rad_demo.yaml", "base_ppl": base, "student_ppl": student,
            "student_over_base": student / base, "target_student_over_base": 1.05,
            "met": student / base <= 1.05, "ppl_data": "HumanEval programs + reasoning-gym GSM solutions (n=8)",
            "wall_s": a.wall_s, "pipeline": pipeline}
