@@ -1,6 +1,7 @@
-"""Distillation on one process (DeepSpeed ZeRO-3 engines over a gloo group of one), against oracles: the
-plain-PyTorch loop, an uninterrupted run for a resumed one, the base model for frozen weights, the engine
-for an exported model. The 2-rank, kill and multi-node cases are in test_distill_distributed.py and
+"""Distillation on one process (DeepSpeed ZeRO-3 engines over a gloo group of one), against: the plain-PyTorch
+loop (which shares the trainer's losses, optimizer and schedule, so it checks the DeepSpeed plumbing; the
+objective is checked by test_trainer_oracle.py), an uninterrupted run for a resumed one, the base model for
+frozen weights, the engine for an exported model. The 2-rank, kill and multi-node cases are in test_distill_distributed.py and
 test_multinode.py."""
 
 from __future__ import annotations

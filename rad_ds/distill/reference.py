@@ -1,8 +1,13 @@
-"""The distillation step in plain PyTorch, one process, no DeepSpeed: the oracle the engine-based trainer
-is tested against and the baseline its speed is measured against.
+"""The distillation step as the plain PyTorch loop a user would write (one process, no DeepSpeed): the
+baseline the trainer's speed is measured against (``benchmarks/distill_step.py``) and, in
+``tests/test_distill.py``, the check of the trainer's DeepSpeed plumbing (ZeRO partitioning, engines,
+micro-batching, teacher placement).
 
-Same models, data order, losses, normalisation, AdamW, clipping and schedule as ``trainer.distill``;
-only the machinery differs (no ZeRO partitioning, no engines, no process group).
+It is not an independent oracle: it reuses the trainer's ``build_models``, ``LossComputer`` (the losses and
+their normalisation), loader, ``build_optimizer`` / ``param_groups``, ``build_scheduler`` / ``lr_factor``
+and ``LayerTaps``, so a bug in any of those is in both and goes unseen. The objective, the optimizer and the
+schedule are checked against ``tests/trainer_oracle.py``, written from their definitions in float64 and
+sharing no code with the trainer (``tests/test_trainer_oracle.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ class ReferenceDistiller:
         cfg.validate()
         torch.manual_seed(cfg.train.seed)
         self.cfg = cfg
-        models = build_models(cfg, placement="replicated")  # two plain models: the oracle of every placement
+        models = build_models(cfg, placement="replicated")  # two plain models: the baseline of every placement
         self.models = models
         self.device = torch.device(device)
         self.student, self.teacher = models.student.to(self.device).train(), models.teacher.to(self.device).eval()
