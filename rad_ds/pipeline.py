@@ -41,6 +41,7 @@ from rad_ds.core.config import (
     setting,
 )
 from rad_ds.core.io import write_text_atomic
+from rad_ds.core.outputs import claim
 from rad_ds.core.report import DiagnosisReport
 from rad_ds.diagnosis.config import DiagnoseConfig
 from rad_ds.distill.config import PLACEMENTS_WITH_REPORT, RunConfig
@@ -107,6 +108,9 @@ class PipelineConfig(Config):
                               "the layers)")
         d = self.dirs
         self.diagnose.model, self.diagnose.gguf_file, self.diagnose.out = self.model, self.gguf_file, str(d["diagnose"])
+        # a stage runs only when done() says its output is missing, so it may replace what is there (moved aside
+        # until it finishes, restored if it fails); distillation resumes instead
+        self.diagnose.overwrite = True
         r = self.replace
         r.model, r.gguf_file, r.layers, r.report, r.k = self.model, self.gguf_file, None, str(self.report_path), self.k
         r.out, r.overwrite = str(d["replace"]), True
@@ -134,7 +138,7 @@ class PipelineConfig(Config):
         e = self.evaluate
         joined = [self.model, str(d["distill"] / "final")]
         e.models = joined + [m for m in e.models if m not in joined]  # the section may add models (a teacher)
-        e.out = str(d["evaluate"])
+        e.out, e.overwrite = str(d["evaluate"]), True
         if "speed" in e.tasks and e.report is None and not e.skip_layers:
             e.report, e.k = str(self.report_path), self.k
         for name, section in (("diagnose", self.diagnose), ("replace", self.replace), ("distill", self.distill),
@@ -225,7 +229,13 @@ class Pipeline:
             evaluate(c.evaluate)
 
     def run(self) -> str:
-        self.out.mkdir(parents=True, exist_ok=True)
+        # the run directory is locked for the pipeline's lifetime; a re-run continues it (finished stages skipped)
+        with claim(self.out, "pipeline", resume=True) as output:
+            table = self._run()
+            output.finish()
+        return table
+
+    def _run(self) -> str:
         self.cfg.save(self.out / "pipeline.json")
         for stage in (s for s in STAGES if s in self.cfg.stages):
             if self.done(stage):

@@ -17,6 +17,7 @@ SOURCES = ("auto", "documents", "continuations", "both")
 class DiagnoseConfig(Config):
     model: str | None = setting(None, "model dir, .gguf file, or embedded:smollm2")
     out: str | None = setting(None, "output directory (report.json, redundancy.png, cost_model.json)")
+    overwrite: bool = setting(False, "replace a finished diagnosis in out")
     k: list[int] = setting([2, 4, 8], "numbers of attention layers to skip, e.g. 2,4,8")
     gguf_file: str | None = setting(None, "GGUF file name inside model")
     data: str | None = setting(None, "the user's data (the distillation data: jsonl/parquet/json/txt with a 'messages' "

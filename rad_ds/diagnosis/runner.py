@@ -18,6 +18,7 @@ import torch
 
 from rad_ds.core import dist
 from rad_ds.core.dtypes import dtype_name, to_dtype
+from rad_ds.core.outputs import claim
 from rad_ds.core.report import DiagnosisReport
 from rad_ds.core.tracking import start_wandb
 from rad_ds.decoding.eos import model_eos_ids
@@ -317,8 +318,14 @@ class Diagnosis:
 
 
 def diagnose(cfg: DiagnoseConfig) -> DiagnosisReport:
-    """Run the diagnosis stage (collective: call it on every rank); the report is also written to ``cfg.out``."""
-    return Diagnosis(cfg.validate()).run()
+    """Run the diagnosis stage (collective: call it on every rank); the report is also written to ``cfg.out``,
+    which is claimed first (``core.outputs``: a finished diagnosis there is replaced only with ``overwrite``)."""
+    cfg.validate()
+    rank, _ = dist.init_from_env()
+    with claim(cfg.out, "diagnosis", overwrite=cfg.overwrite, rank=rank) as output:
+        report = Diagnosis(cfg).run()
+        output.finish()
+    return report
 
 
 __all__ = ["DiagnoseConfig", "Diagnosis", "diagnose"]

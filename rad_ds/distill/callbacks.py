@@ -54,20 +54,26 @@ class Callback:
 class NonFiniteGuard(Callback):
     """Stop on a NaN/inf loss before the optimizer applies it, or on a non-finite gradient norm after."""
 
+    def _restart(self) -> str:
+        """Where a restart continues from, for the message."""
+        last = self.run.last_saved
+        if last is None:
+            return "no checkpoint was saved yet, so a restart begins at step 0"
+        return f"--resume auto continues from {last} (step {int(last.name.split('_')[-1])})"
+
     def pre_optim_step(self, step, loss, terms):
         if not math.isfinite(loss):
-            last_saved = self.run.last_saved
-            where = f"; the last good checkpoint is {last_saved}" if last_saved else ""
             raise ckpt.NonFiniteError(
                 f"step {step}: the loss is not finite ({', '.join(f'{k}={v}' for k, v in terms.items())}); "
-                f"stopped before the optimizer step, nothing saved{where}. Lower optim.lr or check the data"
+                f"stopped before the optimizer step, nothing saved; {self._restart()}. Lower optim.lr or check "
+                "the data"
             )
 
     def post_optim_step(self, step, grad_norm):
         if grad_norm is not None and not math.isfinite(grad_norm):
             raise ckpt.NonFiniteError(
                 f"step {step}: the gradient norm is {grad_norm} (DeepSpeed skipped the update); stopped, nothing "
-                f"saved. Lower optim.lr or check the data"
+                f"saved; {self._restart()}. Lower optim.lr or check the data"
             )
 
 

@@ -11,8 +11,11 @@ Layout of ``OUT/checkpoints/``::
     zero_to_fp32.py          DeepSpeed's consolidation script
 
 A checkpoint counts only when ``COMPLETE`` exists; ``latest`` moves after that, so a kill at any moment
-leaves ``latest`` on a complete checkpoint. Weights that are not finite are never saved. The last
-``keep`` complete checkpoints are kept; leftovers of interrupted saves are removed at the next save.
+leaves ``latest`` on a complete checkpoint. ``COMPLETE`` records every file's size and CRC-32 (zlib, ~4 GB/s;
+the ranks checksum their share of the files in parallel), so a checkpoint proves itself: ``--resume auto``
+verifies the newest one before loading it and, when a file is missing, truncated or changed, says so in one
+line and falls back to the newest checkpoint that verifies. Weights that are not finite are never saved. The
+last ``keep`` complete checkpoints are kept; leftovers of interrupted saves are removed at the next save.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +122,68 @@ def read_state(tag_dir: Path) -> dict:
         raise CheckpointError(f"checkpoint {tag_dir}: unreadable {STATE_FILE} ({e})") from None
 
 
+# -- integrity ---------------------------------------------------------------------------------------
+
+
+def file_record(path: Path, chunk: int = 1 << 24) -> dict:
+    """``{"size", "crc32"}`` of a file, read in chunks."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+            size += len(block)
+    return {"size": size, "crc32": f"{crc:08x}"}
+
+
+def verify_checkpoint(tag_dir: Path) -> str | None:
+    """``None`` when every file ``COMPLETE`` lists is there with its size and CRC-32; else what is wrong, in
+    words. A ``COMPLETE`` of an older version (names without sizes) is checked for the files' presence."""
+    try:
+        listed = json.loads((tag_dir / COMPLETE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{COMPLETE} is unreadable ({e})"
+    records = listed if isinstance(listed, dict) else {name: None for name in listed}
+    for name, want in sorted(records.items()):
+        f = tag_dir / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if want is None:
+            continue
+        size = f.stat().st_size
+        if size != want["size"]:
+            return f"{name} has {size} bytes, {want['size']} were written"
+        if file_record(f)["crc32"] != want["crc32"]:
+            return f"{name} has changed since it was written (CRC-32 differs)"
+    return None
+
+
+def _records(tag_dir: Path, rank: int, world: int) -> dict:
+    """Size and CRC-32 of every file of ``tag_dir`` (collective: each rank checksums every world-th file)."""
+    files = sorted(str(f.relative_to(tag_dir)) for f in tag_dir.rglob("*") if f.is_file()) if rank == 0 else None
+    if torch.distributed.is_initialized() and world > 1:
+        box = [files]
+        torch.distributed.broadcast_object_list(box, src=0)
+        files = box[0]
+    mine = {name: file_record(tag_dir / name) for name in files[rank::world]}
+    if torch.distributed.is_initialized() and world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, mine)
+        mine = {k: v for part in parts for k, v in part.items()}
+    return dict(sorted(mine.items()))
+
+
+def newest_verified(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint under ``root`` whose files verify, and one line per newer one that did
+    not (what is wrong with it)."""
+    rejected = []
+    for tag_dir in reversed(complete_tags(root)):
+        problem = verify_checkpoint(tag_dir)
+        if problem is None:
+            return tag_dir, rejected
+        rejected.append(f"checkpoint {tag_dir} does not verify: {problem}")
+    return None, rejected
+
+
 # -- RNG -------------------------------------------------------------------------------------------
 
 
@@ -172,7 +238,10 @@ def save_checkpoint(engine, root: Path, step: int, state: dict, hf_files=None, k
     frozen parameters (a resume and the export read them from the base model's files instead)."""
     root = Path(root)
     if not _all_true(local_params_finite(engine)):
-        raise NonFiniteError(f"step {step}: the student's weights are not finite; not saved (latest stays)")
+        last = latest_checkpoint(root)
+        where = (f"--resume auto continues from {last} (step {int(_TAG.match(last.name).group(1))})" if last
+                 else "no checkpoint was saved yet, so a restart begins at step 0")
+        raise NonFiniteError(f"step {step}: the student's weights are not finite; not saved; {where}")
     tag = tag_for(step)
     tag_dir = root / tag
     if rank == 0:
@@ -199,8 +268,8 @@ def save_checkpoint(engine, root: Path, step: int, state: dict, hf_files=None, k
             ok = False
     if not _all_true(ok):  # every rank has finished writing (and all succeeded) past this point
         raise RuntimeError(f"saving checkpoint {tag_dir} failed on some rank; latest still names the previous one")
+    files = _records(tag_dir, rank, world)
     if rank == 0:
-        files = sorted(str(f.relative_to(tag_dir)) for f in tag_dir.rglob("*") if f.is_file())
         write_text_atomic(tag_dir / COMPLETE, json.dumps({"step": step, "world": world, "files": files}) + "\n")
         _fsync_dir(tag_dir)
         fault_point("save_before_latest", step=step, rank=rank)
@@ -232,8 +301,13 @@ def load_engine_state(engine, tag_dir: Path, universal: bool = False, strict: bo
     inner = getattr(engine.optimizer, "optimizer", None)
     groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
               for g in inner.param_groups] if inner is not None else None
-    path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True, load_module_strict=strict)
+    try:
+        path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True, load_module_strict=strict)
+    except (OSError, EOFError, RuntimeError) as e:  # a shard that is unreadable although it verified (or unlisted)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"checkpoint {tag_dir}: cannot be loaded ({type(e).__name__}: {first}); resume from "
+                              "an earlier step_* directory with --resume PATH") from None
     if path is None:
         raise CheckpointError(f"checkpoint {tag_dir}: DeepSpeed found nothing to load")
     if universal and inner is not None:
@@ -287,7 +361,7 @@ def restore_rng(tag_dir: Path, rank: int, world: int) -> bool:
 
 
 __all__ = [
-    "CheckpointError", "NonFiniteError", "SavedCheckpoint", "complete_tags", "is_complete", "latest_checkpoint",
-    "load_engine_state", "read_state", "resolve_checkpoint", "restore_rng", "save_checkpoint", "tag_for",
-    "to_universal",
+    "CheckpointError", "NonFiniteError", "SavedCheckpoint", "complete_tags", "file_record", "is_complete",
+    "latest_checkpoint", "load_engine_state", "newest_verified", "read_state", "resolve_checkpoint", "restore_rng",
+    "save_checkpoint", "tag_for", "to_universal", "verify_checkpoint",
 ]

@@ -26,6 +26,9 @@ def make_config(argv: list[str] | None = None, doc: str | None = None) -> RunCon
 
 
 def _summary_line(s: dict) -> str:
+    if s.get("finished_after_interruption"):
+        return (f"finished the interrupted run at step {s['last_step']} of {s['steps']}: checkpoint {s['checkpoint']}"
+                + (f"; exported {s['export']}" if s.get("export") else "") + "; summary.json written")
     return (f"distilled layers {s['replaced_layers']}, steps {s['start_step']}..{s['last_step']} of {s['steps']}: "
             f"loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, {s['tokens']} tokens, {s['tokens_per_s']:.0f} "
             f"tok/s, peak {s['peak_mem_mb']:.0f} MiB/rank; checkpoint {s['checkpoint']}"
@@ -52,7 +55,8 @@ def run(argv: list[str] | None = None, doc: str | None = None) -> int:
     if result.summary:
         print(_summary_line(result.summary))
     else:
-        print(f"nothing to do: {result.checkpoint} is at step >= {result.steps}")
+        print(f"nothing to do: {result.out} holds a finished run of {result.steps} steps "
+              f"(pass --overwrite to replace it)")
     return 0
 
 

@@ -194,6 +194,7 @@ class OnPolicyConfig:
 @dataclass
 class RunConfig(Config):
     out: str | None = _f(None, "run directory: checkpoints/, final/, metrics.jsonl")
+    overwrite: bool = _f(False, "replace a finished run in out (its checkpoints, final/, metrics) with a new one")
     deepspeed: str = _f("ds_configs/zero3.json", "DeepSpeed config of the student engine")
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

@@ -125,7 +125,39 @@ def fill_ds_config(raw: dict, plan: BatchPlan, dtype: str, source: str, grad_cli
             cfg.pop(k, None)
     cfg.setdefault("steps_per_print", 1 << 30)
     cfg.setdefault("wall_clock_breakdown", False)
+    validate_ds_sections(cfg, source)
     return cfg
+
+
+# sections of a DeepSpeed config that DeepSpeed checks with pydantic models, checked here before any engine
+_DS_SECTIONS = {
+    "zero_optimization": ("deepspeed.runtime.zero.config", "DeepSpeedZeroConfig"),
+    "fp16": ("deepspeed.runtime.precision_config", "DeepSpeedFP16Config"),
+    "bf16": ("deepspeed.runtime.precision_config", "DeepSpeedBF16Config"),
+}
+
+
+def validate_ds_sections(cfg: dict, source: str) -> None:
+    """DeepSpeed's own validation of each section, its error turned into one line naming the file and field
+    (DeepSpeed raises a pydantic error that names neither)."""
+    import importlib
+
+    import pydantic
+
+    for section, (module, name) in _DS_SECTIONS.items():
+        if not isinstance(cfg.get(section), dict):
+            continue
+        try:
+            model = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):  # another DeepSpeed version: DeepSpeed checks it itself
+            continue
+        try:
+            model(**cfg[section])
+        except pydantic.ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(x) for x in (section, *err.get("loc", ())))
+            raise ConfigError(f"DeepSpeed config {source}: {field} = {err.get('input')!r}: {err.get('msg')}; fix "
+                              "that field (see ds_configs/ for working configs)") from None
 
 
 def _fill_optimizer_block(cfg: dict, optim_cfg, total_steps: int) -> None:

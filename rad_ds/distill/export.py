@@ -113,7 +113,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
     """Write the student of ``checkpoint`` (a run dir, its ``checkpoints/`` or a ``step_*`` dir) to ``out_dir``."""
     from rad_ds.core.io import atomic_dir
     from rad_ds.models import RadHybridConfig
-    from rad_ds.models.conversion import load_tokenizer, save_model, write_model_metadata
+    from rad_ds.models.conversion import load_tokenizer, write_model_files, write_model_metadata
+
+    from .faults import fault_point
 
     out = _check_out(out_dir, overwrite)
     tag_dir = resolve_checkpoint(checkpoint)
@@ -132,24 +134,29 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
     if source is None and not state.get("frozen_in_checkpoint", True):
         raise CheckpointError(f"checkpoint {tag_dir} holds only the trained parameters; the frozen ones are read from "
                               f"its base model {state.get('model')}, which is not there: restore it at that path")
+    step = int(state.get("step") or 0)
     if source is None:
         model, tok, _ = load_checkpoint_model(tag_dir, dtype)
-        save_model(model, tok, out, extra_files=extra)
+        with atomic_dir(out) as tmp:  # the directory appears whole in one rename, or not at all
+            write_model_files(model, tok, tmp, extra)
+            fault_point("export_written", step=step)
     else:
         trained = consolidated_state_dict(tag_dir, trainable_only=True)
         with atomic_dir(out) as tmp:
             _stream_weights(tmp / "model.safetensors", config, trained, source, run_dtype, dtype)
             write_model_metadata(config, load_tokenizer(tag_dir / HF_DIR), tmp, extra)
+            fault_point("export_written", step=step)
     logger.info("exported %s (step %s) -> %s%s", tag_dir, state.get("step"), out,
                 " (frozen weights streamed from the base)" if source is not None else "")
     return out
 
 
 def _check_out(out_dir, overwrite: bool) -> Path:
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory or pass --overwrite")
-    return out
+    """An exported model appears whole in one rename, so checking ``--out`` is the whole discipline."""
+    from rad_ds.core.outputs import check
+
+    check(out_dir, "export", overwrite=overwrite)
+    return Path(out_dir)
 
 
 def export_any(source: str | Path, out_dir: str | Path, native: bool = False, from_checkpoint: bool = True,

@@ -38,6 +38,20 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     write_text_atomic(path, "".join(k + "\n" for k in kept))
 
 
+def read_metrics(path: Path, last_step: int | None = None) -> list[dict]:
+    """The rows of ``metrics.jsonl`` (up to ``last_step``), skipping a line cut by a kill."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if last_step is None or row.get("step", 0) <= last_step:
+                rows.append(row)
+    return rows
+
+
 class Tracker:
     """No-op on ranks other than 0."""
 
@@ -90,4 +104,4 @@ def _wandb_id(out) -> str:
     return hashlib.sha1(str(Path(out).resolve()).encode()).hexdigest()[:12]
 
 
-__all__ = ["Tracker", "peak_memory_mb", "truncate_metrics"]
+__all__ = ["Tracker", "peak_memory_mb", "read_metrics", "truncate_metrics"]

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from rad_ds.core.dist import init_distributed, local_world_size, release_env
+from rad_ds.core.dist import broadcast_object, init_distributed, local_world_size, release_env
 from rad_ds.core.host_memory import return_freed_memory
 from rad_ds.core.io import ProvisionalDir
+from rad_ds.core.outputs import Output, claim, read_marker
 from rad_ds.data import DistillLoader, data_fingerprint, load_packed, tokenizer_fingerprint
 from rad_ds.data.teacher_store import SparseTargets, TeacherCacheStore
 
@@ -47,7 +48,7 @@ from .losses import ce_loss_sum, hidden_loss_sum, kd_loss_sum, sparse_kd_loss_su
 from .on_policy import OnPolicy, generation_model
 from .summary import RunSummary
 from .taps import LayerTaps, tap_outputs
-from .tracking import Tracker, peak_memory_mb, truncate_metrics
+from .tracking import Tracker, peak_memory_mb, read_metrics, truncate_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -118,22 +119,44 @@ def _quiet():
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _resume_point(cfg: RunConfig, root: Path) -> Path | None:
+def _resume_point(cfg: RunConfig, root: Path, rank: int) -> Path | None:
+    """The checkpoint to resume from: none, the newest under ``root`` that verifies (``auto``), or the one
+    ``checkpoint.resume`` names, verified. Rank 0 checks the files; every rank gets its answer (collective)."""
     resume = cfg.checkpoint.resume
     if resume in (None, "none"):
-        existing = ckpt.latest_checkpoint(root)
+        existing = ckpt.latest_checkpoint(root) or (ckpt.complete_tags(root) or [None])[-1]
         if existing is not None:
             raise ConfigError(
                 f"--out {cfg.out} already holds checkpoint {existing.name}; pass --resume auto to continue that run, "
-                "or choose a new --out"
+                "--overwrite to start it again, or choose a new --out"
             )
         return None
-    if resume == "auto":
-        found = ckpt.latest_checkpoint(root)
-        if found is None:
-            logger.info("no complete checkpoint in %s: starting fresh", root)
-        return found
-    return ckpt.resolve_checkpoint(resume)
+    found, err = None, None
+    if rank == 0:
+        try:
+            if resume == "auto":
+                found, rejected = ckpt.newest_verified(root)
+                for line in rejected:
+                    logger.warning("%s; trying an earlier one", line)
+                if found is None and rejected:
+                    raise ckpt.CheckpointError(f"no checkpoint in {root} verifies ({rejected[0]}); pass --overwrite "
+                                               "to start the run again")
+                if found is None:
+                    logger.info("no complete checkpoint in %s: starting fresh", root)
+                elif rejected:
+                    logger.warning("resuming from %s, the newest checkpoint that verifies", found)
+            else:
+                found = ckpt.resolve_checkpoint(resume)
+                problem = ckpt.verify_checkpoint(found)
+                if problem is not None:
+                    raise ckpt.CheckpointError(f"checkpoint {found} does not verify: {problem}; give an earlier "
+                                               "step_* directory, or --resume auto")
+        except ckpt.CheckpointError as e:
+            err = str(e)
+    found, err = broadcast_object((found, err))
+    if err is not None:
+        raise ckpt.CheckpointError(err)
+    return found
 
 
 def distill(cfg: RunConfig) -> DistillResult:
@@ -145,8 +168,10 @@ def distill(cfg: RunConfig) -> DistillResult:
     info = init_distributed(cfg.train.dist_timeout_s, deepspeed=True)
     try:
         # a run that fails before its first step (bad --data, --layers, --model) leaves no --out behind
-        with ProvisionalDir(cfg.out, owner=info.rank == 0) as out_dir:
-            return DistillRun(cfg, info, out_dir).run()
+        with ProvisionalDir(cfg.out, owner=info.rank == 0) as out_dir, \
+                claim(cfg.out, "distill", overwrite=cfg.overwrite, rank=info.rank,
+                      resume=cfg.checkpoint.resume not in (None, "none")) as output:
+            return DistillRun(cfg, info, out_dir, output).run()
     finally:
         release_env()
 
@@ -154,8 +179,8 @@ def distill(cfg: RunConfig) -> DistillResult:
 class DistillRun:
     """One run on one rank; ``run()`` is setup, resume, fit, finish. Callbacks see it as ``callback.run``."""
 
-    def __init__(self, cfg: RunConfig, info, out_dir: ProvisionalDir):
-        self.cfg, self.out_dir = cfg, out_dir
+    def __init__(self, cfg: RunConfig, info, out_dir: ProvisionalDir, output: Output):
+        self.cfg, self.out_dir, self.output = cfg, out_dir, output
         self.rank, self.world = info.rank, info.world
         self.local_world = local_world_size(info.world)
         self.out = Path(cfg.out)
@@ -194,14 +219,29 @@ class DistillRun:
         """Build everything a step needs; a result (and nothing built) when the checkpoint is already done."""
         cfg = self.cfg
         self.plan = plan_batch(cfg.train, self.world)
-        # every rank reads the same files
-        self.tag_dir = _resume_point(cfg, self.root)
+        if self.output.state == "complete":  # finished (final/ and summary.json written), claimed with --resume
+            done = int((read_marker(self.out) or {}).get("steps") or 0) if self.rank == 0 else 0
+            if self.world > 1:
+                done = broadcast_object(done)
+            if done >= cfg.train.steps or not done:
+                if self.rank == 0:
+                    logger.info("%s holds a finished run of %d steps: nothing to do", self.out, done)
+                final = self.out / "final"
+                return DistillResult(self.out, cfg.train.steps, cfg.train.steps,
+                                     checkpoint=ckpt.latest_checkpoint(self.root),
+                                     export=final if final.is_dir() else None)
+            self.output.reopen()  # asked for more steps than the finished run made: it goes on
+        self.tag_dir = _resume_point(cfg, self.root, self.rank)  # rank 0 verifies, every rank gets its choice
+        if self.tag_dir is None and self.output.state == "unfinished" and (self.out / "summary.json").is_file():
+            raise ConfigError(f"--out {self.out} holds a run that has no checkpoint left to continue from; pass "
+                              "--overwrite to start it again, or choose a new --out")
         self.state = ckpt.read_state(self.tag_dir) if self.tag_dir is not None else None
         if self.state is not None and self.state["step"] >= cfg.train.steps:
+            # the last step was saved but the run stopped before final/ and summary.json: finish them
             if self.rank == 0:
-                logger.info("checkpoint %s is at step %d >= train.steps=%d: nothing to do", self.tag_dir,
-                            self.state["step"], cfg.train.steps)
-            return DistillResult(self.out, self.state["step"], cfg.train.steps, checkpoint=self.tag_dir)
+                logger.info("checkpoint %s is at step %d >= train.steps=%d: finishing the run (export, summary)",
+                            self.tag_dir, self.state["step"], cfg.train.steps)
+            return self.finish_only()
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
         torch.distributed.barrier()
@@ -327,9 +367,10 @@ class DistillRun:
             ckpt.restore_rng(tag_dir, self.rank, self.world)
             self.start_step, self.tokens_seen = int(state["step"]), int(state["tokens"])
             if self.rank == 0:
-                truncate_metrics(self.out / "metrics.jsonl", self.start_step)
                 logger.info("resumed from %s at step %d", tag_dir, self.start_step)
         if self.rank == 0:
+            # rows past the checkpoint (or every row, starting afresh) belong to a run that was cut short
+            truncate_metrics(self.out / "metrics.jsonl", self.start_step)
             self.cfg.save(self.out / "run_config.json")
 
     # -- the loop ------------------------------------------------------------------------------------------
@@ -337,6 +378,7 @@ class DistillRun:
     def fit(self) -> None:
         t_run = time.perf_counter()
         self.out_dir.keep()
+        self.output.commit()  # set up: a run that --overwrite replaces is dropped now
         try:
             for step in range(self.start_step + 1, self.cfg.train.steps + 1):
                 row = self.train_step(step)
@@ -467,11 +509,44 @@ class DistillRun:
         self._hook("on_finish", summary)
         if self.rank == 0:
             RunSummary(summary).write(self.out)
+        if finished:  # only now, with final/ and summary.json on disk, is the run marked finished
+            self.output.finish(steps=cfg.train.steps)
         for taps in (self.t_taps, self.s_taps):
             if taps is not None:
                 taps.remove()
         return DistillResult(self.out, self.start_step, cfg.train.steps, rows, self.last_saved, export_dir, summary,
                              engine=self.student)
+
+    def finish_only(self) -> DistillResult:
+        """The end of a run whose last checkpoint was saved but whose export or summary was cut short (collective):
+        export that checkpoint, write the summary from ``metrics.jsonl``, mark the run finished."""
+        cfg = self.cfg
+        self.last_saved, self.start_step = self.tag_dir, int(self.state["step"])
+        self.tokens_seen, self.tokens_run = int(self.state["tokens"]), 0
+        export_dir = None
+        if cfg.checkpoint.export_final and self.rank == 0:
+            from .export import export_checkpoint
+
+            export_dir = export_checkpoint(self.tag_dir, self.out / "final", overwrite=True)
+        if self.world > 1:
+            torch.distributed.barrier()
+        rows = read_metrics(self.out / "metrics.jsonl", self.start_step) if self.rank == 0 else []
+        summary = {
+            "steps": cfg.train.steps, "start_step": rows[0]["step"] - 1 if rows else self.start_step,
+            "last_step": self.start_step, "first_loss": rows[0]["loss"] if rows else None,
+            "final_loss": rows[-1]["loss"] if rows else None, "tokens": self.tokens_seen,
+            "elapsed_s": sum(r.get("step_s", 0.0) for r in rows),
+            "tokens_per_s": (sum(r["tokens_per_s"] * r["step_s"] for r in rows) / max(sum(r["step_s"] for r in rows),
+                                                                                     1e-9)) if rows else 0.0,
+            "peak_mem_mb": max((r.get("mem_mb", 0.0) for r in rows), default=0.0), "world": self.world,
+            "replaced_layers": self.state.get("replaced_layers"), "teacher_placement": None,
+            "checkpoint": str(self.tag_dir), "export": str(export_dir) if export_dir else None,
+            "finished_after_interruption": True,
+        }
+        if self.rank == 0:
+            RunSummary(summary).write(self.out)
+        self.output.finish(steps=cfg.train.steps)
+        return DistillResult(self.out, self.start_step, cfg.train.steps, [], self.tag_dir, export_dir, summary)
 
     def summary(self, export_dir: Path | None) -> dict:
         rows, elapsed = self.rows, self.elapsed

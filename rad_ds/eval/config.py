@@ -23,6 +23,7 @@ def expand_tasks(tasks: list[str]) -> list[str]:
 class EvalConfig(Config):
     models: list[str] = setting([], "model dirs, .gguf files or embedded:smollm2, side by side (--model, repeatable)")
     out: str | None = setting(None, "output directory (results.json, results.md, samples/)")
+    overwrite: bool = setting(False, "replace a finished evaluation in out (its results and samples/)")
     tasks: list[str] = setting(["gsm8k", "humaneval", "ppl"], f"comma list of {','.join(TASKS)}, or all")
     data: dict[str, str] = setting({}, "TASK=FILE: local jsonl/json/parquet/csv/txt for a task (gsm8k: question, "
                                        "answer '#### N'; humaneval: task_id, prompt, entry_point, test; cruxeval: "

@@ -19,6 +19,7 @@ import torch
 from rad_ds.core import dist
 from rad_ds.core.dtypes import dtype_name, to_dtype
 from rad_ds.core.layers import layers_string
+from rad_ds.core.outputs import claim
 from rad_ds.decoding.eos import model_eos_ids
 
 from .batching import gather, generate_batch, length_sorted_batches, my_batches
@@ -203,11 +204,20 @@ def load_task_data(cfg: EvalConfig) -> dict:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    from rad_ds.models.conversion import load_model
-
+    """Evaluate every model on every task (collective); ``cfg.out`` is claimed first (``core.outputs``: a
+    finished evaluation there is replaced, samples included, only with ``overwrite``)."""
     t_start = time.perf_counter()
     cfg.validate()
     rank, world = dist.init_from_env()
+    with claim(cfg.out, "evaluation", overwrite=cfg.overwrite, rank=rank) as output:
+        results = _evaluate(cfg, rank, world, t_start)
+        output.finish()
+    return results
+
+
+def _evaluate(cfg: EvalConfig, rank: int, world: int, t_start: float) -> dict:
+    from rad_ds.models.conversion import load_model
+
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = to_dtype(cfg.dtype, device)

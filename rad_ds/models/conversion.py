@@ -17,6 +17,7 @@ import torch
 
 from .configuration_rad_hybrid import RadHybridConfig
 from .modeling_rad_hybrid import RadHybridForCausalLM
+from .weights import check_weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,8 @@ def load_model(path: str | os.PathLike, gguf_file: str | None = None, dtype=torc
         model.config.name_or_path = str(path)
         return model, tok
     p = Path(path)
+    if p.is_dir():  # a truncated weights file is named in one line, not a SafetensorError without a path
+        check_weight_files(p, fix="re-create it (re-run the stage that wrote it: replace, export or distill)")
     if p.is_dir() and _is_hybrid_dir(p) and not gguf_file:
         model = RadHybridForCausalLM.from_pretrained(str(p), dtype=dtype)
         return model.eval(), load_tokenizer(p)

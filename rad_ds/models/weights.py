@@ -35,11 +35,43 @@ class WeightSourceError(ValueError):
     """A directory whose weights cannot be read tensor by tensor; the message says why."""
 
 
+def check_safetensors(path: str | os.PathLike, fix: str = "re-create it with the stage that wrote it") -> None:
+    """Refuse, in one line naming the file, a safetensors file that is truncated or whose header is corrupt:
+    its size must be the 8-byte length, the JSON header and every tensor's bytes (header offsets). Reads only
+    the header."""
+    p = Path(path)
+    size = p.stat().st_size
+    why = None
+    with open(p, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if n is None or n > size - 8:
+            why = f"{size} bytes, too short for its header"
+        else:
+            try:
+                header = json.loads(f.read(n))
+                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                why = f"its header is not valid ({type(e).__name__})"
+            else:
+                if size != 8 + n + end:
+                    why = f"{size} bytes where its header describes {8 + n + end}"
+    if why is not None:
+        raise WeightSourceError(f"{p}: truncated or corrupt safetensors file ({why}); {fix}")
+
+
+def check_weight_files(directory: str | os.PathLike, fix: str = "re-create it with the stage that wrote it") -> None:
+    """:func:`check_safetensors` on every ``*.safetensors`` file of a model directory."""
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        check_safetensors(f, fix)
+
+
 class WeightSource:
     """The tensors of a safetensors checkpoint directory, read on demand."""
 
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
+        check_weight_files(self.dir)
         index, single = self.dir / INDEX, self.dir / SINGLE
         if index.is_file():
             try:
@@ -160,4 +192,4 @@ class SafetensorsWriter:
             self._fh.close()
 
 
-__all__ = ["SafetensorsWriter", "WeightSource", "WeightSourceError"]
+__all__ = ["SafetensorsWriter", "WeightSource", "WeightSourceError", "check_safetensors", "check_weight_files"]

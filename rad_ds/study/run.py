@@ -33,6 +33,7 @@ import torch
 
 from rad_ds.core.config import resolve_shipped
 from rad_ds.core.io import write_json_atomic
+from rad_ds.core.outputs import claim
 from rad_ds.distill.config import RunConfig
 
 from .config import StudyConfig
@@ -100,6 +101,7 @@ class Study:
             return str(d / DiagnosisReport.FILE), json.loads(timing.read_text())["seconds"]
         dc = copy.deepcopy(cfg.diagnose)
         dc.model, dc.out, dc.k = cfg.model, str(d), sorted({*dc.k, *cfg.k}) if dc.k else list(cfg.k)
+        dc.overwrite = True  # not done by the study's measure (no timing): a report there is replaced
         if not dc.prompts and not dc.data:
             train = str(resolve_shipped(cfg.distill.data.path))
             if cfg.diagnose_on == "train":  # the training documents, teacher-forced
@@ -340,7 +342,12 @@ def _tokens_by_step(out: Path) -> dict[int, int]:
 
 
 def run_study(cfg: StudyConfig) -> StudyResults:
-    return Study(cfg).run()
+    """Run (or continue: finished runs are kept) the study; its directory is locked while it runs."""
+    cfg.validate()
+    with claim(cfg.out, "study", resume=True) as output:
+        results = Study(cfg).run()
+        output.finish()
+    return results
 
 
 __all__ = ["Study", "run_study"]

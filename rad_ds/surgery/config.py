@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rad_ds.core.config import Config, ConfigError, choice, setting
+from rad_ds.core.outputs import check
 
 from .init import INIT_MODES
 
@@ -39,9 +40,7 @@ class ReplaceConfig(Config):
         if self.layers is not None and not self.layers:
             raise ConfigError("layers is empty; give e.g. --layers 3,7")
         choice("init", self.init, INIT_MODES)
-        out = Path(self.out)
-        if out.exists() and any(out.iterdir()) and not self.overwrite:
-            raise ConfigError(f"out {out} exists and is not empty; choose a new directory or pass --overwrite")
+        check(self.out, "student", overwrite=self.overwrite)  # the directory appears whole in one rename
         if inputs_exist and self.report is not None and not Path(self.report).exists():
             raise FileNotFoundError(f"report {self.report}: file not found (a diagnosis report.json)")
         return self

@@ -20,6 +20,7 @@ import torch
 
 from rad_ds.core.dist import barrier, broadcast_object, init_distributed, release_env
 from rad_ds.core.dtypes import to_dtype
+from rad_ds.core.outputs import claim
 from rad_ds.data import load_packed, tokenizer_fingerprint
 from rad_ds.data.loader import data_fingerprint
 from rad_ds.data.teacher_store import TeacherCacheError, TeacherCacheStore, bytes_per_position
@@ -52,7 +53,12 @@ def build_teacher_cache(cfg: TeacherCacheConfig) -> CacheSummary:
     cfg.validate()
     info = init_distributed(cfg.dist_timeout_s, deepspeed=cfg.teacher.placement == "zero3")
     try:
-        return _CacheBuild(cfg, info.rank, info.world).run()
+        # claimed before anything is written into it (a killed build, or a finished one, resumes: the manifest's
+        # fingerprint refuses a cache made for other inputs)
+        with claim(cfg.out, "teacher_cache", resume=True, rank=info.rank) as output:
+            summary = _CacheBuild(cfg, info.rank, info.world).run()
+            output.finish()
+            return summary
     finally:
         release_env()
 
