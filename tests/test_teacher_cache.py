@@ -181,6 +181,15 @@ def test_mismatched_inputs_are_refused(base, tmp_path):
         _run_cfg(tmp_path, b, data, tmp_path / "run", **cache, **{"loss.hidden_weight": 0.5}).validate()
     with pytest.raises(TeacherCacheError, match="k 16"):
         _build(b, data, tmp_path / "cache", k=8, temperature=2.0)
+    # a directory that is not a cache is refused before anything (the packed data/ included) is written into it
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    from rad_ds.core.outputs import OutputError
+
+    with pytest.raises(OutputError, match="holds files that rad-ds did not write"):
+        _build(b, data, foreign, k=8)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
     p = run([python(), launcher("distill.py"), *run_args(tmp_path, b, data, tmp_path / "run2", **cache,
                                                         **{"loss.hidden_weight": 0, "data.seq_len": 48})])
     last = p.stderr.strip().splitlines()[-1]
