@@ -1,4 +1,5 @@
-"""HumanEval and CRUXEval-style scoring: right programs pass, wrong ones fail, whatever form the answer has."""
+"""HumanEval and CRUXEval-style scoring: right programs pass, wrong ones fail, whatever form the answer has,
+and an answer that forges its own pass report fails."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import json
 import pytest
 
 from rad_ds.eval.cruxeval import CruxEvalTask, check_predictions, extract_prediction, humaneval_derived
-from rad_ds.eval.humaneval import HumanEvalTask, build_program, extract_code, load_problems
-from rad_ds.eval.sandbox import SandboxLimits, run_programs
+from rad_ds.eval.humaneval import HumanEvalTask, build_check, extract_code, load_problems
+from rad_ds.eval.sandbox import SandboxLimits, run_checks, run_programs
+from tests.test_eval_sandbox import FORGERS
 
 LIMITS = SandboxLimits(timeout_s=10.0, workers=2)
 
@@ -30,12 +32,12 @@ def test_canonical_solutions_pass_in_every_answer_form(problems):
     forms = []
     for p in sample:
         full = p["prompt"] + p["canonical_solution"]
-        forms += [build_program(p, p["canonical_solution"] + "\n\ndef unrelated():\n    pass\n", chat=False),
-                  build_program(p, f"Here is the function:\n```python\n{full}```\nIt loops over the input.", chat=True),
-                  build_program(p, f"```python\n{p['canonical_solution']}```", chat=True),
-                  build_program(p, "", chat=False),
-                  build_program(p, "```python\n    return None\n```", chat=True)]
-    rs = run_programs(forms, LIMITS)
+        forms += [build_check(p, p["canonical_solution"] + "\n\ndef unrelated():\n    pass\n", chat=False),
+                  build_check(p, f"Here is the function:\n```python\n{full}```\nIt loops over the input.", chat=True),
+                  build_check(p, f"```python\n{p['canonical_solution']}```", chat=True),
+                  build_check(p, "", chat=False),
+                  build_check(p, "```python\n    return None\n```", chat=True)]
+    rs = run_checks(forms, LIMITS)
     for i, p in enumerate(sample):
         got = [r.passed for r in rs[5 * i:5 * i + 5]]
         assert got == [True, True, True, False, False], (p["task_id"], [(r.status, r.error) for r in rs[5 * i:5 * i + 5]])
@@ -56,6 +58,24 @@ def test_humaneval_task_scores_what_the_model_wrote(problems):
     assert [r["correct"] for r in recs] == [True, True, False]
     assert recs[0]["task_id"] == "HumanEval/0"
     json.dumps(recs)
+
+
+def test_humaneval_forged_pass_reports_are_failures(problems):
+    """The issue's case: of 4 completions of HumanEval/0 (the canonical one, the frame-walking forger, two
+    wrong ones) exactly one passes, so pass@1 is 0.25 (the single-process sandbox gave 0.5); every other
+    forger fails too, and the tests still see the prompt's helpers (HumanEval/38's ``encode_cyclic``)."""
+    task = HumanEvalTask()
+    samples = task.load(None, 1, 0) * 4
+    p = problems[0]
+    outs = [p["canonical_solution"], FORGERS["frames"], "    return True\n", "    return 1 / 0\n"]
+    recs = task.score(samples, outs, chat=False, sandbox=LIMITS)
+    assert [r["correct"] for r in recs] == [True, False, False, False], recs
+    assert sum(r["correct"] for r in recs) / len(recs) == 0.25
+    forged = [build_check(p, body, chat=False) for body in FORGERS.values()]
+    helper = problems[38]
+    rs = run_checks(forged + [build_check(helper, helper["canonical_solution"], chat=False),
+                              build_check(helper, "    return encode_cyclic(s)\n", chat=False)], LIMITS)
+    assert [r.passed for r in rs] == [False] * len(FORGERS) + [True, False], [(r.status, r.error) for r in rs]
 
 
 @pytest.mark.parametrize("answer,prediction", [
@@ -80,9 +100,13 @@ def test_extract_prediction_prefers_the_asked_call():
 def test_check_predictions_literal_and_executed_agree():
     rec = {"code": "def f(x):\n    return sorted(set(x))", "input": "[3, 1, 3]", "output": "[1, 3]"}
     preds = ["[1, 3]", "[1, 3, 3]", "[1,3]", "list((1, 3))", "sorted([3, 1])", "[1, 2 + 1]", "1/0", "w1 w2", "",
-             "__import__('os').system('true') or [1, 3]"]
+             "__import__('os').system('true') or [1, 3]",
+             # forgers: an always-equal object (``assert [1, 3] == it`` held in one process), leaving early,
+             # calling f is allowed (it is CRUXEval's rule: the assertion runs after the code)
+             "type('A', (), {'__eq__': lambda s, o: True})()", "__import__('os')._exit(0)", "f([3, 1, 3])"]
     got = check_predictions([rec] * len(preds), preds, LIMITS)
-    assert [g["correct"] for g in got] == [True, False, True, True, True, True, False, False, False, False]
+    assert [g["correct"] for g in got] == [True, False, True, True, True, True, False, False, False, False,
+                                           False, False, True]
     assert [g["checked_by"] for g in got][:3] == ["literal"] * 3
     assert got[3]["checked_by"] == "executed" and got[7]["checked_by"] == "syntax"
 

@@ -49,16 +49,17 @@ def test_student_in_lm_eval_harness(tmp_path):
     assert "rad_gsm_local" in r.stdout and "exact_match" in r.stdout and "rad_mc_local" in r.stdout
     (res,) = glob.glob(str(out / "*" / "results_*.json"))
     results = json.loads(Path(res).read_text())["results"]
-    assert 0.0 <= results["rad_gsm_local"]["exact_match,none"] <= 1.0
-    assert 0.0 <= results["rad_mc_local"]["acc,none"] <= 1.0
     assert _samples(out, "rad_mc_local")[0]["doc"]["question"] == "w0 w3 7"  # --metadata mc_file was read
     assert "Bobby" in _samples(out, "rad_gsm_local")[0]["doc"]["question"]  # the shipped GSM sample
 
-    # the harness ran our model: its greedy continuations and log-likelihoods are ours
+    # the harness ran our model: its greedy continuations and log-likelihoods are ours, and its scores are
+    # the ones our continuations and log-likelihoods give
+    from rad_ds.eval.answers import is_correct
     from rad_ds.models.conversion import load_model
 
     model, tok = load_model(student)
     assert model.config.layer_types[1:3] == ["mamba2", "mamba2"]
+    gsm_right, mc_right = [], []
     with torch.no_grad():
         for s in _samples(out, "rad_gsm_local"):
             ctx, kw = s["arguments"]["gen_args_0"]["arg_0"], s["arguments"]["gen_args_0"]["arg_1"]
@@ -69,7 +70,9 @@ def test_student_in_lm_eval_harness(tmp_path):
             for stop in kw["until"]:
                 text = text.split(stop)[0]
             assert s["resps"][0][0] == text
+            gsm_right.append(is_correct(text, s["doc"]["answer"]))
         for s in _samples(out, "rad_mc_local"):
+            lls = []
             for j, args in enumerate(s["arguments"].values()):
                 ctx = tok(args["arg_0"]).input_ids
                 cont = tok(args["arg_1"]).input_ids
@@ -77,3 +80,9 @@ def test_student_in_lm_eval_harness(tmp_path):
                 logp = torch.log_softmax(model(ids).logits[0, len(ctx) - 1:-1].float(), -1)
                 ll = float(logp.gather(-1, torch.tensor(cont)[:, None]).sum())
                 assert abs(float(s["resps"][j][0][0]) - ll) < 1e-4
+                lls.append(ll)
+            assert len(lls) == 3 and len(set(lls)) == 3  # no ties: the argmax is the model's choice
+            mc_right.append(lls.index(max(lls)) == s["doc"]["answer"])
+    assert len(gsm_right) == len(mc_right) == 3
+    assert results["rad_gsm_local"]["exact_match,none"] == pytest.approx(sum(gsm_right) / 3, abs=1e-9)
+    assert results["rad_mc_local"]["acc,none"] == pytest.approx(sum(mc_right) / 3, abs=1e-9)

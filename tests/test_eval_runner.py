@@ -3,15 +3,20 @@ perplexity against a plain forward, speculative decoding against plain decoding,
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import os
+import pwd
 
 import pytest
 import torch
 
 from rad_ds.eval.answers import extract_answer
 from rad_ds.eval.runner import EvalConfig, evaluate
+from rad_ds.eval.sandbox import SandboxLimits, default_python, sandbox_guards
 from tests.eval_helpers import save_models, strip_timings, write_gsm, write_texts
+from tests.test_eval_sandbox import _nobody_can_run
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +62,23 @@ def test_all_tasks_for_base_and_student(models, tmp_path):
     assert set(rows) == {(m, t) for m in ("base", "student") for t in cfg.tasks}
     assert res["models"]["base"]["layers"] == "AAAA" and res["models"]["student"]["layers"] == "AAMA"
     for m in ("base", "student"):
-        for t in ("gsm8k", "humaneval", "cruxeval"):
-            assert rows[m, t]["n"] == 3 and 0.0 <= rows[m, t]["score"] <= 1.0
-            assert (tmp_path / "ev" / "samples" / m / f"{t}.jsonl").is_file()
-        assert rows[m, "humaneval"]["details"]["outcomes"]  # every program ran (and failed) in the sandbox
+        samples = {t: [json.loads(x) for x in (tmp_path / "ev" / "samples" / m / f"{t}.jsonl").read_text().splitlines()]
+                   for t in ("gsm8k", "humaneval", "cruxeval")}
+        for t, recs in samples.items():
+            assert rows[m, t]["n"] == len(recs) == 3
+            assert rows[m, t]["score"] == sum(r["correct"] for r in recs) / 3
+        # a tiny random model writes words and numbers, never Python: each HumanEval program ran in the
+        # sandbox and failed on its syntax, each CRUXEval prediction is refused as no expression
+        assert rows[m, "humaneval"]["score"] == 0.0 and rows[m, "cruxeval"]["score"] == 0.0
+        assert rows[m, "humaneval"]["details"]["outcomes"] == {"failed": 3}
+        assert rows[m, "cruxeval"]["details"]["outcomes"] == {"syntax": 3}
+        for r in samples["humaneval"]:
+            with pytest.raises(SyntaxError):
+                compile(r["output"], "output", "exec")
+            assert r["error"].startswith("the program raised SyntaxError")
+        for r in samples["cruxeval"]:
+            with pytest.raises(SyntaxError):
+                ast.parse(r["prediction"], mode="eval")
     # speculative decoding: the base drafts without layers 1,2 and decodes the same tokens as plain decoding;
     # the student has Mamba2 at layer 2, so its row says why it was skipped
     spec = rows["base", "speed"]["details"]["speculative"]
@@ -70,8 +88,16 @@ def test_all_tasks_for_base_and_student(models, tmp_path):
     assert "| model | task | n | metric | score | ± | tokens/s |" in md
     assert "| student | ppl | 3 |" in md  # --limit: 3 documents
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["results"] == json.loads(json.dumps(res["results"]))
-    if res["sandbox"]:
-        assert "rlimits" in res["sandbox"]["guards"]
+    # the code tasks ran, so the sandbox is recorded: what this machine enforces for the evaluation's limits
+    guards = res["sandbox"]["guards"]
+    nobody_uid = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 and _nobody_can_run(default_python()) else None
+    assert res["sandbox"] == {"guards": sandbox_guards(SandboxLimits(timeout_s=5.0)), "timeout_s": 5.0,
+                              "memory_mb": 1024, "disk_mb": 64, "python": default_python(),
+                              "uid": nobody_uid if nobody_uid is not None else os.geteuid()}
+    assert {"rlimits", "audit-hook"} <= set(guards) and {"disk-tmpfs", "disk-watch"} & set(guards)
+    if os.geteuid() == 0:
+        nobody = _nobody_can_run(default_python())
+        assert ("uid-nobody" in guards) == nobody and ("no-capabilities" in guards) == (not nobody)
 
     # perplexity equals a plain forward over each of the 3 paragraphs (they fit in one window)
     from rad_ds.models.conversion import load_model

@@ -1,9 +1,19 @@
 """The first code a sandboxed interpreter runs (``sandbox.py`` passes this file's text with ``-c``).
 
-It reads one JSON line of settings and then the program from stdin, locks itself down, runs the
-program, and reports on the result pipe. Kernel-level guards come first, while the process still has
-the rights to set them up; the Python-level audit hook comes last, after the last use of ctypes here.
-Nothing from rad_ds is imported: the child may run as an unprivileged user that cannot read the repo.
+It reads one JSON line of settings and then a program from stdin, locks itself down, writes one line
+saying which guards hold (before any untrusted code runs), and then plays its role:
+
+* ``program``: run a whole program and report on the report pipe whether it ran to its end. That
+  report is the program's own word (the program can reach this process's memory), so nothing is scored
+  on it; ``sandbox.run_program`` uses it for containment checks and trusted programs;
+* ``serve``: close the report pipe, run the untrusted program, then answer the harness's calls over the
+  two channel pipes (``_sandbox_wire.serve``);
+* ``harness``: run the trusted check, which calls the program through ``_sandbox_wire.Program``, and
+  report its verdict on the report pipe, which the program's process never holds.
+
+Kernel-level guards come first, while the process still has the rights to set them up; the Python-level
+audit hook comes last, after the last use of ctypes here. Nothing from rad_ds is imported: the child
+may run as an unprivileged user that cannot read the repo (the channel code arrives in the settings).
 """
 
 import ctypes
@@ -11,6 +21,7 @@ import json
 import os
 import resource
 import sys
+import types
 
 # Landlock (Linux >= 5.13), uapi/linux/landlock.h; the syscall numbers are the same on every architecture
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
@@ -23,8 +34,10 @@ FS_REFER, FS_TRUNCATE = 1 << 13, 1 << 14  # ABI 2, ABI 3
 NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1  # ABI 4
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6
 PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 1, 24, 47, 4
+PR_SET_DUMPABLE = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
-CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 1 << 18
 NOBODY = 65534
 
 
@@ -59,10 +72,36 @@ def _set_limits(cfg, guards):
     guards.append("rlimits")
 
 
-def _no_network(libc, guards):
-    flags = CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNET
-    if libc.unshare(ctypes.c_int(flags)) == 0:
-        guards.append("netns")  # a fresh network namespace: only a loopback device, and it is down
+def _namespaces(libc, guards):
+    """New network and mount namespaces (as root, or inside a new user namespace that maps only our own
+    uid); True when the mount namespace is there for a private tmpfs."""
+    uid, gid = os.geteuid(), os.getegid()
+    user = 0 if uid == 0 else CLONE_NEWUSER
+    for flags in (user | CLONE_NEWNET | CLONE_NEWNS, user | CLONE_NEWNET):
+        if libc.unshare(ctypes.c_int(flags)) == 0:
+            break
+    else:
+        return False
+    guards.append("netns")  # a fresh network namespace: only a loopback device, and it is down
+    if user:
+        try:  # keep our own ids, so files on the tmpfs can be created
+            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
+        except OSError:
+            return False
+    return bool(flags & CLONE_NEWNS)
+
+
+def _private_tmpfs(libc, workdir, disk_mb, owner, guards):
+    """Mount a tmpfs of ``disk_mb`` over the working directory, seen only in this mount namespace: the
+    program's whole disk use is capped (bytes and files) and vanishes with the process."""
+    if libc.mount(b"none", b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None) != 0:
+        return  # without this, the mount could propagate to the evaluator's namespace
+    opts = f"size={disk_mb}m,nr_inodes={max(256, disk_mb * 64)},mode=0700,uid={owner},gid={owner}"
+    if libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", ctypes.c_ulong(MS_NOSUID | MS_NODEV | MS_NOEXEC),
+                  opts.encode()) == 0:
+        guards.append("disk-tmpfs")
 
 
 def _landlock(libc, workdir, guards):
@@ -121,21 +160,30 @@ class _CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
-def _drop_root(libc, workdir, guards):
-    """As root: become ``nobody`` when the interpreter can still import its library as ``nobody``;
-    otherwise (Python installed under a private home) stay uid 0 but give up every capability."""
-    if os.geteuid() != 0:
-        return
+def _nobody_can_import():
+    """Whether this interpreter's library stays readable after a switch to ``nobody``."""
     import sysconfig
 
     libs = {os.path.dirname(os.__file__), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    if all(_readable_by_all(p) for p in libs if os.path.isdir(p)):
-        os.chown(workdir, NOBODY, NOBODY)
+    return all(_readable_by_all(p) for p in libs if os.path.isdir(p))
+
+
+def _drop_root(libc, workdir, to_nobody, guards):
+    """As root: become ``nobody`` (``to_nobody``: the interpreter can still import its library as
+    ``nobody``); otherwise (Python installed under a private home) stay uid 0 but give up every capability."""
+    if to_nobody:
+        if "disk-tmpfs" not in guards:
+            os.chown(workdir, NOBODY, NOBODY)  # the tmpfs is mounted as nobody's already
         os.setgroups([])
         os.setresgid(NOBODY, NOBODY, NOBODY)
         os.setresuid(NOBODY, NOBODY, NOBODY)  # clears every capability
         guards.append("uid-nobody")
         return
+    _drop_capabilities(libc, guards)
+
+
+def _drop_capabilities(libc, guards):
+    """Give up every capability (of the user namespace we are in), for good: the bounding set too."""
     try:
         last = int(open("/proc/sys/kernel/cap_last_cap").read())
     except (OSError, ValueError):
@@ -148,11 +196,13 @@ def _drop_root(libc, workdir, guards):
         guards.append("no-capabilities")
 
 
-# seccomp: no new processes and no exec; threads (clone with CLONE_THREAD) stay allowed. clone3 answers
-# ENOSYS so that libc falls back to clone, whose flags a filter can read.
-_SECCOMP_ARCH = {  # machine: (AUDIT_ARCH_*, clone, clone3, (fork, vfork, execve, execveat, ...))
-    "x86_64": (0xC000003E, 56, 435, (57, 58, 59, 322)),
-    "aarch64": (0xC00000B7, 220, 435, (221, 281)),
+# seccomp: no new processes, no exec, no ptrace or cross-process memory access; threads (clone with
+# CLONE_THREAD) stay allowed. clone3 answers ENOSYS so that libc falls back to clone, whose flags a
+# filter can read.
+_SECCOMP_ARCH = {  # machine: (AUDIT_ARCH_*, clone, clone3, (fork, vfork, execve, execveat, ptrace,
+    # process_vm_readv, process_vm_writev, pidfd_getfd)): no new processes, no reaching into another one
+    "x86_64": (0xC000003E, 56, 435, (57, 58, 59, 322, 101, 310, 311, 438)),
+    "aarch64": (0xC00000B7, 220, 435, (221, 281, 117, 270, 271, 438)),
 }
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 CLONE_THREAD = 0x00010000
@@ -248,50 +298,97 @@ def _audit_hook(workdir, guards):
     guards.append("audit-hook")
 
 
+def _lock_down(cfg, libc):
+    """Every kernel guard this machine offers, in the order that lets each be set up; the guards that hold."""
+    guards, workdir = [], cfg["workdir"]
+    root = os.geteuid() == 0
+    to_nobody = root and _nobody_can_import()
+    _set_limits(cfg, guards)
+    if _namespaces(libc, guards) and cfg["disk_mb"]:
+        _private_tmpfs(libc, workdir, cfg["disk_mb"], NOBODY if to_nobody else os.geteuid(), guards)
+    os.chdir(workdir)  # again: the tmpfs now covers the directory we started in
+    _landlock(libc, workdir, guards)  # after the mount (Landlock forbids mounts), on the tmpfs
+    if root:
+        _drop_root(libc, workdir, to_nobody, guards)
+    elif "netns" in guards:
+        _drop_capabilities(libc, guards)  # those the new user namespace gave us
+    # another process (even one of the same uid) may no longer ptrace this one or open its /proc/<pid>/mem
+    # or /proc/<pid>/fd without CAP_SYS_PTRACE
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0:
+        guards.append("not-dumpable")
+    libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)  # die with the evaluator (after the uid change, which clears it)
+    _seccomp(libc, guards)
+    _no_new_processes(guards)
+    return guards
+
+
+def _load_module(name, source):
+    module = types.ModuleType(name)
+    exec(compile(source, f"{name}.py", "exec"), module.__dict__)
+    sys.modules[name] = module
+    return module
+
+
+def _run(source, filename):
+    """Run a whole program as ``__main__``: (ran to its end, the exception that stopped it)."""
+    try:
+        code = compile(source, filename, "exec")
+        del source
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+        return True, None
+    except BaseException as e:  # noqa: BLE001 - SystemExit too: a program that exits early did not finish
+        _print_traceback()
+        return False, f"{type(e).__name__}: {e}"[:1000]
+
+
+def _print_traceback():
+    try:
+        import traceback
+
+        traceback.print_exc()
+    except BaseException:  # noqa: BLE001
+        pass
+
+
+def _flush():
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:  # noqa: BLE001
+        pass
+
+
 def main():
     cfg = json.loads(sys.stdin.readline())
     source = sys.stdin.read()
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    result_fd, nonce, workdir = cfg["result_fd"], cfg["nonce"], cfg["workdir"]
-    guards = []
+    role, report_fd, workdir = cfg["role"], cfg["report_fd"], cfg["workdir"]
+    wire = _load_module("_sandbox_wire", cfg["wire"]) if role in ("serve", "harness") else None
     libc = _libc()
-    _set_limits(cfg, guards)
-    _no_network(libc, guards)
-    _landlock(libc, workdir, guards)
-    _drop_root(libc, workdir, guards)
-    libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)  # die with the evaluator (after the uid change, which clears it)
-    _seccomp(libc, guards)
-    _no_new_processes(guards)
-    os.chdir(workdir)
-    filename = cfg.get("filename", "program.py")
-    python_guards = cfg.get("python_guards", True)
+    guards = _lock_down(cfg, libc)
+    filename, nonce = cfg["filename"], cfg["nonce"]
+    request_fd, reply_fd = cfg.get("request_fd"), cfg.get("reply_fd")
+    python_guards = cfg["python_guards"]
     del cfg, libc
     for name in ("ctypes", "_ctypes"):
         sys.modules.pop(name, None)
     if python_guards:
         _audit_hook(workdir, guards)
-    passed, error = False, None
-    try:
-        code = compile(source, filename, "exec")
-        del source
-        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
-        passed = True
-    except BaseException as e:  # noqa: BLE001 - SystemExit too: a program that exits early did not finish
-        error = f"{type(e).__name__}: {e}"[:1000]
-        try:
-            import traceback
-
-            traceback.print_exc()
-        except BaseException:  # noqa: BLE001
-            pass
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BaseException:  # noqa: BLE001
-        pass
-    os.write(result_fd, json.dumps({"nonce": nonce, "passed": passed, "error": error, "guards": guards}).encode())
+    # written before any untrusted code runs, so the evaluator can believe it
+    os.write(report_fd, (json.dumps({"guards": guards, "uid": os.getuid()}) + "\n").encode())
+    if role == "serve":
+        os.close(report_fd)  # the program gets no line to the evaluator
+        wire.serve(source, filename, request_fd, reply_fd)
+        _flush()
+        os._exit(0)
+    if role == "harness":
+        passed, error = wire.judge(source, request_fd, reply_fd)
+    else:
+        passed, error = _run(source, filename)
+    _flush()
+    os.write(report_fd, (json.dumps({"nonce": nonce, "passed": passed, "error": error}) + "\n").encode())
     os._exit(0)
 
 

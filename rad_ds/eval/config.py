@@ -46,7 +46,9 @@ class EvalConfig(Config):
     timeout: float = setting(10.0, "seconds per generated program in the sandbox")
     sandbox_memory_mb: int = setting(1024, "address-space limit of a generated program")
     sandbox_workers: int = setting(2, "generated programs run at once")
-    sandbox_python: str | None = setting(None, "interpreter for generated code (unset: this one)")
+    sandbox_python: str | None = setting(None, "interpreter for generated code (unset: this one, or, as root, a "
+                                                "system python3 that nobody can run, so the programs drop to nobody)")
+    sandbox_disk_mb: int = setting(64, "everything a generated program may keep in its directory (a tmpfs)")
     wandb: bool = setting(False, "log to wandb (offline unless WANDB_MODE says otherwise)")
     wandb_project: str = setting("rad-ds", "wandb project")
     wandb_run: str | None = setting(None, "wandb run name")
@@ -70,6 +72,7 @@ class EvalConfig(Config):
         at_least(self, ("batch_size", "speed_prompts", "draft_len", "sandbox_workers"), 1)
         at_least(self, ("ppl_window",), 2)
         at_least(self, ("sandbox_memory_mb",), 64)
+        at_least(self, ("sandbox_disk_mb",), 1)
         if self.ppl_stride is not None and self.ppl_stride > self.ppl_window:
             raise ConfigError(f"ppl_stride {self.ppl_stride} exceeds ppl_window {self.ppl_window}")
         if not self.timeout > 0:

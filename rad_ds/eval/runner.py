@@ -30,7 +30,7 @@ from .humaneval import HumanEvalTask
 from .perplexity import load_texts, timed_window_nll, windows
 from .perplexity import summarize as ppl_summary
 from .results import WandbLog, markdown, write_results, write_samples
-from .sandbox import SandboxLimits, sandbox_guards
+from .sandbox import SandboxLimits, default_python, sandbox_guards, sandbox_uid
 from .speed import SkipMask, decode_prompts, mask_from_report, usable_mask
 from .speed import summarize as speed_summary
 from .tasks import accuracy, cut_at_stop
@@ -226,7 +226,7 @@ def _evaluate(cfg: EvalConfig, rank: int, world: int, t_start: float) -> dict:
     mask = _mask(cfg)
     data = load_task_data(cfg)
     sandbox = SandboxLimits(timeout_s=cfg.timeout, memory_mb=cfg.sandbox_memory_mb, workers=cfg.sandbox_workers,
-                            python=cfg.sandbox_python)
+                            python=cfg.sandbox_python, disk_mb=cfg.sandbox_disk_mb)
     code_tasks = [t for t in cfg.tasks if t in ("humaneval", "cruxeval")]
     guards = sandbox_guards(sandbox) if code_tasks else []
     if code_tasks and rank == 0 and not {"landlock-fs", "netns"} <= set(guards):
@@ -265,7 +265,9 @@ def _evaluate(cfg: EvalConfig, rank: int, world: int, t_start: float) -> dict:
     results = {
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "world_size": world, "device": device.type, "config": asdict(cfg), "models": models, "results": rows,
-        "sandbox": {"guards": guards, "timeout_s": cfg.timeout, "memory_mb": cfg.sandbox_memory_mb} if guards else None,
+        "sandbox": {"guards": guards, "timeout_s": cfg.timeout, "memory_mb": cfg.sandbox_memory_mb,
+                    "disk_mb": cfg.sandbox_disk_mb, "uid": sandbox_uid(sandbox),
+                    "python": sandbox.python or default_python()} if guards else None,
         "seconds": time.perf_counter() - t_start,
     }
     if rank == 0:
