@@ -3,6 +3,8 @@
 # gpu-marked tests (mamba-ssm kernels, packed documents, ZeRO-3 construction + one-copy teacher, CUDA-graph
 # decoding), the scan, distill-step, one-copy and inference benchmarks in fp32/bf16, and writes results to $OUT (or
 # benchmarks/results/gpu/). Prepare the wheels here first with scripts/gpu_wheels.sh.
+# It fails (exit 1), never passes by skipping, where the mamba-ssm kernels do not import: RAD_DS_REQUIRE_KERNELS=1
+# makes every gpu test that would skip (no CUDA, no kernels) a failure (tests/conftest.py, tests/helpers.py).
 #   device run: bash scripts/gpu_check.sh      (carry: [".whl"])
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,7 +18,7 @@ if ! $PY -c "import deepspeed, mamba_ssm.ops.triton.ssd_combined" 2>/dev/null; t
     export PYTHONPATH="/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
   fi
 fi
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 WANDB_MODE=offline
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 WANDB_MODE=offline RAD_DS_REQUIRE_KERNELS=1
 {
   echo "# GPU check $(date -u +%FT%TZ)"
   nvidia-smi -L 2>&1
@@ -24,6 +26,11 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 WANDB_MODE
   $PY -c "from rad_ds.models import ssm_ops; k = ssm_ops._kernels(); print('mamba-ssm kernels:', sorted(k) if k else None)"
 } 2>&1 | tee "$RES/env.txt"
 rc=0
+if ! $PY -c "import sys; from rad_ds.models import ssm_ops; sys.exit(0 if ssm_ops._kernels() else 1)" 2>/dev/null; then
+  echo "gpu_check: FAIL: the mamba-ssm kernels are not importable (see $RES/env.txt); the gpu tests will fail" \
+    | tee -a "$RES/env.txt"
+  rc=1
+fi
 timeout 900 $PY -m pytest -m gpu -q -rs tests/ --junitxml="$RES/gpu_tests.xml" 2>&1 | tee "$RES/gpu_tests.txt" || rc=1
 for dt in float32 bfloat16; do
   timeout 600 $PY benchmarks/ssm_scan.py --device cuda --dtype "$dt" --lengths 512 2048 \

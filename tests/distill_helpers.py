@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.ports import free_port  # noqa: F401 - re-exported for the distillation tests
 
 ROOT = Path(__file__).resolve().parents[1]
 CHATML = (
@@ -127,12 +128,6 @@ def run_args(tmp_path, base, data, out, steps: int = 6, **settings) -> list[str]
     for k, v in settings.items():
         args.append(f"--{k.replace('__', '.')}={v}")
     return args
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_env(**extra) -> dict:

@@ -1,4 +1,5 @@
-"""Small helpers shared by the tests: a tiny hybrid config and mamba-ssm's pure-PyTorch references.
+"""Small helpers shared by the tests: a tiny hybrid config, mamba-ssm's pure-PyTorch references, and the CUDA
+device of a kernel test.
 
 ``mamba_ref()`` gives the reference functions of mamba-ssm (``ssd_minimal_discrete``,
 ``ssd_chunk_scan_combined_ref``, ``selective_state_update_ref``, ``rms_norm_ref``) on any machine:
@@ -7,6 +8,11 @@ the modules holding these functions are imported with stand-ins for the missing 
 without running ``mamba_ssm/__init__.py`` (which pulls in every CUDA extension). The stand-ins are
 taken out of ``sys.modules`` again afterwards, so nothing else in the test session sees a fake
 ``triton`` or a half-imported ``mamba_ssm`` (``rad_ds.models.ssm_ops`` must still find "no kernels").
+
+Two switches turn a skip that would hide a broken set-up into a failure (a switch is on when set and not "0"):
+``RAD_DS_REQUIRE_MAMBA_REF=1`` (``scripts/test.sh`` sets it, so CI does): a mamba-ssm reference that does not
+import fails the test that compares against it; ``RAD_DS_REQUIRE_KERNELS=1`` (``scripts/gpu_check.sh`` sets it):
+a ``gpu`` test may not skip at all, for want of CUDA, kernels or anything else (``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -15,10 +21,22 @@ import functools
 import importlib
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import types
 
 import pytest
+
+REQUIRE_MAMBA_REF = "RAD_DS_REQUIRE_MAMBA_REF"
+REQUIRE_KERNELS = "RAD_DS_REQUIRE_KERNELS"
+KERNELS_FIX = ("`pip install --no-build-isolation mamba-ssm==2.3.2.post1 causal-conv1d` (scripts/setup.sh does; on a "
+               "device machine carry the wheels of scripts/gpu_wheels.sh)")
+
+
+def switch(name: str) -> bool:
+    """Whether the environment switch ``name`` is on (set, and neither empty nor "0")."""
+    return os.environ.get(name, "0") not in ("", "0")
+
 
 # where each reference lives in mamba-ssm 2.x
 MAMBA_REFS = {
@@ -181,12 +199,50 @@ def _load_mamba_refs() -> types.SimpleNamespace:
 def mamba_ref(*required: str) -> types.SimpleNamespace:
     """mamba-ssm's pure-PyTorch references as a namespace (``None`` for any that did not import).
 
-    ``pytest.skip``s (with the import error) when none imported, or when one of ``required`` is missing.
-    ``ns.stubbed`` tells whether stand-ins for triton / the CUDA extensions were needed.
+    ``pytest.skip``s (with the import error) when none imported, or when one of ``required`` is missing; under
+    ``RAD_DS_REQUIRE_MAMBA_REF=1`` any missing one of those asked for fails the test instead. ``ns.stubbed`` tells
+    whether stand-ins for triton / the CUDA extensions were needed.
     """
     ns = _load_mamba_refs()
     names = required or tuple(MAMBA_REFS)
     missing = [n for n in names if getattr(ns, n) is None]
-    if missing and (required or len(missing) == len(MAMBA_REFS)):
-        pytest.skip("mamba-ssm reference(s) unavailable: " + "; ".join(f"{n}: {ns.errors.get(n)}" for n in missing))
+    strict = switch(REQUIRE_MAMBA_REF)
+    if missing and (required or len(missing) == len(MAMBA_REFS) or strict):
+        why = "mamba-ssm reference(s) unavailable: " + "; ".join(f"{n}: {ns.errors.get(n)}" for n in missing)
+        if strict:
+            pytest.fail(f"{REQUIRE_MAMBA_REF}=1 (scripts/test.sh sets it) and {why}; bash scripts/setup.sh installs "
+                        "mamba-ssm==2.3.2.post1 (pure Python on a CPU machine)", pytrace=False)
+        pytest.skip(why)
     return ns
+
+
+# -- the CUDA device of a kernel test --------------------------------------------------------------
+
+
+def cuda_with_kernels():
+    """``torch.device("cuda")`` for a ``gpu`` test of mamba-ssm's kernel path, or the reason it cannot run.
+
+    Without CUDA it skips (CI has none), unless ``RAD_DS_REQUIRE_KERNELS=1``. With CUDA, kernels that do not
+    import fail the test, never skip it: a green GPU run must mean the kernels ran. Only kernels switched off
+    by hand (``RAD_DS_DISABLE_KERNELS=1``) skip, and under ``RAD_DS_REQUIRE_KERNELS=1`` even that fails.
+    """
+    import torch
+
+    from rad_ds.models import ssm_ops
+
+    strict = switch(REQUIRE_KERNELS)
+    if not torch.cuda.is_available():
+        if strict:
+            pytest.fail(f"{REQUIRE_KERNELS}=1 but torch {torch.__version__} (CUDA build {torch.version.cuda}) sees "
+                        "no CUDA device", pytrace=False)
+        pytest.skip("needs a CUDA device")
+    if ssm_ops._kernels() is not None:
+        return torch.device("cuda")
+    if ssm_ops._disabled():
+        if strict:
+            pytest.fail(f"RAD_DS_DISABLE_KERNELS is set and {REQUIRE_KERNELS}=1 asks for the kernels: unset one",
+                        pytrace=False)
+        pytest.skip("RAD_DS_DISABLE_KERNELS is set: the kernel path is switched off")
+    why = ssm_ops._WHY_NOT[-1] if ssm_ops._WHY_NOT else "unknown reason"
+    pytest.fail(f"CUDA is here but mamba-ssm's Triton kernels are not importable ({why}): install them with "
+                f"{KERNELS_FIX}", pytrace=False)

@@ -519,22 +519,37 @@ def test_chat_mask_where_spans_cannot_be_located_is_a_clear_error(tmp_path):
 
 # -- the packed cache: built once per filesystem, identical everywhere ------------------------------------------
 
+# Each process marks its arrival at the cache's file lock (a file in the handshake folder, argv[3]); the one that
+# gets the lock builds only once both have arrived, so the other is certain to be waiting on the lock meanwhile.
 _LOAD = """
-import hashlib, json, sys, time
+import hashlib, json, os, sys, time
+from pathlib import Path
 sys.path.insert(0, {root!r})
 import numpy as np
+import rad_ds.core.shared_cache as S
 import rad_ds.data.loader as L
 from rad_ds.distill.config import DataConfig
 from tests.distill_helpers import byte_tokenizer
 
+hand = Path(sys.argv[3])
 build = L.build_packed
 
-def slow_build(cfg, tok):  # long enough for the other process to arrive while this one builds
+class ArrivingLock(S.FileLock):
+    def acquire(self, *args, **kwargs):
+        (hand / f"arrived-{{os.getpid()}}").touch()
+        return super().acquire(*args, **kwargs)
+
+def build_when_both_arrived(cfg, tok):
     print("BUILD", flush=True)
-    time.sleep(1.5)
+    deadline = time.monotonic() + 120
+    while len(list(hand.glob("arrived-*"))) < 2:  # a file handshake: polled, not slept on for a guessed time
+        if time.monotonic() > deadline:
+            raise SystemExit("the other process never came to the lock")
+        time.sleep(0.01)
     return build(cfg, tok)
 
-L.build_packed = slow_build
+S.FileLock = ArrivingLock
+L.build_packed = build_when_both_arrived
 p = L.load_packed(DataConfig(path=sys.argv[1], seq_len=48), byte_tokenizer(), sys.argv[2])
 h = hashlib.sha1()
 for name, a in sorted(p.arrays().items()):
@@ -547,11 +562,13 @@ def test_two_processes_on_a_cold_cache_build_it_once(tmp_path):
     data = write_chat_jsonl(tmp_path / "c.jsonl", n=30)
     script = tmp_path / "load.py"
     script.write_text(_LOAD.format(root=str(ROOT)))
-    cache = tmp_path / "out" / "data"
-    procs = [subprocess.Popen([sys.executable, str(script), str(data), str(cache)], stdout=subprocess.PIPE,
+    cache, hand = tmp_path / "out" / "data", tmp_path / "handshake"
+    hand.mkdir()
+    procs = [subprocess.Popen([sys.executable, str(script), str(data), str(cache), str(hand)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert sorted(f.name for f in hand.iterdir()) == sorted(f"arrived-{p.pid}" for p in procs)  # both at the lock
     lines = [o[0].strip().splitlines() for o in outs]
     assert sum(ln.count("BUILD") for ln in lines) == 1  # one built, the other waited on the lock and read it
     results = [json.loads(ln[-1]) for ln in lines]
@@ -563,14 +580,27 @@ def test_two_processes_on_a_cold_cache_build_it_once(tmp_path):
 
 
 def test_a_failed_build_is_the_waiting_ranks_error_too(tmp_path, tok, monkeypatch):
+    """Two ranks (threads) at a cold cache: the one that takes the lock fails its build only once the other is
+    waiting on the lock (an event, not a guessed sleep), and the waiting rank raises the same error."""
+    import rad_ds.core.shared_cache as S
     import rad_ds.data.loader as L
 
     cfg = DataConfig(path=str(write_text_jsonl(tmp_path / "a.jsonl", n=6)), seq_len=32)
-    real, calls, errors = L.build_packed, [], []
+    real, calls, errors, arrived = L.build_packed, [], [], []
+    both_at_lock, guard = threading.Event(), threading.Lock()
+
+    class ArrivingLock(S.FileLock):
+        def acquire(self, *args, **kwargs):  # a rank has come to the cache's lock
+            with guard:
+                arrived.append(threading.get_ident())
+                if len(arrived) == 2:
+                    both_at_lock.set()
+            return super().acquire(*args, **kwargs)
 
     def failing(cfg, tok):
         calls.append(1)
-        time.sleep(1.0)
+        if not both_at_lock.wait(60):
+            raise RuntimeError("the other rank never came to the lock")
         raise DataError("a.jsonl record 3: broken (the fix)")
 
     def rank():
@@ -579,13 +609,15 @@ def test_a_failed_build_is_the_waiting_ranks_error_too(tmp_path, tok, monkeypatc
         except DataError as e:
             errors.append(str(e))
 
+    monkeypatch.setattr(S, "FileLock", ArrivingLock)
     monkeypatch.setattr(L, "build_packed", failing)
     ranks = [threading.Thread(target=rank) for _ in range(2)]
-    ranks[0].start()
-    time.sleep(0.3)
-    ranks[1].start()
     for t in ranks:
-        t.join(60)
+        t.start()
+    for t in ranks:
+        t.join(120)
+    assert not any(t.is_alive() for t in ranks)
+    assert sorted(arrived) == sorted(t.ident for t in ranks)  # the race was staged: both ranks met at the lock
     assert errors == ["a.jsonl record 3: broken (the fix)"] * 2 and len(calls) == 1  # built (and failed) once
     monkeypatch.setattr(L, "build_packed", real)  # a later start, after the fix, builds
     assert len(L.load_packed(cfg, tok, tmp_path / "cache")) > 0
@@ -593,14 +625,29 @@ def test_a_failed_build_is_the_waiting_ranks_error_too(tmp_path, tok, monkeypatc
 
 
 def test_the_cache_file_is_the_same_bytes_wherever_it_is_built(tmp_path, tok):
+    """Built a day apart (the clock is moved, not waited for: a zip timestamp has 2 s steps, so a short sleep
+    could leave it unchanged), the file is the same bytes."""
+    import zipfile
+
     from rad_ds.data.loader import read_packed, save_packed
 
     cfg = DataConfig(path=str(write_chat_jsonl(tmp_path / "c.jsonl", n=20)), seq_len=64)
+    now = time.time()
+
+    def at(clock, write, path):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(time, "time", lambda: clock)
+            write(path)
+        return path.read_bytes()
+
+    def stamped(path):  # a zip whose entry takes the clock's time, as zipfile gives a named entry
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("rows.npy", b"rows")
+
+    assert at(now, stamped, tmp_path / "s1.zip") != at(now + 86400, stamped, tmp_path / "s2.zip")  # the clock tells
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
-    save_packed(build_packed(cfg, tok), a)
-    time.sleep(1.1)  # a zip timestamp would differ now
-    save_packed(build_packed(cfg, tok), b)
-    assert a.read_bytes() == b.read_bytes()
+    assert at(now, lambda p: save_packed(build_packed(cfg, tok), p), a) == \
+        at(now + 86400, lambda p: save_packed(build_packed(cfg, tok), p), b)
     back = read_packed(a)
     assert np.array_equal(back.position_ids, build_packed(cfg, tok).position_ids)
 

@@ -208,13 +208,24 @@ def test_cost_models():
     assert 0 < wc.attn_fraction < 1 / 6
 
 
+# redundant attention layers planted in the end-to-end model: their o_proj scaled by 0.1, so they barely write to
+# the residual stream, the others' left whole. The plant fixes the set, not an order within it (which of two
+# planted layers a few prompts favour is noise, so k < 3 is checked as a subset)
+PLANTED = [1, 3, 4]
+PLANTED_SCALES = [0.1 if i in PLANTED else 1.0 for i in range(6)]
+
+
 def test_diagnose_end_to_end_and_replace_from_report(tmp_path, monkeypatch):
-    """The whole stage in-process on a tiny model with a tokenizer and a jsonl of prompts."""
+    """The whole stage in-process on a tiny model with planted redundant layers, a tokenizer and a jsonl of
+    prompts: it finds the planted layers, and a student is built from its report."""
     from rad_ds.diagnosis.runner import DiagnoseConfig, diagnose
     from rad_ds.surgery import build_student
-    from tests.model_factories import save_tiny_with_tokenizer
+    from tests.model_factories import tiny_tokenizer
 
-    base, _ = save_tiny_with_tokenizer(tmp_path, num_hidden_layers=6)
+    base = tmp_path / "base"
+    planted = sharpen(from_hf_model(tiny_hf_model("llama3", num_hidden_layers=6)), attn_scales=PLANTED_SCALES)
+    planted.save_pretrained(base)
+    tiny_tokenizer(planted.config.vocab_size).save_pretrained(base)
     prompts = tmp_path / "prompts.jsonl"
     with prompts.open("w") as f:
         for i in range(4):
@@ -235,6 +246,11 @@ def test_diagnose_end_to_end_and_replace_from_report(tmp_path, monkeypatch):
         assert len(s["layers"]) == s["k"] and s["estimator_exact"] is True
         assert {"acceptance_rate", "mean_accepted_length", "estimated_speedup", "measured_speedup"} <= set(s)
     assert len(on_disk["trials"]) == 36
+    # the planted layers are found: the most redundant by single-skip acceptance, and what each k chooses
+    redundancy = {d["index"]: d["redundancy"] for d in on_disk["layers"]}
+    assert min(redundancy[i] for i in PLANTED) > max(r for i, r in redundancy.items() if i not in PLANTED), redundancy
+    chosen = {s["k"]: s["layers"] for s in on_disk["selections"]}
+    assert chosen[3] == PLANTED and set(chosen[1]) < set(PLANTED) and set(chosen[2]) < set(PLANTED), chosen
     student = tmp_path / "student"
     rec = build_student(str(base), student, report=out / "report.json", k=2)
     assert rec.layers == on_disk["selections"][1]["layers"]

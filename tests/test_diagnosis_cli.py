@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.model_factories import save_tiny_with_tokenizer
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -53,7 +53,7 @@ def test_one_process_equals_two_ranks_under_deepspeed(setup):
     r1 = subprocess.run([PY, DIAG, *_args(base, prompts, tmp / "one", *extra)], capture_output=True, text=True,
                         env=_env(), timeout=600)
     assert r1.returncode == 0, r1.stderr[-3000:]
-    port = str(random.randint(29600, 29900))
+    port = str(free_port())
     r2 = subprocess.run([str(Path(PY).parent / "deepspeed"), "--num_gpus", "2", "--master_port", port, DIAG,
                          *_args(base, prompts, tmp / "two", *extra)], capture_output=True, text=True, env=_env(),
                         timeout=600)
@@ -97,13 +97,18 @@ def test_bad_input_exits_nonzero_and_keeps_a_good_report(setup):
         (["--prompts", str(nofield)], "no prompt field"),
         (["--prompts", str(long_p)], "exceeds the model's context"),
     ]
+    # without --overwrite the finished report is refused outright; with it, the old report is moved aside, the bad
+    # input fails, and the old report is put back
+    r = subprocess.run([PY, DIAG, *_args(base, prompts, out)], capture_output=True, text=True, env=_env(), timeout=600)
+    assert r.returncode != 0 and "holds a finished diagnosis; pass --overwrite" in r.stderr, r.stderr[-1500:]
     for extra, msg in cases:
-        r = subprocess.run([PY, DIAG, *_args(base, prompts, out), *extra], capture_output=True, text=True,
-                           env=_env(), timeout=600)
+        r = subprocess.run([PY, DIAG, *_args(base, prompts, out), "--overwrite", *extra], capture_output=True,
+                           text=True, env=_env(), timeout=600)
         assert r.returncode != 0, extra
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and msg in last, (extra, r.stderr[-1500:])
         assert (out / "report.json").read_bytes() == before
+        assert not list(out.glob(".previous.tmp-*")), extra
 
 
 def test_model_without_attention_layers_is_refused(tmp_path):

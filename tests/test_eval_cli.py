@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from tests.eval_helpers import save_models, strip_timings, write_gsm, write_texts
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -52,7 +52,7 @@ def test_one_process_equals_two_ranks_under_deepspeed(setup, capsys):
     finally:
         torch.set_num_threads(threads)
     stdout = capsys.readouterr().out
-    port = str(random.randint(29600, 29900))
+    port = str(free_port())
     r2 = subprocess.run([str(Path(PY).parent / "deepspeed"), "--num_gpus", "2", "--master_port", port, EVAL,
                          *_args(student, gsm, texts, tmp / "two")], capture_output=True, text=True, env=_env(),
                         timeout=600)
@@ -61,6 +61,8 @@ def test_one_process_equals_two_ranks_under_deepspeed(setup, capsys):
     b = json.loads((tmp / "two" / "results.json").read_text())
     assert a["world_size"] == 1 and b["world_size"] == 2
     assert strip_timings(a) == strip_timings(b)
+    ppl = [[r for r in x["results"] if r["task"] == "ppl"][0] for x in (a, b)]
+    assert ppl[0]["ci95"] is not None and ppl[0]["ci95"] == ppl[1]["ci95"]  # per-document sums: same bootstrap
     for task in ("gsm8k", "humaneval", "cruxeval"):  # every sample, output and verdict
         assert (tmp / "one" / "samples" / "student" / f"{task}.jsonl").read_text() == \
                (tmp / "two" / "samples" / "student" / f"{task}.jsonl").read_text()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.distill_helpers import run_args, save_base, write_text_jsonl
+from tests.helpers import cuda_with_kernels
 from tests.test_distill import L, _distill, _final_state
 
 pytestmark = pytest.mark.gpu
@@ -14,13 +15,8 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture
 def cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    from rad_ds.models import ssm_ops
-
-    if not ssm_ops._kernels():
-        pytest.fail("CUDA is here but the mamba-ssm kernels are not: install mamba-ssm with its kernels")
-    return torch.device("cuda")
+    """Skips without CUDA; with CUDA, kernels that do not import are a failure (``tests.helpers.cuda_with_kernels``)."""
+    return cuda_with_kernels()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -72,16 +73,29 @@ def _inputs(t):
 
 # -- every strategy -------------------------------------------------------------------------------------------
 
+# the cost of choosing, worked out from the fixture: 3 calibration sequences, 5 attention layers; the report's
+# 20 evaluated masks over its 3 prompts (+ one continuation each), 2 s of set-up and 6 s of search
+FORWARD_PASSES = {"rad": 20 * 3 + 3, "single_skip": 5 * 3 + 3, "even": 0, "random": 0, "cosine": 3,
+                  "kl_probe": 3 * (1 + 5)}
+REPORT_SECONDS = {"rad": 2.0 + 6.0, "single_skip": 2.0 + 6.0 * 5 / 20}  # set-up + the single-skip masks' share
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_strategy_gives_k_distinct_sorted_attention_layers(method, tiny):
     for k in (1, 2, 4):
         if method == "rad" and k != 2:
             continue  # the report holds k=2 only
+        t0 = time.perf_counter()
         c = choose_layers(method, k, tiny.model, **_inputs(tiny))
+        wall = time.perf_counter() - t0
         assert isinstance(c, Choice) and c.method == method and c.k == k
         assert len(c.layers) == k and list(c.layers) == sorted(set(c.layers)), c.layers
         assert set(c.layers) <= set(ATTN), c.layers  # never the Mamba2 layer 1, never out of range
-        assert c.seconds >= 0 and c.forward_passes >= 0
+        assert c.forward_passes == FORWARD_PASSES[method]
+        if method in REPORT_SECONDS:  # the diagnosis' time, read from its report
+            assert c.seconds == pytest.approx(REPORT_SECONDS[method])
+        else:  # the time of choosing, measured inside the call: more than nothing, at most the call itself
+            assert 0 < c.seconds <= wall
         json.dumps(c.record())  # storable in a checkpoint / config.json
     again = choose_layers(method, 2 if method == "rad" else 3, tiny.model, **_inputs(tiny))
     assert again.layers == choose_layers(method, again.k, tiny.model, **_inputs(tiny)).layers  # reproducible
@@ -351,7 +365,7 @@ def _two_ranks(rank, port, out):
 def test_rank_zero_chooses_for_every_rank(tmp_path):
     import torch.multiprocessing as mp
 
-    from tests.distill_helpers import free_port
+    from tests.ports import free_port
 
     mp.spawn(_two_ranks, args=(free_port(), tmp_path), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))

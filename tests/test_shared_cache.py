@@ -14,41 +14,59 @@ from pathlib import Path
 import pytest
 
 from rad_ds.core.shared_cache import MARKER, build_once, is_complete
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# a builder that takes a while and writes its files one by one, so a reader of a partial build would see it
+# a builder that writes its files one by one and holds its partial build (one file of four) until EXPECT processes
+# have come to the cache's lock, each marking its arrival in the handshake folder: a reader of a partial build
+# would see it, and the others are certain to be waiting meanwhile (a handshake, not a guessed sleep)
 _BUILDER = """
 import json, os, sys, time
+from pathlib import Path
 sys.path.insert(0, {root!r})
-from rad_ds.core.shared_cache import build_once
+import rad_ds.core.shared_cache as S
 
-target, pause = sys.argv[1], float(sys.argv[2])
+target, hand, expect = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+
+class ArrivingLock(S.FileLock):
+    def acquire(self, *args, **kwargs):
+        (hand / f"arrived-{{os.getpid()}}").touch()
+        return super().acquire(*args, **kwargs)
+
+S.FileLock = ArrivingLock
 
 def build(tmp):
     print("building", flush=True)
-    for i in range(4):
+    (tmp / "part0.txt").write_text("0")
+    deadline = time.monotonic() + 120
+    while len(list(hand.glob("arrived-*"))) < expect:
+        if time.monotonic() > deadline:
+            raise SystemExit("the other processes never came to the lock")
+        time.sleep(0.01)
+    for i in range(1, 4):
         (tmp / f"part{{i}}.txt").write_text(str(i))
-        time.sleep(pause)
 
-built = build_once(target, build, key={{"v": 1}})
+built = S.build_once(target, build, key={{"v": 1}})
 parts = sorted(p.name for p in __import__("pathlib").Path(target).glob("part*.txt"))
 print(json.dumps({{"built": built, "parts": parts}}), flush=True)
 """
 
 
-def _builder(tmp_path) -> Path:
-    script = tmp_path / "builder.py"
+def _builder(tmp_path) -> tuple[Path, Path]:
+    script, hand = tmp_path / "builder.py", tmp_path / "handshake"
     script.write_text(_BUILDER.format(root=str(ROOT)))
-    return script
+    hand.mkdir()
+    return script, hand
 
 
 def test_concurrent_processes_build_once(tmp_path):
-    script, target = _builder(tmp_path), tmp_path / "cache" / "thing"
-    procs = [subprocess.Popen([sys.executable, str(script), str(target), "0.2"], stdout=subprocess.PIPE, text=True)
-             for _ in range(4)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
+    (script, hand), target = _builder(tmp_path), tmp_path / "cache" / "thing"
+    procs = [subprocess.Popen([sys.executable, str(script), str(target), str(hand), "4"], stdout=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
+    assert sorted(f.name for f in hand.iterdir()) == sorted(f"arrived-{p.pid}" for p in procs)  # all met the build
     results = [json.loads(o.strip().splitlines()[-1]) for o in outs]
     assert sum(r["built"] for r in results) == 1  # exactly one process built it
     assert all(r["parts"] == [f"part{i}.txt" for i in range(4)] for r in results)  # nobody saw a partial one
@@ -57,8 +75,9 @@ def test_concurrent_processes_build_once(tmp_path):
 
 
 def test_killed_build_is_rebuilt(tmp_path):
-    script, target = _builder(tmp_path), tmp_path / "cache" / "thing"
-    p = subprocess.Popen([sys.executable, str(script), str(target), "30"], stdout=subprocess.PIPE, text=True)
+    (script, hand), target = _builder(tmp_path), tmp_path / "cache" / "thing"
+    # it waits for a second process that never comes: mid-build until killed
+    p = subprocess.Popen([sys.executable, str(script), str(target), str(hand), "2"], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "building"
     deadline = time.time() + 60
     while not list(target.parent.glob(".thing.tmp-*/part0.txt")) and time.time() < deadline:
@@ -152,21 +171,20 @@ if rank == 1:  # the rank that is not 0 wins the import, as it did in the failin
     build_once(target, lambda d: write_model_files(model, None, d))
 torch.distributed.barrier()
 loaded, _ = load_model(target)
-same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-print(json.dumps({{"rank": rank, "same": same}}))
+want, got = model.state_dict(), loaded.state_dict()
+same_keys = sorted(want) == sorted(got)  # compared by name: no tensor missing, none extra, none paired with another's
+same = same_keys and all(torch.equal(want[k], got[k]) for k in want)
+print(json.dumps({{"rank": rank, "keys": sorted(got), "missing": sorted(set(want) - set(got)),
+                  "extra": sorted(set(got) - set(want)), "same": same}}))
 torch.distributed.destroy_process_group()
 """
 
 
 def test_a_rank_other_than_0_writes_a_complete_model(tmp_path):
     """transformers' save_pretrained writes nothing on rank != 0 of a process group; the import must."""
-    import socket
-
     script = tmp_path / "rank_save.py"
     script.write_text(_RANK_SAVE.format(root=str(ROOT)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     target = tmp_path / "cache" / "m"
     procs = [subprocess.Popen([sys.executable, str(script), str(target)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
@@ -175,5 +193,10 @@ def test_a_rank_other_than_0_writes_a_complete_model(tmp_path):
              for r in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
-    assert [json.loads(o.strip().splitlines()[-1])["same"] for o, _ in outs] == [True, True]
+    res = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    assert [(r["missing"], r["extra"]) for r in res] == [([], [])] * 2
+    assert [r["same"] for r in res] == [True, True]
+    # the names a 2-layer attention/mamba2 model must have: the check above is not over an empty or partial set
+    assert {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.mamba.in_proj.weight", "model.norm.weight"} <= set(res[0]["keys"])
     assert is_complete(target) and (target / "config.json").is_file() and (target / "model.safetensors").is_file()

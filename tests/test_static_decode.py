@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rad_ds.models import ssm_ops
 from rad_ds.models.conversion import from_hf_model
 from rad_ds.models.static_decode import StaticDecoder
 from rad_ds.surgery import replace_attention
+from tests.helpers import cuda_with_kernels
 from tests.model_factories import tiny_hf_model
 
 
@@ -97,10 +97,7 @@ def test_refusals():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_equals_eager(dtype):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    if ssm_ops._kernels() is None:
-        pytest.skip("mamba-ssm Triton kernels are not importable (or RAD_DS_DISABLE_KERNELS is set)")
+    cuda_with_kernels()  # skips without CUDA; with CUDA, kernels that do not import fail the test
     model = _model().to("cuda", dtype)
     ids = torch.randint(0, 320, (2, 11), generator=torch.Generator().manual_seed(1)).cuda()
     graphed = StaticDecoder(model, batch_size=2, max_len=64)

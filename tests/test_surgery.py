@@ -15,6 +15,7 @@ from rad_ds.models import RadHybridForCausalLM
 from rad_ds.models.conversion import from_hf_model
 from rad_ds.surgery import SurgeryError, layers_from_report, parse_layers, replace_attention
 from tests.model_factories import save_tiny, tiny_hf_model
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,9 +207,9 @@ def test_surgery_on_zero3_partitioned_model(tmp_path):
     """Under deepspeed.zero.Init the attention weights are partitioned (empty locally); surgery gathers
     them and produces the same mixer as on the plain model."""
     code = """
-import os, datetime, torch, deepspeed
+import os, sys, datetime, torch, deepspeed
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29531", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
 deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
 from rad_ds.models import RadHybridForCausalLM
 from rad_ds.models.conversion import config_from_hf
@@ -232,5 +233,6 @@ assert torch.equal(w[128:192], sd["model.layers.1.self_attn.q_proj.weight"])
 assert torch.equal(model.model.layers[1].mamba.out_proj.weight, sd["model.layers.1.self_attn.o_proj.weight"])
 print("ZERO3-SURGERY-OK")
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-c", code, str(free_port())], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
     assert "ZERO3-SURGERY-OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
