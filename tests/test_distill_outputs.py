@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from rad_ds.core.logs import LOG_FILE
 from rad_ds.core.outputs import LOCK, MARKER
 from tests.distill_helpers import (
     assert_same_steps,
@@ -55,7 +56,7 @@ def _distill(args):
 
 def _tree(path: Path) -> dict:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name not in (LOCK, MARKER)}
+            if p.is_file() and p.name not in (LOCK, MARKER, LOG_FILE)}
 
 
 def _weights(d: Path) -> dict:

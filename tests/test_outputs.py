@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from rad_ds.core.logs import LIBRARY, LOG_FILE
 from rad_ds.core.outputs import LOCK, MARKER, OutputError, check, claim, kind_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _tree(path: Path) -> dict:
     """Every file under ``path`` but rad-ds' own lock and marker, with its bytes: the oracle of 'untouched'."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name not in (LOCK, MARKER)}
+            if p.is_file() and p.name not in (LOCK, MARKER, LOG_FILE)}
 
 
 def _finished(path: Path, kind: str, files: dict) -> Path:
@@ -184,3 +185,30 @@ def test_a_file_or_an_unwritable_out(tmp_path):
         assert r.returncode == 2, r.stderr
         assert r.stderr.strip().splitlines() == [f"error: --out {ro}/out: cannot write there (Read-only file "
                                                  "system); choose a writable --out"]
+
+
+def test_the_log_file_keeps_everything_the_console_drops(tmp_path):
+    """A run's lines, DeepSpeed's and the library chatter go to OUT/rad_ds.log; the console skips the chatter."""
+    import io
+    import logging
+
+    console = io.StringIO()
+    handler = logging.StreamHandler(console)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        with claim(tmp_path / "eval", "evaluation") as o:
+            logging.getLogger("rad_ds.eval").info("scored 3 of 4")
+            logging.getLogger(LIBRARY + ".zero_to_fp32").info("Processing zero checkpoint")
+            logging.getLogger("DeepSpeed").warning("a DeepSpeed warning")
+            o.finish()
+        logging.getLogger("rad_ds.eval").info("after the run")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    log = (tmp_path / "eval" / LOG_FILE).read_text()
+    assert "scored 3 of 4" in log and "Processing zero checkpoint" in log and "a DeepSpeed warning" in log
+    assert "after the run" not in log  # detached with the claim
+    assert "scored 3 of 4" in console.getvalue() and "Processing zero checkpoint" not in console.getvalue()

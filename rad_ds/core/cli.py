@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,8 +15,28 @@ from typing import Any
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError, TimeoutError)
 
 
+def quiet_libraries() -> None:
+    """Output a person can read: on a machine without CUDA DeepSpeed is told it runs on the CPU (instead of
+    warning so at every import), and transformers' per-file progress bars ("Loading weights", "Writing model
+    shards") stay off; their warnings still show."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a requirement
+        pass
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
+    """Run a launcher's ``main``: rank 0 logs at INFO, the other ranks only warnings (no line repeated per rank);
+    user errors are one line and exit 2."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(levelname)s] %(message)s")
+    quiet_libraries()
     try:
         rc = main(argv)
     except USER_ERRORS as e:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .io import write_json_atomic
+from .logs import LOG_FILE, attach_log_file, detach_log_file
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,10 @@ def _is_temporary(name: str) -> bool:
 
 
 def _own_file(name: str) -> bool:
-    return name in (MARKER, LOCK)
+    return name in _KEPT
+
+
+_KEPT = (MARKER, LOCK, LOG_FILE)  # rad-ds' own files in every output; the lock and the log stay across runs
 
 
 def read_marker(path: str | Path) -> dict | None:
@@ -132,6 +136,7 @@ class Output:
     created: bool = False  # the claim made the directory
     aside: Path | None = None  # the previous output, moved aside by --overwrite until this one finishes
     _fd: int | None = field(default=None, repr=False)
+    _log: object = field(default=None, repr=False)
 
     def finish(self, **info) -> None:
         """Mark the output finished (rank 0; atomic): from now on it is refused without ``--overwrite``."""
@@ -159,6 +164,8 @@ class Output:
         self.state = "unfinished"
 
     def release(self) -> None:
+        detach_log_file(self._log)
+        self._log = None
         if self._fd is not None:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -175,14 +182,14 @@ class Output:
         if exc_type is not None and self.owner and self.aside is not None and self.aside.is_dir():
             # the run failed: what it wrote goes, the previous output comes back
             for q in self.path.iterdir():
-                if q.name != LOCK and q != self.aside:
+                if q.name not in (LOCK, LOG_FILE) and q != self.aside:
                     shutil.rmtree(q) if q.is_dir() and not q.is_symlink() else q.unlink()
             for q in self.aside.iterdir():
                 q.rename(self.path / q.name)
             self.aside.rmdir()
             self.aside = None
         if exc_type is not None and self.owner and self.created and self.path.is_dir():
-            if {q.name for q in self.path.iterdir()} <= {MARKER, LOCK}:
+            if {q.name for q in self.path.iterdir()} <= set(_KEPT):
                 shutil.rmtree(self.path, ignore_errors=True)
         self.release()
         return False
@@ -244,7 +251,7 @@ def _move_aside(path: Path) -> Path:
     aside = path / f".previous.tmp-{os.getpid()}"
     aside.mkdir()
     for q in path.iterdir():
-        if q.name != LOCK and q != aside:
+        if q.name not in (LOCK, LOG_FILE) and q != aside:
             q.rename(aside / q.name)
     return aside
 
@@ -330,6 +337,7 @@ def _claim_here(path: Path, kind: str, overwrite: bool, resume: bool) -> Output:
             marker = {"kind": kind, "status": "running", "pid": os.getpid(), "host": socket.gethostname(),
                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             write_json_atomic(path / MARKER, marker)
+        out._log = attach_log_file(path)  # every line of this run, DeepSpeed's included, in OUT/rad_ds.log
     except OSError as e:
         out.release()
         raise _unwritable(path, e) from None

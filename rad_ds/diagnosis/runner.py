@@ -19,6 +19,7 @@ import torch
 from rad_ds.core import dist
 from rad_ds.core.dtypes import dtype_name, to_dtype
 from rad_ds.core.outputs import claim
+from rad_ds.core.progress import progress
 from rad_ds.core.report import DiagnosisReport
 from rad_ds.core.tracking import start_wandb
 from rad_ds.decoding.eos import model_eos_ids
@@ -170,10 +171,8 @@ class Diagnosis:
         n_greedy = sum(len(self.cands) - i for i in range(max(ks))) if cfg.greedy_baseline else 0
         bar = None
         if cfg.progress and self.rank == 0:
-            from tqdm.auto import tqdm
-
             total = len(self.cands) + n_greedy + (cfg.trials + cfg.swap_evals) * len(ks)
-            bar = tqdm(total=total, desc="diagnosis masks", unit="mask")
+            bar = progress(total, "diagnosis masks", "mask")  # a bar on a terminal, log lines in a log
         self.single, self.results = select(self.evaluate, self.cands, ks, cfg.trials, cfg.swap_evals, cfg.seed,
                                            cfg.greedy_baseline, progress=bar, on_trial=self._log_trial)
         self.rates = {i: self.single[i].stats.acceptance_rate for i in self.cands}

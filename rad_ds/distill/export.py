@@ -28,10 +28,18 @@ logger = logging.getLogger(__name__)
 
 def consolidated_state_dict(tag_dir: Path, trainable_only: bool = False) -> dict:
     """fp32 parameters of a checkpoint under the student's names (a one-copy run's teacher attention dropped)."""
+    import contextlib
+    import io
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                                  exclude_frozen_parameters=trainable_only)
+    from rad_ds.core.logs import LIBRARY
+
+    chatter = io.StringIO()  # zero_to_fp32 prints each file and shape: into OUT/rad_ds.log, not the terminal
+    with contextlib.redirect_stdout(chatter):
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                      exclude_frozen_parameters=trainable_only)
+    logging.getLogger(LIBRARY + ".zero_to_fp32").info("%s:\n%s", tag_dir, chatter.getvalue().rstrip())
     return student_state(sd)
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import resource
-import sys
 from pathlib import Path
 
 import torch
 
 from rad_ds.core.io import write_text_atomic
+from rad_ds.core.progress import progress
 from rad_ds.core.tracking import start_wandb
 
 logger = logging.getLogger(__name__)
@@ -67,11 +67,8 @@ class Tracker:
         if run_cfg.log.wandb:
             self._wandb = start_wandb(out, run_cfg.log.project, run_cfg.log.run_name or Path(out).name,
                                       run_cfg.to_dict(), "distill", resume="allow", id=_wandb_id(out))
-        if run_cfg.log.progress:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="distill", dynamic_ncols=True,
-                             file=sys.stderr, disable=None)
+        if run_cfg.log.progress:  # a bar on a terminal; without one (Slurm, nohup) a log line every 30 s
+            self._bar = progress(total_steps, "distill", "step", initial=start_step)
 
     def log(self, row: dict) -> None:
         if not self.enabled:

@@ -21,6 +21,7 @@ import torch
 from rad_ds.core.dist import barrier, broadcast_object, init_distributed, release_env
 from rad_ds.core.dtypes import to_dtype
 from rad_ds.core.outputs import claim
+from rad_ds.core.progress import progress
 from rad_ds.data import load_packed, tokenizer_fingerprint
 from rad_ds.data.loader import data_fingerprint
 from rad_ds.data.teacher_store import TeacherCacheError, TeacherCacheStore, bytes_per_position
@@ -154,9 +155,7 @@ class _CacheBuild:
         per_shard = -(-self.store.rows_per_shard // cfg.micro_batch)
         bar = None
         if cfg.progress and rank == 0:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(missing), desc="teacher cache", unit="shard", dynamic_ncols=True)
+            bar = progress(len(missing), "teacher cache", "shard")  # a bar on a terminal, log lines in a log
         for r in range(rounds):
             i = r * world + rank
             shard = missing[i] if i < len(missing) else None
