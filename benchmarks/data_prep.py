@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_OUT = "benchmarks/results/data_prep_cpu.json"
 
 from rad_ds.data import tokenization as T
 from rad_ds.data.chat_mask import prefix_spans
@@ -224,18 +225,19 @@ def _cpu_name() -> str:
 
 
 def main(argv=None):
+    from rad_ds.core.provenance import RENDER_HELP, provenance, render_only, write_results
+
+    if render_only(render, DEFAULT_OUT, argv):
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000, help="conversations for the current path")
     ap.add_argument("--old-n", type=int, default=100_000, help="conversations for the former path (a prefix)")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--tokenizer", default="smollm2", choices=["smollm2", "tiny"])
     ap.add_argument("--procs", default="1,2", help="num_proc values of the current path")
-    ap.add_argument("--out", default="benchmarks/results/data_prep_cpu.json")
-    ap.add_argument("--markdown-only", action="store_true", help="re-render the .md from the --out JSON")
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--render", action="store_true", help=RENDER_HELP)
     args = ap.parse_args(argv)
-    if args.markdown_only:
-        write_markdown(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".md"))
-        return
 
     import datasets
     from transformers import AutoTokenizer
@@ -305,19 +307,19 @@ def main(argv=None):
     import transformers
 
     result = {
-        "benchmark": "data_prep", "tokenizer": args.tokenizer, "seq_len": args.seq_len,
+        "benchmark": "data_prep", "provenance": provenance(), "tokenizer": args.tokenizer, "seq_len": args.seq_len,
         "cpu": _cpu_name(), "cpus": os.cpu_count(),
         "load_average_at_end": os.getloadavg(), "python": platform.python_version(),
         "datasets": datasets.__version__, "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__, "rows": rows, "tokenizer_floor": floor, "best_fit_worst_case": worst,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    write_markdown(result, Path(args.out).with_suffix(".md"))
+    print(write_results(args.out, result, render, indent=1).read_text())
 
 
-def write_markdown(result: dict, path: Path) -> None:
-    """The results table and what it means, from the JSON result (``--markdown-only`` re-renders it)."""
+def render(result: dict) -> str:
+    """The results markdown, from the JSON alone (``--render`` rewrites the .md from it)."""
+    from rad_ds.core.provenance import provenance_line
+
     rows, floor, worst = result["rows"], result["tokenizer_floor"], result["best_fit_worst_case"]
     former = rows[0]["conv_per_s"]
     best = max(r.get("speedup", 1.0) for r in rows if "warm" not in r["path"])
@@ -349,15 +351,11 @@ def write_markdown(result: dict, path: Path) -> None:
     md += ["", (f"Machine: {cores} cores ({result['cpu']}), no GPU, shared with other work (load average "
                 f"{result['load_average_at_end'][0]:.1f} at the end); python {result['python']}, datasets "
                 f"{result['datasets']}, transformers {result['transformers']}, tokenizers {result['tokenizers']}.")]
-    md += ["", (f"**Target >= 10x: not met; cold preparation is {best:.1f}x the former path here.** What the former "
-                "path spent beyond the tokenizer (a template render per prefix, 2 per assistant turn, and the "
-                "conversion of every encoding to Python lists) is gone; what is left is mostly the tokenizer itself, "
-                f"which bounds {cores} cores at about {ceiling:.1f}x. Beyond this machine the map scales with "
-                "`data.num_proc` (default: the usable CPUs, at most 8) where the former path stayed on one core, and "
-                "preparing the same data again (another `--out`, `seq_len` or packing) reads datasets' cache "
-                "(the warm row).")]
-    path.write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    met = "met" if best >= 10 else "not met"
+    md += ["", (f"**Target >= 10x: {met}; cold preparation is {best:.1f}x the former path here**, against a "
+                f"ceiling of about {ceiling:.1f}x set by the tokenizer on {cores} cores."), "",
+           provenance_line(result["provenance"])]
+    return "\n".join(md) + "\n"
 
 if __name__ == "__main__":
     main()

@@ -169,8 +169,11 @@ def held_out_scores(pool: WindowPool, sel: dict, other_idx, objective_fn, signal
 
 
 def main():
+    from rad_ds.core.provenance import RENDER_HELP, render_only
     from rad_ds.diagnosis.config import DiagnoseConfig
 
+    if render_only(render, ROOT / "benchmarks" / "results" / "diagnosis_stability_cpu.json"):
+        return
     d = DiagnoseConfig()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded:smollm2")
@@ -193,6 +196,7 @@ def main():
                     help="report.json of a default diagnosis (k = 2, 4, 8) run alone on this machine: its seconds "
                          "become default.seconds (the benchmark's own costs are measured beside other work)")
     ap.add_argument("--render-only", action="store_true", help="re-read --out, apply --timed-report, re-render the .md")
+    ap.add_argument("--render", action="store_true", help=RENDER_HELP)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.render_only:
@@ -200,7 +204,7 @@ def main():
         res = json.loads(out.read_text())
         _summarise(res, res["settings"]["signals"][0], args.timed_report)
         out.write_text(json.dumps(res, indent=2) + "\n")
-        out.with_suffix(".md").write_text(markdown(res) + "\n")
+        out.with_suffix(".md").write_text(render(res))
         return
 
     import random
@@ -301,8 +305,8 @@ def main():
         res["scored_here"] = {"evaluations": pool.new_evals, "seconds": pool.new_seconds}
         _summarise(res, signals[0], args.timed_report)
         out.write_text(json.dumps(res, indent=2) + "\n")  # after every budget: a stopped run keeps its results
-        out.with_suffix(".md").write_text(markdown(res) + "\n")
-    print(markdown(res))
+        out.with_suffix(".md").write_text(render(res))
+    print(render(res))
     print(f"results: {out}")
 
 
@@ -331,9 +335,11 @@ def _at(d: dict, k):
     return d[k] if k in d else d[str(k)]
 
 
-def markdown(res: dict) -> str:
+def render(res: dict) -> str:
+    """The results markdown, from the JSON alone (``--render`` rewrites the .md from it)."""
+    from rad_ds.core.provenance import provenance_line
+
     s, ks = res["settings"], res["settings"]["k"]
-    p = res["provenance"]
     md = [f"# Diagnosis stability ({res['device']}, {res['threads']} threads, {res['model']})", "",
           f"Selection on two disjoint halves A and B of `{res['data']}` ({res['documents']} documents, shuffled with "
           f"seed {s['seed']}, one window of up to {s['seq_len']} tokens each, alternated into A and B) per budget of "
@@ -380,9 +386,8 @@ def markdown(res: dict) -> str:
                     md.append(f"| {r['tokens']} | {sig} | {k} | {ab['selection']:.4f} | {ab['single_skip_topk']:.4f} | "
                               f"{ba['selection']:.4f} | {ba['single_skip_topk']:.4f} |")
         md.append("")
-    md += [f"Made by `{p['command']}` at commit {p['commit'][:10] if p['commit'] else '?'}"
-           f"{' (dirty tree)' if p['dirty'] else ''} on {p['date']}."]
-    return "\n".join(md)
+    md += [provenance_line(res["provenance"])]
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Throughput and memory of a distillation step: the DeepSpeed trainer (ZeRO-3 teacher + ZeRO-3 student
-engines) on 1 and 2 ranks against the plain single-process PyTorch loop doing the same work
-(``rad_ds.distill.reference``: teacher forward + student forward/backward + AdamW, no DeepSpeed).
+"""Throughput and memory of a distillation step: the DeepSpeed trainer (ZeRO-3; in self-distillation its default
+one-copy teacher, the teacher placement each run used is recorded) on 1 and 2 ranks against the plain
+single-process PyTorch loop doing the same work (``rad_ds.distill.reference``: a teacher model and a student
+model, teacher forward + student forward/backward + AdamW, no DeepSpeed).
 
 Each configuration runs in a fresh process (2 ranks through the ``deepspeed`` launcher); the first
 ``--warmup`` steps are discarded and the rest timed. Reported per configuration: tokens/s (all ranks
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -55,6 +55,7 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak, for MFU (CUDA)")
     ap.add_argument("--out", default=None, help="JSON result file (default benchmarks/results/distill_<device>.json)")
+    ap.add_argument("--render", action="store_true", help="only re-render the .md beside --out from that JSON")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rep", type=int, default=0, help=argparse.SUPPRESS)
@@ -126,7 +127,8 @@ def _worker(args):
 
     result = distill(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        _write_rows(work / f"engine{world}.json", result.losses, peak_memory_mb(), None, result)
+        _write_rows(work / f"engine{world}.json", result.losses, peak_memory_mb(), None,
+                    result.summary.get("teacher_placement"))
     torch.distributed.destroy_process_group()
 
 
@@ -135,10 +137,11 @@ def _param_counts(model_obj) -> dict:
             "trainable": sum(p.numel() for p in model_obj.parameters() if p.requires_grad)}
 
 
-def _write_rows(path: Path, rows, mem_mb, ref=None, result=None):
+def _write_rows(path: Path, rows, mem_mb, ref=None, teacher_placement=None):
     import torch
 
-    info = {"rows": rows, "peak_mem_mb": mem_mb, "torch_threads": torch.get_num_threads()}
+    info = {"rows": rows, "peak_mem_mb": mem_mb, "torch_threads": torch.get_num_threads(),
+            "teacher_placement": "replicated (two plain models)" if ref is not None else teacher_placement}
     if ref is not None:
         info["student_params"] = _param_counts(ref.student)
         info["teacher_params"] = _param_counts(ref.teacher)
@@ -155,10 +158,15 @@ def _summarise(info: dict, warmup: int, tokens_per_step: int) -> dict:
     return {"steps": len(timed), "tokens_per_step": tokens_per_step,
             "tokens_per_s": tokens_per_step * len(timed) / total,
             "median_step_s": statistics.median(step_s), "peak_mem_mb_per_rank": info["peak_mem_mb"],
-            "torch_threads": info.get("torch_threads"), "tokens_per_s_each_run": info.get("all_runs_tokens_per_s")}
+            "torch_threads": info.get("torch_threads"), "tokens_per_s_each_run": info.get("all_runs_tokens_per_s"),
+            "teacher_placement": info.get("teacher_placement")}
 
 
 def main(argv=None):
+    from rad_ds.core.provenance import provenance, render_only, write_results
+
+    if render_only(render, ROOT / "benchmarks" / "results" / "distill_cpu.json", argv):
+        return 0
     args = parse_args(argv)
     if args.worker:
         return _worker(args)
@@ -224,40 +232,48 @@ def main(argv=None):
                 w = int(name[6:])
                 summary[name]["mfu"] = (flops_per_token * summary[name]["tokens_per_s"]
                                         / (w * args.peak_tflops * 1e12))
-    import torch
-
     doc = {
-        "benchmark": "distill_step", "device": args.device, "dtype": args.dtype, "threads_per_rank": args.threads,
-        "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+        "benchmark": "distill_step", "provenance": provenance(), "device": args.device, "dtype": args.dtype,
+        "threads_per_rank": args.threads, "cpu_count": os.cpu_count(),
         "model": args.model or f"llama(hidden={args.hidden}, layers={args.num_layers}, vocab={args.vocab})",
         "replaced_layers": args.layers, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-        "global_batch": args.micro_batch * world_max, "params": params, "summary": summary,
+        "global_batch": args.micro_batch * world_max, "tokens_per_step": tokens_per_step, "steps": args.steps,
+        "warmup": args.warmup, "repeats": args.repeats, "params": params, "summary": summary,
     }
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    md = out.with_suffix(".md")
+    print(write_results(out, doc, render).read_text())
+    return 0
+
+
+def render(doc: dict) -> str:
+    """The results markdown, from the JSON alone (``--render`` rewrites the .md from it)."""
+    from rad_ds.core.provenance import provenance_line
+
+    summary, params = doc["summary"], doc["params"]
+    world_max = max((int(n[6:]) for n in summary if n.startswith("engine")), default=1)
     lines = [
-        f"# Distillation step ({args.device}, {args.dtype}, {args.threads} thread(s) per rank)", "",
-        f"Model {doc['model']}, layers {args.layers} replaced; seq_len {args.seq_len}, global batch "
-        f"{doc['global_batch']} sequences ({tokens_per_step} tokens) per step, {args.steps} timed steps after "
-        f"{args.warmup} warm-up; the fastest of {args.repeats} interleaved runs per row. Student "
+        f"# Distillation step ({doc['device']}, {doc['dtype']}, {doc['threads_per_rank']} thread(s) per rank)", "",
+        f"Model {doc['model']}, layers {doc['replaced_layers']} replaced; seq_len {doc['seq_len']}, global batch "
+        f"{doc['global_batch']} sequences ({doc['tokens_per_step']} tokens) per step, {doc['steps']} timed steps "
+        f"after {doc['warmup']} warm-up; the fastest of {doc['repeats']} interleaved runs per row. Student "
         f"{params and params['total']:,} parameters, {params and params['trainable']:,} trainable. Peak memory = "
-        "peak RSS per process (CPU).", "",
-        "| run | ranks | tokens/s | s/step (median) | peak memory per rank (MiB) |", "|---|---:|---:|---:|---:|",
+        "peak RSS per process (CPU). The plain loop is `rad_ds.distill.reference` (what a user would write: a "
+        "teacher model and a student model, no DeepSpeed).", "",
+        "| run | teacher | ranks | tokens/s | s/step (median) | peak memory per rank (MiB) |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for name, s in summary.items():
         if isinstance(s, dict):
             ranks = 1 if name == "plain" else int(name[6:])
-            label = "plain PyTorch loop" if name == "plain" else "rad-ds trainer (ZeRO-3 x2 engines)"
-            lines.append(f"| {label} | {ranks} | {s['tokens_per_s']:.0f} | {s['median_step_s']:.3f} | "
-                         f"{s['peak_mem_mb_per_rank']:.0f} |")
+            label = "plain PyTorch loop" if name == "plain" else "rad-ds trainer (DeepSpeed ZeRO-3)"
+            lines.append(f"| {label} | {s.get('teacher_placement') or '?'} | {ranks} | {s['tokens_per_s']:.0f} | "
+                         f"{s['median_step_s']:.3f} | {s['peak_mem_mb_per_rank']:.0f} |")
     if "overhead_1rank" in summary:
         lines += ["", f"Overhead at 1 rank (plain tokens/s / trainer tokens/s): **{summary['overhead_1rank']:.2f}x** "
                       "(target <= 1.3x)."]
     if f"scaling_{world_max}ranks" in summary:
         lines.append(f"Throughput {world_max} ranks / 1 rank: {summary[f'scaling_{world_max}ranks']:.2f}x.")
-    md.write_text("\n".join(lines) + "\n")
-    print(md.read_text())
-    return 0
+    lines += ["", provenance_line(doc["provenance"])]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

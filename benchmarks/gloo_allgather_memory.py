@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 from pathlib import Path
@@ -40,15 +39,32 @@ def _rank(rank: int, world: int, port: int, mib: int, queue) -> None:
     dist.destroy_process_group()
 
 
+def render(result: dict) -> str:
+    """The results markdown, from the JSON alone (``--render`` rewrites the .md from it)."""
+    from rad_ds.core.provenance import provenance_line
+
+    md = [f"# Peak RSS growth of one gloo all-gather into a preallocated output ({result['world']} ranks)", "",
+          "| rank | output (MiB) | peak growth during the call (MiB) |", "|---:|---:|---:|"]
+    md += [f"| {r['rank']} | {r['output_mib']:.0f} | {r['peak_growth_mib']:.0f} |" for r in result["rows"]]
+    md += ["", provenance_line(result["provenance"])]
+    return "\n".join(md) + "\n"
+
+
 def main() -> None:
+    sys.path.insert(0, str(ROOT))
+    from rad_ds.core.provenance import RENDER_HELP, provenance, render_only, write_results
+
+    default_out = ROOT / "benchmarks" / "results" / "gloo_allgather_cpu.json"
+    if render_only(render, default_out):
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mib", type=int, default=192, help="size of the gathered tensor (192: a 49152 x 1024 "
                                                          "float32 embedding)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gloo_allgather_cpu.json"))
+    ap.add_argument("--out", default=str(default_out))
+    ap.add_argument("--render", action="store_true", help=RENDER_HELP)
     a = ap.parse_args()
     import torch.multiprocessing as mp
 
-    sys.path.insert(0, str(ROOT))
     from tests.distill_helpers import free_port
 
     ctx = mp.get_context("spawn")
@@ -59,14 +75,8 @@ def main() -> None:
     rows = sorted((queue.get(timeout=300) for _ in procs), key=lambda r: r["rank"])
     for p in procs:
         p.join()
-    result = {"benchmark": "gloo_allgather_memory", "world": 2, "rows": rows}
-    out = Path(a.out)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    md = ["# Peak RSS growth of one gloo all-gather into a preallocated output (2 ranks)", "",
-          "| rank | output (MiB) | peak growth during the call (MiB) |", "|---:|---:|---:|"]
-    md += [f"| {r['rank']} | {r['output_mib']:.0f} | {r['peak_growth_mib']:.0f} |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    result = {"benchmark": "gloo_allgather_memory", "provenance": provenance(), "world": 2, "rows": rows}
+    print(write_results(a.out, result, render).read_text())
 
 
 if __name__ == "__main__":

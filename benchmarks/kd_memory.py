@@ -12,6 +12,13 @@ The children run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc maps every 
 and returns it on free: RSS then follows the live tensors.
 
     python benchmarks/kd_memory.py --out benchmarks/results/kd_memory_cpu.json
+
+``--fused`` rows (issue 24) start one step earlier, from the two models' final hidden states (``--hidden``
+wide) and frozen float32 LM heads at that vocabulary, as the trainer does: *plain* projects both to logits
+and runs ``kd_loss_sum_ref``, *chunked* projects and runs ``kd_loss_sum``, *fused* runs
+``rad_ds.distill.fused.fused_loss_sums`` (no tokens x vocab tensor). Their peak counts the logits too:
+
+    python benchmarks/kd_memory.py --pairs "" --solo "" --out benchmarks/results/kd_memory_fused_cpu.json
 """
 
 from __future__ import annotations
@@ -39,12 +46,60 @@ def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
+HEAD_VARIANTS = ("plain", "chunked", "fused")  # the --fused rows: from hidden states through the LM head
+
+
+def head_child(a) -> dict:
+    """One ``--fused`` variant in this (fresh) process: hidden states + frozen heads -> KD loss, fwd + bwd."""
+    import torch
+    import torch.nn.functional as F
+
+    from rad_ds.distill import losses
+    from rad_ds.distill.fused import fused_loss_sums
+
+    torch.set_num_threads(a.threads)
+    b = max(a.tokens // 2048, 1)
+    shape = (b, a.tokens // b, a.hidden)
+    g = torch.Generator().manual_seed(0)
+    s_h = torch.randn(shape, generator=g).requires_grad_()
+    t_h = torch.randn(shape, generator=g)
+    s_w = torch.randn(a.vocab, a.hidden, generator=g) * a.hidden**-0.5
+    t_w = torch.randn(a.vocab, a.hidden, generator=g) * a.hidden**-0.5
+    mask = torch.ones(shape[:2], dtype=torch.bool)
+    variant = a.variant.removeprefix("head_")
+
+    def run():
+        if variant == "fused":
+            return fused_loss_sums(s_h, s_w, t_h, t_w, mask, None, a.loss, a.temperature, 0.5, a.chunk)["kd"]
+        with torch.no_grad():
+            t_logits = F.linear(t_h, t_w)
+        fn = losses.kd_loss_sum if variant == "chunked" else losses.kd_loss_sum_ref
+        return fn(F.linear(s_h, s_w), t_logits, mask, a.loss, a.temperature, 0.5, a.chunk)
+
+    base = _rss()
+    times = []
+    for _ in range(a.repeats):
+        s_h.grad = None
+        t0 = time.perf_counter()
+        loss = run()
+        loss.backward()
+        times.append(time.perf_counter() - t0)
+        value = float(loss)
+        del loss
+    return {"loss": a.loss, "variant": variant, "tokens": a.tokens, "vocab": a.vocab, "hidden": a.hidden,
+            "chunk_tokens": a.chunk, "temperature": a.temperature, "logits_gib": a.tokens * a.vocab * 4 / GIB,
+            "inputs_gib": (2 * s_h.numel() + 2 * s_w.numel()) * 4 / GIB, "peak_gib": (_peak() - base) / GIB,
+            "time_s": statistics.median(times), "times_s": times, "value": value}
+
+
 def child(a) -> dict:
     """One variant in this (fresh) process; prints its JSON row."""
     import torch
 
     from rad_ds.distill import losses
 
+    if a.variant.startswith("head_"):
+        return head_child(a)
     torch.set_num_threads(a.threads)
     b = max(a.tokens // 2048, 1)
     shape = (b, a.tokens // b, a.vocab)
@@ -82,7 +137,7 @@ def child(a) -> dict:
 def measure(a, variant: str, loss: str, tokens: int, chunk: int) -> dict:
     cmd = [sys.executable, __file__, "--child", "--variant", variant, "--loss", loss, "--tokens", str(tokens),
            "--vocab", str(a.vocab), "--chunk", str(chunk), "--temperature", str(a.temperature),
-           "--repeats", str(a.repeats), "--threads", str(a.threads)]
+           "--repeats", str(a.repeats), "--threads", str(a.threads), "--hidden", str(a.hidden)]
     # a fixed glibc mmap threshold: every tensor above 64 KiB is its own mapping, unmapped on free (by default
     # the threshold grows to the size of freed blocks up to 32 MiB, and chunk buffers below that would stay
     # in the heap and inflate RSS after they are freed)
@@ -90,7 +145,7 @@ def measure(a, variant: str, loss: str, tokens: int, chunk: int) -> dict:
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     row = json.loads(out.strip().splitlines()[-1])
     print(f"{loss:>10} {variant:>8} {tokens:>6} tok, chunk {chunk:>5}: peak {row['peak_gib']:.2f} GiB, held after "
-          f"forward {row['held_after_forward_gib']:.2f} GiB, {row['time_s']:.2f} s", flush=True)
+          f"forward {row.get('held_after_forward_gib', float('nan')):.2f} GiB, {row['time_s']:.2f} s", flush=True)
     return row
 
 
@@ -104,6 +159,11 @@ def _specs(text: str, chunk: int):
 
 
 def main():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from rad_ds.core.provenance import RENDER_HELP, provenance, render_only, write_results
+
+    if render_only(render, "benchmarks/results/kd_memory_cpu.json"):
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--chunk", type=int, default=1024, help="chunk_tokens where a spec gives none (the config default)")
@@ -112,11 +172,17 @@ def main():
                     "at 4096)")
     ap.add_argument("--solo", default="forward_kl:4096:256,forward_kl:8192",
                     help="loss:tokens[:chunk] measured for the chunked path only (the autograd path would not fit)")
+    ap.add_argument("--fused", default="forward_kl:4096,forward_kl:8192",
+                    help="loss:tokens[:chunk] measured from hidden states: plain, chunked and fused (plain only up to "
+                    "--fused-plain-max tokens)")
+    ap.add_argument("--fused-plain-max", type=int, default=4096,
+                    help="largest --fused size also run the plain way (its logits + log-softmaxes must fit in RAM)")
+    ap.add_argument("--hidden", type=int, default=512, help="hidden size of the --fused rows")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/kd_memory_cpu.json")
-    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the existing --out JSON")
+    ap.add_argument("--render", action="store_true", help=RENDER_HELP)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="chunked", help=argparse.SUPPRESS)
     ap.add_argument("--loss", default="forward_kl", help=argparse.SUPPRESS)
@@ -124,9 +190,6 @@ def main():
     a = ap.parse_args()
     if a.child:
         print(json.dumps(child(a)))
-        return
-    if a.render:
-        Path(a.out).with_suffix(".md").write_text(render(json.loads(Path(a.out).read_text())))
         return
 
     import torch
@@ -147,28 +210,34 @@ def main():
                       "value_rel_diff": abs(new["value"] - old["value"]) / abs(old["value"])})
     for loss, tokens, chunk in _specs(a.solo, a.chunk):
         rows.append(measure(a, "chunked", loss, tokens, chunk))
+    fused_rows = []
+    for loss, tokens, chunk in _specs(a.fused, a.chunk):
+        for v in HEAD_VARIANTS:
+            if v != "plain" or tokens <= a.fused_plain_max:
+                fused_rows.append(measure(a, "head_" + v, loss, tokens, chunk))
     ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    res = {"vocab": a.vocab, "temperature": a.temperature, "threads": a.threads, "repeats": a.repeats,
+    res = {"provenance": provenance(), "vocab": a.vocab, "temperature": a.temperature, "threads": a.threads,
+           "repeats": a.repeats,
            "ram_gib": ram_gib,
            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-           "torch": torch.__version__, "wall_s": time.perf_counter() - t0, "rows": rows, "ratios": pairs}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    out.with_suffix(".md").write_text(render(res))
-    print(render(res))
+           "torch": torch.__version__, "wall_s": time.perf_counter() - t0, "rows": rows, "ratios": pairs,
+           "hidden": a.hidden, "fused_rows": fused_rows}
+    print(write_results(a.out, res, render).read_text())
 
 
 def render(res: dict) -> str:
     """The results markdown, from the JSON that :func:`main` writes."""
+    if not res["rows"]:  # a --fused-only run
+        from rad_ds.core.provenance import provenance_line
+
+        return "\n".join(render_fused(res) + ["", provenance_line(res["provenance"])]) + "\n"
     names = {"autograd": "plain autograd (previous)", "chunked": "chunked recompute (new)"}
     md = [
         "# Logit-loss memory: chunked recompute vs plain autograd (CPU)", "",
         (f"Student logits float32 requiring grad, teacher logits float32, vocab {res['vocab']}, every position "
         f"selected, T = {res['temperature']:g}; forward + backward of the loss sum, median of {res['repeats']} "
         f"runs, {res['threads']} threads ({res['cpus']} CPUs, {res['machine']}), torch {res['torch']}; "
-        f"{res['wall_s']:.0f} s in all. Written by `python benchmarks/kd_memory.py` (`--render` rewrites this "
-        "file from the JSON)."), "",
+        f"{res['wall_s']:.0f} s in all."), "",
         ("*Previous* = `kd_loss_sum_ref` / `ce_loss_sum_ref`: chunk by chunk through autograd (the code before "
         "the chunked functions). *New* = `kd_loss_sum` / `ce_loss_sum`: a custom autograd function that keeps only "
         "its inputs and a few floats per token, and recomputes each chunk's log-softmax in backward."), "",
@@ -229,7 +298,65 @@ def render(res: dict) -> str:
                       f"inputs (its {o['tokens']}-token peak scaled, plus {r['inputs_gib']:.1f} GiB of logits) on a "
                       f"machine of {res['ram_gib']:.0f} GiB shared with other work, so the comparison is made at "
                       "fewer tokens (see the first table).")
+    from rad_ds.core.provenance import provenance_line
+
+    if res.get("fused_rows"):
+        md += [""] + render_fused(res)
+    md += ["", provenance_line(res["provenance"])]
     return "\n".join(md) + "\n"
+
+
+def render_fused(res: dict) -> list[str]:
+    """The ``--fused`` section: from hidden states, plain vs chunked vs fused head + loss."""
+    rows = res["fused_rows"]
+    md = [
+        "# Fused LM head + KD loss vs logits (CPU)", "",
+        (f"From the two models' final hidden states (hidden {res['hidden']}, float32, the student's requiring "
+         f"grad) and frozen float32 LM heads at vocab {res['vocab']}, every position selected, T = "
+         f"{res['temperature']:g}; forward + backward, median of {res['repeats']} runs, {res['threads']} threads "
+         f"({res['cpus']} CPUs, {res['machine']}), torch {res['torch']}; {res['wall_s']:.0f} s in all. *Plain* = "
+         "project both to logits, `kd_loss_sum_ref`; *chunked* = project, `kd_loss_sum`; *fused* = "
+         "`fused_loss_sums` (rad_ds/distill/fused.py: chunks of `chunk` positions projected, scored and "
+         "differentiated in one autograd function). Peak = peak RSS minus RSS once the inputs (hidden states and "
+         "heads) are allocated, so it counts the logits and their gradient where a path makes them."), "",
+        "| loss | path | tokens | chunk | logits (GiB, one model) | peak (GiB) | time (s) | peak / plain | time / plain |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    plain = {(r["loss"], r["tokens"], r["chunk_tokens"]): r for r in rows if r["variant"] == "plain"}
+    chunked = {(r["loss"], r["tokens"], r["chunk_tokens"]): r for r in rows if r["variant"] == "chunked"}
+    for r in rows:
+        p = plain.get((r["loss"], r["tokens"], r["chunk_tokens"]))
+        ratio = f"{r['peak_gib'] / p['peak_gib']:.3f}" if p else "-"
+        tr = f"{r['time_s'] / p['time_s']:.2f}" if p else "-"
+        md.append(f"| {r['loss']} | {r['variant']} | {r['tokens']} | {r['chunk_tokens']} | {r['logits_gib']:.2f} | "
+                  f"{r['peak_gib']:.2f} | {r['time_s']:.2f} | {ratio} | {tr} |")
+    md += ["", "## Reading", ""]
+    for r in rows:
+        if r["variant"] != "fused":
+            continue
+        key = (r["loss"], r["tokens"], r["chunk_tokens"])
+        c = chunked.get(key)
+        p = plain.get(key)
+        if p is not None:
+            md.append(f"- {r['tokens']} tokens: fused peak {r['peak_gib']:.2f} GiB = **{r['peak_gib'] / p['peak_gib']:.3f}x** "
+                      f"plain ({p['peak_gib']:.2f} GiB), {r['peak_gib'] / c['peak_gib']:.3f}x chunked; step time "
+                      f"**{r['time_s'] / p['time_s']:.2f}x** plain, {r['time_s'] / c['time_s']:.2f}x chunked; loss "
+                      f"rel. diff to plain {abs(r['value'] - p['value']) / abs(p['value']):.1e}.")
+        else:
+            small = [q for q in plain.values() if q["loss"] == r["loss"] and q["tokens"] < r["tokens"]]
+            est = ""
+            if small:
+                q = max(small, key=lambda q: q["tokens"])
+                scaled = q["peak_gib"] * r["tokens"] / q["tokens"]
+                est = (f"; plain was not run (it would need about {scaled:.0f} GiB, its {q['tokens']}-token peak "
+                       f"scaled linearly, on a machine of {res['ram_gib']:.0f} GiB shared with other work): fused / "
+                       f"that estimate = **{r['peak_gib'] / scaled:.3f}x**")
+            md.append(f"- {r['tokens']} tokens: fused peak {r['peak_gib']:.2f} GiB = {r['peak_gib'] / c['peak_gib']:.3f}x "
+                      f"chunked ({c['peak_gib']:.2f} GiB), step time {r['time_s'] / c['time_s']:.2f}x chunked{est}.")
+    md.append("- What the fused path holds: a few float32 `chunk x vocab` buffers (the chunk's two logits, their "
+              "log-softmaxes and gradient) and the `tokens x hidden` gradient of the hidden states; the logits "
+              "paths hold both models' `tokens x vocab` logits and the student's logits gradient on top.")
+    return md
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ prompts (fixed seeds, temperature 1), the distribution on-policy training target
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -237,6 +236,11 @@ def plot(results: dict, path: Path) -> bool:
 
 
 def main() -> None:
+    from rad_ds.core.provenance import RENDER_HELP, provenance, render_only, write_results
+
+    default_out = ROOT / "benchmarks" / "results" / "on_policy_cpu.json"
+    if render_only(render, default_out):
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/rad_ds_on_policy")
     ap.add_argument("--steps", type=int, default=24, help="off-policy steps (they set the token budget)")
@@ -244,7 +248,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--eval-every", type=int, default=4)
     ap.add_argument("--held-out", type=int, default=32)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "on_policy_cpu.json"))
+    ap.add_argument("--out", default=str(default_out))
+    ap.add_argument("--render", action="store_true", help=RENDER_HELP)
     a = ap.parse_args()
     import torch
 
@@ -269,19 +274,27 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
     has_png = plot(results, png)
-    report = {"benchmark": "on_policy", "model": "embedded:smollm2", "layers": LAYERS, "seq_len": a.seq_len,
-              "global_batch": 4, "max_new_tokens": a.max_new_tokens, "temperature": 1.0, "lr": 1e-3,
-              "loss": "forward_kl + cosine hidden (weight 1)", "token_budget": budget, "total_s": total_s,
+    report = {"benchmark": "on_policy", "provenance": provenance(), "model": "embedded:smollm2", "layers": LAYERS,
+              "seq_len": a.seq_len, "global_batch": 4, "max_new_tokens": a.max_new_tokens, "temperature": 1.0,
+              "lr": 1e-3, "loss": "forward_kl + cosine hidden (weight 1)", "token_budget": budget, "total_s": total_s,
               "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "results": results}
-    out.write_text(json.dumps(report, indent=2) + "\n")
+              "chart": png.name if has_png else None, "results": results}
+    print(write_results(out, report, render).read_text())
+
+
+def render(report: dict) -> str:
+    """The results markdown, from the JSON alone (``--render`` rewrites the .md from it)."""
+    from rad_ds.core.provenance import provenance_line
+
+    results = report["results"]
     off = results["off-policy"]
     md = [f"# Off-policy vs on-policy (lambda 0.5) distillation, equal training tokens ({report['machine']}, "
           f"{report['threads']} threads)", "",
-          f"SmolLM2-135M-Instruct, layers {LAYERS} replaced by Mamba2, demo chats: {off['held_out_conversations']} "
-          f"conversations held out, the rest trained on; global batch 4 x {a.seq_len} tokens, lr 1e-3 constant, "
-          f"forward KL + cosine hidden loss; on-policy steps sample up to {a.max_new_tokens} tokens at temperature 1. "
-          f"`python benchmarks/on_policy.py`, {total_s / 60:.1f} min in all.", "",
+          f"SmolLM2-135M-Instruct, layers {report['layers']} replaced by Mamba2, demo chats: "
+          f"{off['held_out_conversations']} conversations held out, the rest trained on; global batch "
+          f"{report['global_batch']} x {report['seq_len']} tokens, lr {report['lr']:g} constant, forward KL + cosine "
+          f"hidden loss; on-policy steps sample up to {report['max_new_tokens']} tokens at temperature "
+          f"{report['temperature']:g}. {report['total_s'] / 60:.1f} min in all.", "",
           "| run | steps (on-policy) | tokens trained on | KD positions | generated tokens | train s | of it "
           "generating s | held-out KL start -> end | KL on own samples start -> end |",
           "|---|---:|---:|---:|---:|---:|---:|---|---|"]
@@ -294,10 +307,10 @@ def main() -> None:
            "| run | step | tokens trained on | KD positions | held-out KL |", "|---|---:|---:|---:|---:|"]
     for name, r in results.items():
         md += [f"| {name} | {c['step']} | {c['tokens']} | {c['targets']} | {c['kl']:.4f} |" for c in r["curve"]]
-    if has_png:
-        md += ["", f"![held-out KL by tokens]({png.name})"]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    if report.get("chart"):
+        md += ["", f"![held-out KL by tokens]({report['chart']})"]
+    md += ["", provenance_line(report["provenance"])]
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ the loss, which both paths pay alike and which pull the measured ratio towards 1
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -76,6 +75,11 @@ def run(base: Path, data: Path, out: Path, placement: str, steps: int, seq_len: 
 
 
 def main() -> None:
+    from rad_ds.core.provenance import RENDER_HELP, provenance, render_only, write_results
+
+    default_out = ROOT / "benchmarks" / "results" / "one_copy_cpu.json"
+    if render_only(render, default_out):
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/rad_ds_one_copy")
     ap.add_argument("--steps", type=int, default=7)
@@ -83,7 +87,8 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--vocabs", default="49152,8192", help="vocabulary sizes (the LM head's share of a step)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "one_copy_cpu.json"))
+    ap.add_argument("--out", default=str(default_out))
+    ap.add_argument("--render", action="store_true", help=RENDER_HELP)
     a = ap.parse_args()
     import torch
 
@@ -103,25 +108,31 @@ def main() -> None:
             "vocab": vocab, "rows": rows, "param_memory_ratio": one["param_elements"] / two["param_elements"],
             "step_time_ratio": one["step_s_median"] / two["step_s_median"],
             "max_loss_rel_diff": max(abs(x - y) / abs(y) for x, y in zip(one["losses"], two["losses"]))})
-    result = {"benchmark": "one_copy", "shape": SHAPE, "layers": LAYERS, "first_replaced_fraction": LAYERS[0] / 12,
-              "dtype": a.dtype, "seq_len": a.seq_len, "micro_batch": a.micro_batch, "steps": a.steps,
+    result = {"benchmark": "one_copy", "provenance": provenance(), "shape": SHAPE, "layers": LAYERS,
+              "first_replaced_fraction": LAYERS[0] / 12, "dtype": a.dtype, "seq_len": a.seq_len,
+              "micro_batch": a.micro_batch, "steps": a.steps,
               "results": results, "targets": {"param_memory_ratio": 0.5, "step_time_ratio": 0.75},
               "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    md = [f"# One-copy self-distillation vs two engines ({SHAPE['num_hidden_layers']} layers, replaced {LAYERS}, "
-          f"{a.dtype}, {a.micro_batch} x {a.seq_len} tokens per step)", "",
+    print(write_results(a.out, result, render).read_text())
+
+
+def render(result: dict) -> str:
+    """The results markdown, from the JSON alone (``--render`` rewrites the .md from it)."""
+    from rad_ds.core.provenance import provenance_line
+
+    t = result["targets"]
+    md = [f"# One-copy self-distillation vs two engines ({result['shape']['num_hidden_layers']} layers, replaced "
+          f"{result['layers']}, {result['dtype']}, {result['micro_batch']} x {result['seq_len']} tokens per step)", "",
           "| vocab | placement | parameter elements held | median step (s) |", "|---:|---|---:|---:|"]
-    for r in results:
+    for r in result["results"]:
         md += [f"| {r['vocab']} | {p} | {r['rows'][p]['param_elements']:,} | {r['rows'][p]['step_s_median']:.3f} |"
                for p in ("zero3", "shared")]
     md.append("")
-    md += [f"vocab {r['vocab']}: parameter memory ratio **{r['param_memory_ratio']:.3f}** (target about 0.5), step "
-           f"time ratio **{r['step_time_ratio']:.3f}** (target <= 0.75), losses agree to {r['max_loss_rel_diff']:.1e}"
-           for r in results]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    md += [f"vocab {r['vocab']}: parameter memory ratio **{r['param_memory_ratio']:.3f}** (target about "
+           f"{t['param_memory_ratio']}), step time ratio **{r['step_time_ratio']:.3f}** (target <= "
+           f"{t['step_time_ratio']}), losses agree to {r['max_loss_rel_diff']:.1e}" for r in result["results"]]
+    md += ["", provenance_line(result["provenance"])]
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":

@@ -11,13 +11,17 @@ backward of the LM loss, median of ``--repeats`` after a warm-up. Writes a markd
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "packed_step_cpu.json"
 
 
 def build(layers: int, vocab: int):
@@ -60,7 +64,26 @@ def step_time(model, ids, pos, repeats: int) -> float:
     return statistics.median(times)
 
 
+def render(res: dict) -> str:
+    """The results markdown, from the JSON alone (``--render`` rewrites the .md from it)."""
+    from rad_ds.core.provenance import provenance_line
+
+    md = ["# Training step with and without document boundaries (CPU)", "",
+          f"{res['model']}; batch {res['batch']} x {res['seq_len']} tokens holding {res['documents']} documents; "
+          f"forward + backward of the LM loss, median of {res['repeats']}, {res['threads']} threads.",
+          "", "| rows | step (s) |", "|---|---:|",
+          f"| plain (documents see each other) | {res['step_s_without_boundaries']:.3f} |",
+          f"| packed (block-diagonal attention, Mamba2 state reset) | {res['step_s_with_boundaries']:.3f} |",
+          "", f"Ratio packed / plain: **{res['ratio']:.3f}** (target <= 1.10).", "",
+          provenance_line(res["provenance"])]
+    return "\n".join(md) + "\n"
+
+
 def main():
+    from rad_ds.core.provenance import RENDER_HELP, provenance, render_only, write_results
+
+    if render_only(render, DEFAULT_OUT):
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--vocab", type=int, default=49152)
@@ -68,29 +91,20 @@ def main():
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results/packed_step_cpu.json")
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--render", action="store_true", help=RENDER_HELP)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = build(args.layers, args.vocab).train()
     ids, pos, n_docs = packed_rows(args.batch, args.seq_len, args.vocab)
     plain = step_time(model, ids, None, args.repeats)
     packed = step_time(model, ids, pos, args.repeats)
-    res = {"model": f"SmolLM2-135M-shaped, {args.layers} layers (half Mamba2), vocab {args.vocab}",
+    res = {"provenance": provenance(),
+           "model": f"SmolLM2-135M-shaped, {args.layers} layers (half Mamba2), vocab {args.vocab}",
            "batch": args.batch, "seq_len": args.seq_len, "documents": n_docs, "threads": args.threads,
-           "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+           "repeats": args.repeats, "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
            "step_s_without_boundaries": plain, "step_s_with_boundaries": packed, "ratio": packed / plain}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    md = ["# Training step with and without document boundaries (CPU)", "",
-          f"{res['model']}; batch {args.batch} x {args.seq_len} tokens holding {n_docs} documents; forward + "
-          f"backward of the LM loss, median of {args.repeats}, {args.threads} threads, torch {torch.__version__}.",
-          "", "| rows | step (s) |", "|---|---:|",
-          f"| plain (documents see each other) | {plain:.3f} |",
-          f"| packed (block-diagonal attention, Mamba2 state reset) | {packed:.3f} |",
-          "", f"Ratio packed / plain: **{packed / plain:.3f}** (target <= 1.10)."]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    print(write_results(args.out, res, render).read_text())
 
 
 if __name__ == "__main__":

@@ -83,6 +83,10 @@ def candidates(args) -> list[dict]:
 
 
 def main():
+    from rad_ds.core.provenance import RENDER_HELP, render_only
+
+    if render_only(render, ROOT / "benchmarks" / "results" / "placement_validation_cpu.json"):
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded:smollm2")
     ap.add_argument("--validation", required=True, help="the validation split (never trained on, never reported)")
@@ -97,6 +101,7 @@ def main():
     ap.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
                     help="reuse the scores of an earlier --out for the same placements and validation positions")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--render", action="store_true", help=RENDER_HELP)
     args = ap.parse_args()
 
     from rad_ds.core.provenance import provenance
@@ -142,12 +147,14 @@ def main():
            "validation": args.validation, "positions": ref.positions, "init": "attention_skip",
            "placements": rows, "summary": summary, "seconds": time.perf_counter() - t0}
     out.write_text(json.dumps(res, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(res) + "\n")
-    print(markdown(res))
+    out.with_suffix(".md").write_text(render(res))
+    print(render(res))
 
 
-def markdown(res: dict) -> str:
-    p = res["provenance"]
+def render(res: dict) -> str:
+    """The results markdown, from the JSON alone (``--render`` rewrites the .md from it)."""
+    from rad_ds.core.provenance import provenance_line
+
     md = [f"# Choosing the diagnosis' defaults on the validation split ({res['model']})", "",
           f"Initial student ({res['init']}: the skip-draft of its layers) KL to the full model on {res['positions']} "
           f"positions of `{res['validation']}` (the validation split: never trained on, never reported as a result), "
@@ -163,9 +170,8 @@ def markdown(res: dict) -> str:
     for r in sorted(res["placements"], key=lambda r: (r["k"], r["validation_kl"])):
         md.append(f"| {r['k']} | {r['layers']} | {r['way']} | {r['source']} | {r['validation_kl']:.4f} | "
                   f"{r['validation_top1']:.3f} |")
-    md += ["", f"Made by `{p['command']}` at commit {(p['commit'] or '?')[:10]}{' (dirty tree)' if p['dirty'] else ''} "
-               f"on {p['date']} in {res['seconds']:.0f} s."]
-    return "\n".join(md)
+    md += ["", f"{res['seconds']:.0f} s in all.", "", provenance_line(res["provenance"])]
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":

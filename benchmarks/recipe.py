@@ -38,6 +38,11 @@ ARMS = {
 
 
 def main() -> None:
+    from rad_ds.core.provenance import RENDER_HELP, provenance, render_only, write_results
+
+    default_out = ROOT / "benchmarks" / "results" / "recipe_cpu.json"
+    if render_only(render, default_out):
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--heldout", required=True)
@@ -52,7 +57,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--work", default=str(ROOT / "runs" / "recipe"))
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recipe_cpu.json"))
+    ap.add_argument("--out", default=str(default_out))
+    ap.add_argument("--render", action="store_true", help=RENDER_HELP)
     a = ap.parse_args()
     from rad_ds.study import cli
     from rad_ds.teacher_cache import cli as tc_cli
@@ -84,25 +90,31 @@ def main() -> None:
                                    for s, t, kl, t1 in zip(e["curve"]["steps"], e["curve"]["tokens"],
                                                            e["curve"]["test_kl"], e["curve"]["top1_agreement"])]}
     out = Path(a.out)
-    summary = {"benchmark": "recipe", "model": a.model, "k": a.k, "method": a.method, "steps": a.steps,
-               "stage1_steps": a.stage1, "seq_len": a.seq_len, "micro_batch": a.micro_batch, "lr": a.lr,
-               "data": a.data, "heldout": a.heldout, "arms": results,
-               "best": min(results, key=lambda n: results[n]["heldout_kl"])}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    lines = [f"# Recovery recipes at equal tokens ({a.model}, k={a.k} `{a.method}` layers "
-             f"{results[next(iter(results))]['layers']}, {a.steps} steps of {a.micro_batch} x {a.seq_len} tokens, "
-             f"lr {a.lr})", "",
+    summary = {"benchmark": "recipe", "provenance": provenance(), "model": a.model, "k": a.k, "method": a.method,
+               "steps": a.steps, "stage1_steps": a.stage1, "seq_len": a.seq_len, "micro_batch": a.micro_batch,
+               "lr": a.lr, "data": a.data, "heldout": a.heldout, "arms": results,
+               "best": min(results, key=lambda n: results[n]["heldout_kl"]), "chart": out.with_suffix(".png").name}
+    print(write_results(out, summary, render).read_text())
+    _chart(results, out.with_suffix(".png"), a)
+
+
+def render(summary: dict) -> str:
+    """The results markdown, from the JSON alone (``--render`` rewrites the .md from it)."""
+    from rad_ds.core.provenance import provenance_line
+
+    results = summary["arms"]
+    lines = [f"# Recovery recipes at equal tokens ({summary['model']}, k={summary['k']} `{summary['method']}` layers "
+             f"{results[next(iter(results))]['layers']}, {summary['steps']} steps of {summary['micro_batch']} x "
+             f"{summary['seq_len']} tokens, lr {summary['lr']})", "",
              "| recipe | held-out KL: init -> final | ppl: init -> final | top-1 agr. | greedy agr. |",
              "|---|---:|---:|---:|---:|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['initial']['heldout_kl']:.3f} -> **{r['heldout_kl']:.3f}** | "
                      f"{r['initial']['ppl']:.2f} -> {r['ppl']:.2f} | {r['top1_agreement']:.3f} | "
                      f"{r['greedy_agreement']:.3f} |")
-    lines += ["", f"Best final held-out KL: **{summary['best']}**. Curves: `{out.with_suffix('.png').name}`."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    _chart(results, out.with_suffix(".png"), a)
-    print("\n".join(lines))
+    lines += ["", f"Best final held-out KL: **{summary['best']}**. Curves: `{summary['chart']}`.", "",
+              provenance_line(summary["provenance"])]
+    return "\n".join(lines) + "\n"
 
 
 def _chart(results: dict, path: Path, a) -> None:

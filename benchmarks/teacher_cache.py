@@ -86,13 +86,20 @@ def build_cache(out: Path, a) -> dict:
 
 
 def main() -> None:
+    sys.path.insert(0, str(ROOT))
+    from rad_ds.core.provenance import RENDER_HELP, provenance, render_only, write_results
+
+    default_out = ROOT / "benchmarks" / "results" / "teacher_cache_cpu.json"
+    if render_only(render, default_out):
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/rad_ds_teacher_cache")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--k", type=int, default=64)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "teacher_cache_cpu.json"))
+    ap.add_argument("--out", default=str(default_out))
+    ap.add_argument("--render", action="store_true", help=RENDER_HELP)
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -111,7 +118,8 @@ def main() -> None:
                      "peak_mem_ratio_vs_shared": ca["peak_mem_mb"] / on["peak_mem_mb"],
                      "loss_rel_diff_step1": abs(ca["losses"][0] - on["losses"][0]) / on["losses"][0]})
     result = {
-        "benchmark": "teacher_cache", "model": "embedded:smollm2 (SmolLM2-135M-Instruct, float32)",
+        "benchmark": "teacher_cache", "provenance": provenance(),
+        "model": "embedded:smollm2 (SmolLM2-135M-Instruct, float32)",
         "data": "rad_ds/data/demo_chat.jsonl (packed, prompts masked)", "steps": a.steps, "seq_len": a.seq_len,
         "micro_batch": a.micro_batch, "cache": cache, "online_shared": online, "cached": cached,
         "online_replicated": replicated, "per_student": rows,
@@ -121,35 +129,42 @@ def main() -> None:
         "targets": {"step_time_ratio_vs_shared": 0.6, "bytes_per_position_k64": 600},
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
     }
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    md = [f"# Teacher cache vs online teacher (SmolLM2-135M-Instruct, fp32, {a.micro_batch} x {a.seq_len} tokens a "
-          f"step, {a.steps} steps, 1 process, {os.cpu_count()} CPU cores)", "",
-          f"Cache: k={a.k}, {cache['values_dtype']} values, {cache['positions']} positions of {cache['rows']} rows, "
-          f"**{cache['bytes_per_position']:.0f} bytes per cached position** (nominal "
-          f"{cache['bytes_per_position_nominal']}; target <= 600 at k=64), {cache['bytes_per_data_token']:.0f} bytes "
-          f"per data token (only counted positions are stored), built in {cache['wall_s']:.1f} s.", "",
+    print(write_results(a.out, result, render).read_text())
+
+
+def render(result: dict) -> str:
+    """The results markdown, from the JSON alone (``--render`` rewrites the .md from it)."""
+    from rad_ds.core.provenance import provenance_line
+
+    cache, online, cached = result["cache"], result["online_shared"], result["cached"]
+    replicated, t = result["online_replicated"], result["targets"]
+    md = [f"# Teacher cache vs online teacher (SmolLM2-135M-Instruct, fp32, {result['micro_batch']} x "
+          f"{result['seq_len']} tokens a step, {result['steps']} steps, 1 process, {result['cpus']} CPU cores)", "",
+          f"Cache: k={cache['k']}, {cache['values_dtype']} values, {cache['positions']} positions of {cache['rows']} "
+          f"rows, **{cache['bytes_per_position']:.0f} bytes per cached position** (nominal "
+          f"{cache['bytes_per_position_nominal']}; target <= {t['bytes_per_position_k64']} at k=64), "
+          f"{cache['bytes_per_data_token']:.0f} bytes per data token (only counted positions are stored), built in "
+          f"{cache['wall_s']:.1f} s.", "",
           "| replaced layers | teacher | median step (s) | peak RSS (MiB) | tokens/s | process wall (s) |",
           "|---|---|---:|---:|---:|---:|"]
     for r in [*online, *cached, replicated]:
         md.append(f"| {r['layers']} | {r['placement']} | {r['step_s_median']:.3f} | {r['peak_mem_mb']:.0f} | "
                   f"{r['tokens_per_s']:.0f} | {r['wall_s']:.1f} |")
     md.append("")
-    for r in rows:
+    for r in result["per_student"]:
         md.append(f"- layers {r['layers']}: cached / online-shared step time **{r['step_time_ratio_vs_shared']:.3f}** "
-                  f"(target <= 0.6), peak RSS {r['peak_mem_ratio_vs_shared']:.3f}x")
-    md.append(f"- layers {STUDENTS[0]}: cached / online-replicated step time "
+                  f"(target <= {t['step_time_ratio_vs_shared']}), peak RSS {r['peak_mem_ratio_vs_shared']:.3f}x")
+    md.append(f"- layers {replicated['layers']}: cached / online-replicated step time "
               f"**{result['step_time_ratio_vs_replicated']:.3f}**")
     ps = result["placement_study"]
     saved = statistics.mean(o["step_s_median"] - c["step_s_median"] for o, c in zip(online, cached))
-    be = "-" if saved <= 0 else f"{cache['wall_s'] / (len(STUDENTS) * saved):.0f}"
-    md.append(f"- a placement study's distillation ({ps['students']} students of {a.steps} steps, process wall time): "
-              f"online teachers {ps['online_s']:.0f} s, one cache + cached runs {ps['cache_s']:.0f} s "
+    be = "-" if saved <= 0 else f"{cache['wall_s'] / (len(online) * saved):.0f}"
+    md.append(f"- a placement study's distillation ({ps['students']} students of {result['steps']} steps, process "
+              f"wall time): online teachers {ps['online_s']:.0f} s, one cache + cached runs {ps['cache_s']:.0f} s "
               f"(**{ps['ratio']:.2f}x**, the cache build {cache['wall_s']:.0f} s of it); break-even after "
               f"{be} steps per student")
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    md += ["", provenance_line(result["provenance"])]
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":

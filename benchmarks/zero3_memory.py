@@ -127,8 +127,11 @@ def run_ranks(model: Path, data: Path, out: Path, world: int, extra: list[str], 
 def main() -> None:
     if sys.argv[1:2] == ["--make"]:
         return _make(Path(sys.argv[2]), json.loads(sys.argv[3]), bool(int(sys.argv[4])))
-    if sys.argv[1:2] == ["--render"]:  # re-render a results file
-        return render(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[2]))
+    from rad_ds.core.provenance import RENDER_HELP, provenance, render_only, write_results
+
+    default_out = ROOT / "benchmarks" / "results" / "zero3_memory_cpu.json"
+    if render_only(render, default_out):
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/rad_ds_zero3_memory")
     ap.add_argument("--paths", default="new,old")
@@ -136,7 +139,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--vocabs", default="49152,8192",
                     help="vocabulary sizes of the big model: its tied embedding is the largest tensor in flight")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zero3_memory_cpu.json"))
+    ap.add_argument("--out", default=str(default_out))
+    ap.add_argument("--render", action="store_true", help=RENDER_HELP)
     a = ap.parse_args()
     from tests.distill_helpers import free_port, write_text_jsonl
 
@@ -162,20 +166,21 @@ def main() -> None:
                          "formula_mib": predicted_mib(big / "st", world) if path == "new" else None})
             print(f"{path} vocab {vocab} world {world}: peak {got['rss_mib']} MiB, tiny {base['rss_mib']} MiB "
                   f"(model {model_bytes / 2**20:.0f} MiB)", flush=True)
-    result = {"benchmark": "zero3_memory", "model_bytes": sizes, "model_shape": BIG, "layers": LAYERS,
-              "target_max_ratio_2_ranks": 0.75, "rows": rows, "machine": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count()}
-    render(result, Path(a.out))
-
-
-def render(result: dict, out: Path) -> None:
-    """JSON + markdown. The headline ratio compares the largest rank of each run (the rank that happened to
-    build the shared data cache costs ~100 MiB more, and which rank wins that lock varies from run to run)."""
-    for r in result["rows"]:
+    for r in rows:  # the headline compares the largest rank of each run (the rank that happened to build the
+        # shared data cache costs ~100 MiB more, and which rank wins that lock varies from run to run)
         r["excess_of_max_mib"] = max(r["rss_mib"]) - max(r["baseline_rss_mib"])
         r["ratio_of_max"] = r["excess_of_max_mib"] * 2**20 / r["model_bytes"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result = {"benchmark": "zero3_memory", "provenance": provenance(), "model_bytes": sizes, "model_shape": BIG,
+              "layers": LAYERS,
+              "target_max_ratio_2_ranks": 0.75, "rows": rows, "machine": platform.processor() or platform.machine(),
+              "cpus": os.cpu_count()}
+    print(write_results(a.out, result, render).read_text())
+
+
+def render(result: dict) -> str:
+    """The results markdown, from the JSON alone (``--render`` rewrites the .md from it)."""
+    from rad_ds.core.provenance import provenance_line
+
     lines = ["| vocab | model (MiB) | path | ranks | peak RSS per rank (MiB) | tiny-model baseline (MiB) | "
              "largest rank's excess (MiB) | formula (MiB) | excess / model bytes |",
              "|---:|---:|---|---:|---|---|---:|---:|---:|"]
@@ -185,17 +190,13 @@ def render(result: dict, out: Path) -> None:
                      f"{', '.join(f'{v:.0f}' for v in r['rss_mib'])} | "
                      f"{', '.join(f'{v:.0f}' for v in r['baseline_rss_mib'])} | {r['excess_of_max_mib']:.0f} | "
                      f"{formula} | **{r['ratio_of_max']:.3f}** |")
-    out.with_suffix(".md").write_text(
-        f"# Peak host RSS per rank, ZeRO-3 self-distillation (22 layers, hidden 1024, layers {result['layers']} "
-        "replaced; start-up, 2 steps, a checkpoint, the final export)\n\n" + "\n".join(lines) + "\n\n"
-        "new: one-copy teacher, models created partitioned, streamed export. old: the construction it replaces "
-        "(base loaded whole on every rank, a second copy as the teacher engine). formula: docs/cluster.md's "
-        "per-rank weights and optimizer state plus the largest tensor in flight. Target on 2 ranks: <= 0.75; "
-        "one rank must hold every weight (>= 1.0). Over gloo an all-gather stages through a second buffer of its "
-        "output's size (torch's ProcessGroupGloo; +194 MiB for a 192 MiB gather into a preallocated output, "
-        "benchmarks/results/gloo_allgather_cpu.md), so the largest parameter, the tied embedding (17% of the vocab-49152 model), is in flight twice: "
-        "0.5 + 2 x 0.17 before any layer or logit; NCCL gathers in place.\n")
-    print("\n".join(lines))
+    return (f"# Peak host RSS per rank, ZeRO-3 self-distillation (22 layers, hidden 1024, layers {result['layers']} "
+            "replaced; start-up, 2 steps, a checkpoint, the final export)\n\n" + "\n".join(lines) + "\n\n"
+            "new: one-copy teacher, models created partitioned, streamed export. old: the construction it replaces "
+            "(base loaded whole on every rank, a second copy as the teacher engine). formula: docs/cluster.md's "
+            "per-rank weights and optimizer state plus the largest tensor in flight. Target on 2 ranks: <= "
+            f"{result['target_max_ratio_2_ranks']}; one rank must hold every weight (>= 1.0).\n\n"
+            + provenance_line(result["provenance"]) + "\n")
 
 
 if __name__ == "__main__":
