@@ -35,6 +35,7 @@ import torch
 
 from rad_ds.core.dtypes import to_dtype
 from rad_ds.core.io import atomic_path, write_json_atomic
+from rad_ds.core.logs import LOG_FILE
 
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -131,8 +132,9 @@ class TeacherCacheStore:
             store = cls(root, found)
             store.check(fingerprint, what=f"--out {root}", fix="choose a new --out, or remove it to rebuild")
             return store  # a resumed cache keeps the shard size it was started with
-        # the builder's packed-data cache (data/) and lock files may already be there
-        if root.exists() and any(p.name != "data" and not p.name.startswith(".") for p in root.iterdir()):
+        # rad-ds' own files there: the builder's packed-data cache (data/), the run log, hidden lock/marker files
+        if root.exists() and any(p.name not in ("data", LOG_FILE) and not p.name.startswith(".")
+                                 for p in root.iterdir()):
             raise TeacherCacheError(f"--out {root} exists and is not a teacher cache; choose a new or empty --out")
         manifest = {"fingerprint": fingerprint, "rows_per_shard": int(rows_per_shard), "status": "writing"}
         store = cls(root, manifest)
