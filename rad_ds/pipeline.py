@@ -47,7 +47,7 @@ from rad_ds.diagnosis.config import DiagnoseConfig
 from rad_ds.distill.config import PLACEMENTS_WITH_REPORT, RunConfig
 from rad_ds.distill.summary import RunSummary
 from rad_ds.eval.config import EvalConfig
-from rad_ds.eval.results import EvalResults
+from rad_ds.eval.results import EvalResults, with_interval
 from rad_ds.surgery.config import ReplaceConfig
 
 logger = logging.getLogger(__name__)
@@ -304,6 +304,8 @@ def main(argv: list[str] | None = None, doc: str | None = None) -> int:
 
 
 def _results_table(res: EvalResults) -> list[str]:
+    """Scores as ``x [lo, hi] (n=N)`` (95% intervals, see results.md), and the paired speed ratio to the first
+    model (per repeat, the models timed round-robin) with its interval."""
     models = list(dict.fromkeys(r["model"] for r in res.rows))
     tasks = list(dict.fromkeys((r["task"], r["metric"]) for r in res.rows))
     lines = ["| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
@@ -312,8 +314,20 @@ def _results_table(res: EvalResults) -> list[str]:
         for m in models:
             r = res.score(m, task, metric)
             cells.append("-" if r is None or r["score"] is None else
-                         (f"{r['score']:.4g}" + (f" (n={r['n']})" if task != "speed" else "")))
+                         (with_interval(r["score"], r.get("ci95"), 1 if task == "speed" else 4)
+                          + (f" (n={r['n']})" if task != "speed" else "")))
         lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+        if task == "speed":
+            paired = [(res.score(m, task, metric) or {}).get("details", {}).get("paired") for m in models]
+            ref = next((p["against"] for p in paired if p), None)
+            if ref is not None:
+                reps = (res.score(ref, task, metric) or {}).get("details", {}).get("repeats")
+                cells = [with_interval(p["median"], p["ci95"], 3) if p else ("1" if m == ref else "-")
+                         for m, p in zip(models, paired)]
+                lines.append(f"| speed | decode tok/s / {ref}'s, paired (median of {reps} repeats) | "
+                             + " | ".join(cells) + " |")
+    lines += ["", "[lo, hi]: 95% intervals: Wilson's for accuracies, a bootstrap over documents for perplexity, order "
+              "statistics of the timed repeats for speed (eval/results.md says more)."]
     if res.models:
         lines += ["", "| model | layers (A = attention, M = Mamba2) |", "|---|---|"]
         lines += [f"| {m} | `{v['layers']}` |" for m, v in res.models.items()]

@@ -67,11 +67,13 @@ def strip_timings(results: dict) -> dict:
         for k in ("tokens_per_second", "seconds", "wall_seconds"):
             r.pop(k, None)
         d = r.get("details") or {}
-        d.pop("plain_tokens_per_second", None)
+        for k in ("plain_tokens_per_second", "decode_tokens_per_second", "prefill_tokens_per_second", "paired"):
+            d.pop(k, None)
         if d.get("speculative"):
-            d["speculative"].pop("tokens_per_second", None)
-            d["speculative"].pop("speedup", None)
+            for k in ("tokens_per_second", "speedup", "speedup_ci95", "speedup_per_repeat"):
+                d["speculative"].pop(k, None)
         if r["task"] == "speed":
             r.pop("score", None)
+            r.pop("ci95", None)
     out["config"].pop("out", None)
     return out

@@ -99,6 +99,8 @@ def test_bad_input_is_one_line_and_nothing_is_written(setup, capsys):
         (["--tasks", "gsm8k", "--data", str(no_number)], "holds no number"),
         (["--tasks", "gsm8k", "--few-shot", "9"], "use 0..8"),
         (["--tasks", "gsm8k", "--limit", "0"], "limit = 0 must be >= 1"),
+        (["--tasks", "speed", "--speed-repeats", "0"], "speed_repeats = 0 must be >= 1"),
+        (["--tasks", "ppl", "--bootstrap", "-1"], "bootstrap = -1 must be >= 0"),
         (["--tasks", "speed", "--report", str(report)], "report and k go together"),
         (["--tasks", "speed", "--report", str(report), "--k", "4"], "available k: [2]"),
         (["--tasks", "gsm8k", "--skip-layers", "1"], "add speed to tasks"),
@@ -115,7 +117,7 @@ def test_bad_input_is_one_line_and_nothing_is_written(setup, capsys):
     r = subprocess.run([PY, EVAL, *m, "--tasks", "gsm8k,foo"], capture_output=True, text=True, env=_env(),
                        timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: tasks: unknown task(s) foo; choose "
-                                                                   "from gsm8k,humaneval,cruxeval,ppl,speed"]
+                                                                   "from gsm8k,humaneval,cruxeval,arithmetic,passkey,ppl,speed"]
 
 
 def test_data_flag_and_all_tasks(tmp_path):

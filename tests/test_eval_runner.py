@@ -48,6 +48,10 @@ def test_gsm8k_scores_are_deterministic_and_batching_changes_nothing(models, tmp
     assert [s["output"] for s in s2] == [s["output"] for s in s1]
     assert [s["correct"] for s in s2] == [i in right for i in range(8)]
     assert r2["results"][0]["score"] == 5 / 8 and r2["results"][0]["n"] == 8
+    from scipy.stats import binomtest
+
+    wilson = binomtest(5, 8).proportion_ci(method="wilson")  # every accuracy carries n and its 95% interval
+    assert r2["results"][0]["ci95"] == pytest.approx([wilson.low, wilson.high], abs=1e-6)
     assert r1["results"][0]["metric"] == "exact_match" and r1["results"][0]["chat"] is True
 
 
@@ -55,7 +59,7 @@ def test_all_tasks_for_base_and_student(models, tmp_path):
     base, student = models
     texts = write_texts(tmp_path / "texts.txt")
     cfg = _cfg(base, tmp_path / "ev", tasks=["gsm8k", "humaneval", "cruxeval", "ppl", "speed"], limit=3,
-               skip_layers=[1, 2], speed_prompts=2, data={"ppl": str(texts)}, timeout=5.0)
+               skip_layers=[1, 2], speed_prompts=2, speed_repeats=3, data={"ppl": str(texts)}, timeout=5.0)
     cfg.models = [str(base), str(student)]
     res = evaluate(cfg)
     rows = {(r["model"], r["task"]): r for r in res["results"]}
@@ -87,6 +91,9 @@ def test_all_tasks_for_base_and_student(models, tmp_path):
     md = (tmp_path / "ev" / "results.md").read_text()
     assert "| model | task | n | metric | score | ± | tokens/s |" in md
     assert "| student | ppl | 3 |" in md  # --limit: 3 documents
+    # 0 of 3: Wilson's interval is [0, z^2 / (n + z^2)] = [0, 0.5615]
+    assert "| base | humaneval | 3 | pass@1 | 0.0000 [0.0000, 0.5615] |" in md
+    assert all(r["ci95"] is not None and r["ci95"][0] <= r["score"] <= r["ci95"][1] for r in res["results"])
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["results"] == json.loads(json.dumps(res["results"]))
     # the code tasks ran, so the sandbox is recorded: what this machine enforces for the evaluation's limits
     guards = res["sandbox"]["guards"]
@@ -103,16 +110,24 @@ def test_all_tasks_for_base_and_student(models, tmp_path):
     from rad_ds.models.conversion import load_model
 
     model, tok = load_model(base)
-    nll, n = 0.0, 0
+    nll, n, per_doc = 0.0, 0, []
     with torch.no_grad():
         for para in [p for p in texts.read_text().split("\n\n") if p.strip()][:3]:
             ids = tok(para.strip(), return_tensors="pt").input_ids
             logits = model(ids).logits[0, :-1]
-            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-            n += ids.numel() - 1
+            doc = float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            nll, n = nll + doc, n + ids.numel() - 1
+            per_doc.append(doc / (ids.numel() - 1))
     ppl = rows["base", "ppl"]
     assert ppl["details"]["tokens"] == n
     assert math.isclose(ppl["score"], math.exp(nll / n), rel_tol=1e-5)
+    # its interval: a bootstrap over the 3 documents. A resample of one document drawn 3 times has chance 1/27
+    # > 2.5%, so the 95% interval runs from the easiest document's perplexity to the hardest one's
+    lo, hi = ppl["ci95"]
+    assert lo < ppl["score"] < hi and ppl["details"]["interval"]["unit"] == "document"
+    assert math.isclose(lo, math.exp(min(per_doc)), rel_tol=1e-5) and math.isclose(hi, math.exp(max(per_doc)),
+                                                                                  rel_tol=1e-5)
+    assert f"{ppl['score']:.4f} [{lo:.4f}, {hi:.4f}]" in md
 
 
 def test_perplexity_windows_and_batches_agree(models, tmp_path):

@@ -38,8 +38,9 @@ def test_pipeline_end_to_end_and_resume(tmp_path):
                      "cost_model": "weights", "recheck_prompts": 1},
         "distill": {"data.path": str(chats), "data.seq_len": 32, "train.steps": 2, "train.micro_batch": 2,
                     "log.wandb": False, "log.progress": False},
-        "evaluate": {"tasks": "gsm8k,ppl", "data": [f"gsm8k={gsm}", f"ppl={text}"], "max_new_tokens": 8,
-                     "ppl_window": 64, "progress": False},
+        "evaluate": {"tasks": "gsm8k,arithmetic,passkey,ppl", "data": [f"gsm8k={gsm}", f"ppl={text}"],
+                     "max_new_tokens": 8, "ppl_window": 64, "progress": False, "arithmetic_samples": 4,
+                     "passkey_contexts": [64], "passkey_depths": [0.5], "passkey_samples": 1},
     }
     conf = tmp_path / "rad.yaml"
     conf.write_text(yaml.safe_dump(cfg))
@@ -65,10 +66,11 @@ def test_pipeline_end_to_end_and_resume(tmp_path):
     frozen = [k for k in built if ".mamba." not in k]
     assert frozen and all(torch.equal(built[k], written[k]) for k in frozen)
     res = json.loads((run / "eval" / "results.json").read_text())
-    assert {r["task"] for r in res["results"]} == {"gsm8k", "ppl"}
+    assert {r["task"] for r in res["results"]} == {"gsm8k", "arithmetic", "passkey", "ppl"}
     assert len({r["model"] for r in res["results"]}) == 2
     table = (run / "comparison.md").read_text()
     assert "| ppl |" in table and f"{layers}" in table
+    assert "| arithmetic | exact_match | " in table and "| passkey | exact_match@64 | " in table
     assert "Distillation: 2 steps" in table
 
     # everything done: a re-run skips every stage; a missing result is redone alone

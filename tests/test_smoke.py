@@ -51,7 +51,7 @@ def test_main_command_from_a_cold_cache(tmp_path):
     assert summary["last_step"] == summary["steps"] == 2 and summary["world"] == 2
     results = json.loads((out / "eval" / "results.json").read_text())
     assert {(x["model"], x["task"]) for x in results["results"]} >= {
-        (m, t) for m in ("embedded:smollm2", "final") for t in ("gsm8k", "ppl", "speed")}
+        (m, t) for m in ("embedded:smollm2", "final") for t in ("gsm8k", "arithmetic", "ppl", "speed")}
     table = (out / "comparison.md").read_text()
     assert f"attention layers {layers}" in table and "Distillation: 2 steps on 2 rank(s)" in table
     assert "| ppl | perplexity |" in table and table in r.stdout

@@ -55,6 +55,7 @@ class SpecResult:
     accepted: list[int] = field(default_factory=list)  # accepted drafted tokens, per round
     drafted: list[int] = field(default_factory=list)  # drafted tokens, per round
     seconds: float = 0.0
+    prefill_seconds: float | None = None  # plain_decode: from the start to the first new token (the prompt's pass)
 
     @property
     def rounds(self) -> int:
@@ -240,6 +241,7 @@ def plain_decode(model, input_ids, max_new_tokens: int, eos_token_id=None, skip_
     dev = model.device
     _sync(dev)
     t0 = time.perf_counter()
+    first = None
     while len(seq) - n_prompt < max_new_tokens:
         logits = side.feed(seq[side.fed:])[-1]
         side.fed = len(seq)
@@ -247,8 +249,11 @@ def plain_decode(model, input_ids, max_new_tokens: int, eos_token_id=None, skip_
             t = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator))
         else:
             t = int(logits.argmax())
+        if first is None:  # int() waited for the device: the prompt's forward is done
+            first = time.perf_counter()
         seq.append(t)
         if t in eos:
             break
     _sync(dev)
-    return SpecResult(tokens=seq[n_prompt:], seconds=time.perf_counter() - t0)
+    end = time.perf_counter()
+    return SpecResult(tokens=seq[n_prompt:], seconds=end - t0, prefill_seconds=(end if first is None else first) - t0)

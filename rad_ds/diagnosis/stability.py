@@ -13,31 +13,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-def bootstrap_draws(n_prompts: int, resamples: int, seed: int = 0) -> np.ndarray:
-    """(resamples, n_prompts) prompt indices drawn with replacement (seeded)."""
-    return np.random.default_rng(seed).integers(0, n_prompts, size=(resamples, n_prompts))
-
-
-def resampled_ratios(num: np.ndarray, den: np.ndarray, draws: np.ndarray) -> np.ndarray:
-    """``num``, ``den``: (..., n_prompts) per-prompt totals; returns (resamples, ...) ratios of resampled sums."""
-    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
-    n_sum = num[..., draws].sum(-1)  # (..., resamples)
-    d_sum = den[..., draws].sum(-1)
-    r = np.divide(n_sum, d_sum, out=np.zeros_like(n_sum), where=d_sum > 0)
-    return np.moveaxis(r, -1, 0)
-
-
-def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """The central ``level`` interval of ``samples`` along axis 0."""
-    a = (1.0 - level) / 2
-    return np.quantile(samples, a, axis=0), np.quantile(samples, 1.0 - a, axis=0)
+from rad_ds.core.intervals import bootstrap_draws, bootstrap_ratio_interval, percentile_interval, resampled_ratios
 
 
 def bootstrap_interval(num, den, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval over prompts of ``sum(num) / sum(den)`` (e.g. an acceptance rate)."""
-    lo, hi = percentile_interval(resampled_ratios(num, den, bootstrap_draws(len(num), resamples, seed)), level)
-    return float(lo), float(hi)
+    return bootstrap_ratio_interval(num, den, resamples, seed, level)
 
 
 def topk_frequency(ratios: np.ndarray, candidates: list[int], k: int) -> dict[int, float]:

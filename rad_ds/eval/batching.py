@@ -17,10 +17,19 @@ import torch.distributed as dist
 from rad_ds.decoding.eos import model_eos_ids
 
 
-def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first, ties by index: deterministic)."""
+def length_sorted_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first, ties by index: deterministic); with
+    ``max_tokens``, a batch also holds at most that many padded tokens (its first, longest item times its size;
+    an item longer than that alone goes in a batch of its own)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:
+        b = batches[-1] if batches else None
+        if b is None or len(b) >= batch_size or (max_tokens and (len(b) + 1) * lengths[b[0]] > max_tokens):
+            batches.append([i])
+        else:
+            b.append(i)
+    return batches
 
 
 def my_batches(batches: list, rank: int, world: int) -> list:

@@ -9,8 +9,11 @@ from pathlib import Path
 from rad_ds.core.config import Config, ConfigError, at_least, setting
 from rad_ds.core.dtypes import NAMES_32_16 as DTYPES
 
-GENERATION_TASKS = ("gsm8k", "humaneval", "cruxeval")
-TASKS = GENERATION_TASKS + ("ppl", "speed")
+from .registry import REGISTRY
+
+TASKS = tuple(REGISTRY)  # every task, in the registry's order (``all``)
+GENERATION_TASKS = tuple(n for n, s in REGISTRY.items() if s.kind == "generation")
+DATA_TASKS = tuple(n for n, s in REGISTRY.items() if s.data is not None)  # tasks that read a --data file
 
 
 def expand_tasks(tasks: list[str]) -> list[str]:
@@ -24,14 +27,26 @@ class EvalConfig(Config):
     models: list[str] = setting([], "model dirs, .gguf files or embedded:smollm2, side by side (--model, repeatable)")
     out: str | None = setting(None, "output directory (results.json, results.md, samples/)")
     overwrite: bool = setting(False, "replace a finished evaluation in out (its results and samples/)")
-    tasks: list[str] = setting(["gsm8k", "humaneval", "ppl"], f"comma list of {','.join(TASKS)}, or all")
-    data: dict[str, str] = setting({}, "TASK=FILE: local jsonl/json/parquet/csv/txt for a task (gsm8k: question, "
-                                       "answer '#### N'; humaneval: task_id, prompt, entry_point, test; cruxeval: "
-                                       "code, input, output; ppl: text; speed: prompts)")
-    limit: int | None = setting(None, "first N samples of each task (ppl: documents)")
+    tasks: list[str] = setting(["gsm8k", "humaneval", "ppl"], "comma list of tasks, or all: "
+                               + "; ".join(f"{n} ({s.what})" for n, s in REGISTRY.items()))
+    data: dict[str, str] = setting({}, "TASK=FILE: local jsonl/json/parquet/csv/txt for a task ("
+                                       + "; ".join(f"{n}: {REGISTRY[n].data}" for n in DATA_TASKS) + ")")
+    limit: int | None = setting(None, "first N samples of each task (ppl: documents; passkey: per context and depth; "
+                                      "an arithmetic_samples / passkey_samples that is set wins)")
     few_shot: int = setting(0, "GSM8K chain-of-thought exemplars (0-8)")
-    max_new_tokens: int | None = setting(None, "generated tokens per sample (unset: per task, gsm8k 256, "
-                                               "humaneval 384, cruxeval 64, speed 64)")
+    max_new_tokens: int | None = setting(None, "generated tokens per sample (unset: per task, "
+                                               + ", ".join(f"{n} {s.max_new_tokens}" for n, s in REGISTRY.items()
+                                                           if s.max_new_tokens) + ")")
+    arithmetic_samples: int | None = setting(None, "arithmetic: problems (unset: 200, or --limit if lower)")
+    arithmetic_digits: int = setting(1, "arithmetic: digits per operand (operands 0 .. 10^digits - 1)")
+    arithmetic_terms: int = setting(2, "arithmetic: operands per expression")
+    arithmetic_operators: str = setting("+-*", "arithmetic: operators drawn from (of + - *)")
+    passkey_contexts: list[int] = setting([512, 1024, 2048, 4096], "passkey: prompt lengths in the model's tokens "
+                                          "(those over its positions minus the new tokens are skipped)")
+    passkey_depths: list[float] = setting([0.0, 0.25, 0.5, 0.75, 1.0], "passkey: needle depths, fractions of the "
+                                          "filler before the needle (0: first, 1: last)")
+    passkey_samples: int | None = setting(None, "passkey: samples (keys) per context and depth (unset: 2, or --limit "
+                                                "if lower)")
     batch_size: int = setting(8, "prompts per generate() call (left-padded)")
     chat: bool = setting(True, "apply the chat template when the tokenizer has one (--no-chat: plain prompts)")
     seed: int = setting(0, "seed of generated data (reasoning-gym) and prompt choice")
@@ -41,8 +56,12 @@ class EvalConfig(Config):
     skip_layers: list[int] | None = setting(None, "or an explicit draft mask of attention layers, e.g. 3,5,9")
     speed_prompts: int = setting(4, "prompts decoded by the speed task")
     draft_len: int = setting(4, "tokens drafted per round (speculative decoding)")
+    speed_repeats: int = setting(5, "timed repeats of the speed prompts per model (median and interval over them)")
+    speed_interleave: bool = setting(True, "time the models round-robin on the same prompts, all loaded at once "
+                                           "(false: one model after another, when they do not fit together)")
     ppl_window: int = setting(1024, "tokens per perplexity window (<= the model's context)")
     ppl_stride: int | None = setting(None, "perplexity window stride (unset: the window)")
+    bootstrap: int = setting(1000, "bootstrap resamples over documents for the perplexity interval (0: none)")
     timeout: float = setting(10.0, "seconds per generated program in the sandbox")
     sandbox_memory_mb: int = setting(1024, "address-space limit of a generated program")
     sandbox_workers: int = setting(2, "generated programs run at once")
@@ -68,8 +87,10 @@ class EvalConfig(Config):
                 raise FileNotFoundError(f"--model {m}: no such directory or file; give an HF model dir, a .gguf file "
                                         f"or one of {', '.join(EMBEDDED)}")
         self._check_tasks()
-        at_least(self, ("limit", "max_new_tokens", "ppl_stride"), 1, optional=True)
-        at_least(self, ("batch_size", "speed_prompts", "draft_len", "sandbox_workers"), 1)
+        at_least(self, ("limit", "max_new_tokens", "ppl_stride", "arithmetic_samples", "passkey_samples"), 1,
+                 optional=True)
+        at_least(self, ("batch_size", "speed_prompts", "speed_repeats", "draft_len", "sandbox_workers"), 1)
+        at_least(self, ("bootstrap",), 0)
         at_least(self, ("ppl_window",), 2)
         at_least(self, ("sandbox_memory_mb",), 64)
         at_least(self, ("sandbox_disk_mb",), 1)
@@ -82,9 +103,12 @@ class EvalConfig(Config):
             raise FileNotFoundError(f"sandbox_python {self.sandbox_python}: not an executable file")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype = {self.dtype!r}: use one of {', '.join(DTYPES)}")
-        from .gsm8k import Gsm8kTask
-
-        Gsm8kTask(self.few_shot)  # checks the range
+        for name in self.tasks:  # each task checks its own settings (ranges, grids) now, not after model loading
+            if REGISTRY[name].task is not None:
+                try:
+                    REGISTRY[name].build(self)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
         return self
 
     def _check_tasks(self) -> None:
@@ -98,6 +122,9 @@ class EvalConfig(Config):
         for task, path in self.data.items():
             if task not in self.tasks:
                 raise ConfigError(f"--data {task}={path}: task {task!r} is not in tasks {','.join(self.tasks)}")
+            if task not in DATA_TASKS:
+                raise ConfigError(f"--data {task}={path}: {task} generates its data and reads no file; tasks that "
+                                  f"read one: {','.join(DATA_TASKS)}")
             if not Path(path).is_file():
                 raise FileNotFoundError(f"--data {task}={path}: file not found")
 
@@ -122,7 +149,7 @@ def data_flag(values: list[str], cfg: EvalConfig) -> dict[str, str]:
         if sep and task.strip().lower() in TASKS:
             task = task.strip().lower()
         else:
-            readers = [t for t in tasks if t in TASKS]
+            readers = [t for t in tasks if t in DATA_TASKS]
             if len(readers) != 1:
                 raise ConfigError(f"--data {v}: say which task it is for, e.g. --data gsm8k={v} "
                                   f"(tasks: {','.join(tasks)})")
@@ -134,4 +161,4 @@ def data_flag(values: list[str], cfg: EvalConfig) -> dict[str, str]:
     return out
 
 
-__all__ = ["DTYPES", "EvalConfig", "GENERATION_TASKS", "TASKS", "data_flag", "expand_tasks"]
+__all__ = ["DATA_TASKS", "DTYPES", "EvalConfig", "GENERATION_TASKS", "TASKS", "data_flag", "expand_tasks"]

@@ -22,7 +22,7 @@ import re
 from rad_ds.core.records import read_records
 
 from .sandbox import SandboxLimits, run_checks
-from .tasks import GenerationTask, Sample
+from .tasks import GenerationTask, Sample, outcomes
 
 PROMPT = """You are given a Python function and an assertion containing an input to the function. Complete the \
 assertion with a literal (no unsimplified expressions, no function calls) containing the output when executing \
@@ -228,6 +228,10 @@ class CruxEvalTask(GenerationTask):
         checks = check_predictions([s.target for s in samples], preds, sandbox)
         return [{"index": s.index, "id": s.meta["id"], "prediction": p, "target": s.target["output"], **c}
                 for s, p, c in zip(samples, preds, checks)]
+
+    def rows(self, row, records):
+        row["details"]["outcomes"] = outcomes(records, "checked_by")  # literal comparison or executed
+        return [row]
 
 
 __all__ = ["CruxEvalTask", "build_check", "check_predictions", "extract_prediction", "humaneval_derived"]

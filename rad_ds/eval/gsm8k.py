@@ -79,6 +79,10 @@ class Gsm8kTask(GenerationTask):
             raise ValueError(f"--few-shot {few_shot}: GSM8K has {n} exemplars; use 0..{n}")
         self.few_shot = few_shot
 
+    @classmethod
+    def from_config(cls, cfg) -> "Gsm8kTask":
+        return cls(cfg.few_shot)
+
     def source(self, data):
         return data or "reasoning-gym gsm_symbolic (generated, seeded)"
 
@@ -111,6 +115,10 @@ class Gsm8kTask(GenerationTask):
     def score(self, samples, outputs, chat, sandbox=None):
         return [{"index": s.index, "correct": is_correct(o, s.target), "extracted": extract_answer(o),
                  "target": s.target} for s, o in zip(samples, outputs)]
+
+    def rows(self, row, records):
+        row["few_shot"] = self.few_shot
+        return [row]
 
 
 __all__ = ["COT_EXEMPLARS", "Gsm8kTask", "generated_problems"]

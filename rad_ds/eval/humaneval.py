@@ -18,7 +18,7 @@ import re
 from rad_ds.core.records import read_records
 
 from .sandbox import SandboxLimits, run_checks
-from .tasks import GenerationTask, Sample, cut_at_stop
+from .tasks import GenerationTask, Sample, cut_at_stop, outcomes
 
 CHAT_INSTRUCTION = ("Complete the following Python function. Reply with the complete function, including the "
                     "signature, in a single ```python code block.")
@@ -88,6 +88,10 @@ class HumanEvalTask(GenerationTask):
         results = run_checks(checks, sandbox or SandboxLimits())
         return [{"index": s.index, "task_id": s.meta["task_id"], "correct": r.passed, "status": r.status,
                  "error": r.error} for s, r in zip(samples, results)]
+
+    def rows(self, row, records):
+        row["details"]["outcomes"] = outcomes(records, "status")  # the sandbox's verdicts
+        return [row]
 
 
 __all__ = ["HumanEvalTask", "build_check", "build_harness", "build_program", "extract_code", "load_problems"]

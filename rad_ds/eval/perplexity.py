@@ -8,6 +8,10 @@ scored token more context, as the "sliding window" of the transformers perplexit
 bits per byte of UTF-8 text, comparable across tokenizers. The LM head runs over a few hundred
 positions at a time, so a large vocabulary does not need a (batch, length, vocab) tensor.
 
+The interval is a percentile bootstrap over documents (tokens of one document are correlated, so the document
+is the unit): each resample draws documents with replacement, with their NLL sums and token counts together,
+and recomputes exp(sum NLL / sum tokens).
+
 Data: a local jsonl/json/parquet/csv with a ``text`` field, or a ``.txt`` file (paragraphs); offline
 default: HumanEval programs (prompt + canonical solution) and GSM-style worked solutions from
 reasoning-gym, interleaved.
@@ -19,9 +23,11 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rad_ds.core.intervals import bootstrap_ratio_interval
 from rad_ds.core.records import read_records
 
 _HEAD_CHUNK = 256  # positions per LM-head call
@@ -110,17 +116,32 @@ class PerplexityResult:
     bytes: int
     documents: int
     seconds: float
+    doc_nll: list[float]  # per document: summed NLL (nats) of its scored tokens
+    doc_tokens: list[int]  # per document: tokens scored (0 for a one-token document)
+    ci95: list[float] | None = None  # bootstrap over documents of the perplexity (None: no resamples)
 
 
-def summarize(per_window: list[tuple[Window, float, int]], texts: list[str], seconds: float) -> PerplexityResult:
-    """Sum in a fixed order (document, window), so any split over ranks gives the same bits."""
+def summarize(per_window: list[tuple[Window, float, int]], texts: list[str], seconds: float,
+              resamples: int = 1000, seed: int = 0) -> PerplexityResult:
+    """Sum in a fixed order (document, window), so any split over ranks gives the same bits, the same
+    per-document sums and so the same (seeded) interval."""
     per_window = sorted(per_window, key=lambda t: (t[0].doc, t[0].begin))
+    parts: list[list[float]] = [[] for _ in texts]
+    doc_tokens = [0] * len(texts)
+    for w, v, n in per_window:
+        parts[w.doc].append(v)
+        doc_tokens[w.doc] += n
+    doc_nll = [math.fsum(p) for p in parts]
     nll = math.fsum(v for _, v, _ in per_window)
-    toks = sum(n for _, _, n in per_window)
+    toks = sum(doc_tokens)
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
     mean = nll / toks if toks else float("nan")
     bpb = nll / (math.log(2) * nbytes) if nbytes else float("nan")
-    return PerplexityResult(math.exp(mean) if toks else float("nan"), mean, bpb, toks, nbytes, len(texts), seconds)
+    ci = None
+    if toks and resamples > 0:
+        ci = list(bootstrap_ratio_interval(doc_nll, doc_tokens, resamples, seed, transform=np.exp))
+    return PerplexityResult(math.exp(mean) if toks else float("nan"), mean, bpb, toks, nbytes, len(texts), seconds,
+                            doc_nll, doc_tokens, ci)
 
 
 def timed_window_nll(model, ids, batch, pad_id):

@@ -1,7 +1,7 @@
 """The outputs of an evaluation, written by rank 0: ``results.json`` (everything), ``results.md`` (the
-table: model, task, n, score, tokens/s, and the speed details), ``samples/<model>/<task>.jsonl`` (every
-prompt, output and verdict, for reading what a model did), and optionally a wandb run (offline unless
-``WANDB_MODE`` says otherwise)."""
+table: model, task, n, score with its 95% interval, tokens/s, and the speed details),
+``samples/<model>/<task>.jsonl`` (every prompt, output and verdict, for reading what a model did), and
+optionally a wandb run (offline unless ``WANDB_MODE`` says otherwise)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,13 @@ def _fmt(x, digits=4) -> str:
     return str(x)
 
 
+def with_interval(x, ci, digits=4) -> str:
+    """``x [lo, hi]`` (``x`` alone without an interval)."""
+    if not ci:
+        return _fmt(x, digits)
+    return f"{_fmt(x, digits)} [{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]"
+
+
 def markdown(results: dict) -> str:
     rows = results["results"]
     lines = ["# rad-ds evaluation", "",
@@ -42,23 +49,16 @@ def markdown(results: dict) -> str:
              f"seed {results['config']['seed']}", "",
              "| model | task | n | metric | score | ± | tokens/s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['task']} | {r['n']} | {r['metric']} | {_fmt(r['score'])} | "
+        digits = 1 if r["task"] == "speed" else 4
+        lines.append(f"| {r['model']} | {r['task']} | {r['n']} | {r['metric']} | "
+                     f"{with_interval(r['score'], r.get('ci95'), digits)} | "
                      f"{_fmt(r.get('stderr'))} | {_fmt(r.get('tokens_per_second'), 1)} |")
+    lines += ["", "score [lo, hi]: the 95% interval. Accuracies: Wilson's interval over the n samples (± is the "
+              "standard error); perplexity: a percentile bootstrap over the n documents; speed: the median over the "
+              "timed repeats, its interval the order statistics around it (see below)."]
     speed = [r for r in rows if r["task"] == "speed"]
     if speed:
-        lines += ["", "Decoding speed (batch 1, greedy; speculative = draft skips the mask's attention layers):", "",
-                  "| model | plain tok/s | speculative tok/s | mask | acceptance | mean accepted | speed-up | "
-                  "same tokens |", "|---|---|---|---|---|---|---|---|"]
-        for r in speed:
-            d = r["details"]
-            spec = d.get("speculative") or {}
-            mask = ",".join(map(str, spec["layers"])) if spec.get("layers") else d.get("speculative_skipped") or "-"
-            lines.append(f"| {r['model']} | {_fmt(d['plain_tokens_per_second'], 1)} | "
-                         f"{_fmt(spec.get('tokens_per_second'), 1)} | {mask} | "
-                         f"{_fmt(spec.get('acceptance_rate'), 3)} | "
-                         f"{_fmt(spec.get('mean_accepted_length'), 2)} | "
-                         f"{_fmt(spec.get('speedup'), 2) + 'x' if spec.get('speedup') else '-'} | "
-                         f"{spec.get('same_tokens', '-')} |")
+        lines += _speed_table(speed)
     lines += ["", "| model | path | layers (A = attention, M = Mamba2) | parameters |", "|---|---|---|---|"]
     for label, m in results["models"].items():
         lines.append(f"| {label} | {m['path']} | `{m['layers']}` | {m['parameters'] / 1e6:.1f}M |")
@@ -68,6 +68,40 @@ def markdown(results: dict) -> str:
     if results.get("sandbox"):
         lines += ["", f"Code ran in the sandbox with: {', '.join(results['sandbox']['guards'])}."]
     return "\n".join(lines) + "\n"
+
+
+def _speed_table(speed: list[dict]) -> list[str]:
+    d0 = speed[0]["details"]
+    if "decode_tokens_per_second" not in d0:  # a results.json written before the paired timing
+        return []
+    cov = d0["decode_tokens_per_second"].get("coverage")
+    ref = next((r["details"]["paired"]["against"] for r in speed if r["details"].get("paired")), None)
+    lines = ["", f"Decoding speed (batch 1, greedy): medians of {d0['repeats']} repeats, the models timed "
+             f"{'round-robin on the same prompts' if d0['order'] == 'interleaved' else 'one after another'}; "
+             "intervals [lo, hi] are order statistics of the repeats"
+             + (f" (coverage {cov:.1%})" if cov is not None else "") + ". Decode excludes the prompt's forward "
+             "pass (prefill, shown apart); speculative = the draft skips the mask's attention layers, its speed-up "
+             "is end-to-end.", "",
+             "| model | decode tok/s | prefill tok/s | " + (f"decode vs {ref} (paired) | " if ref else "")
+             + "plain tok/s (end-to-end) | speculative tok/s | mask | acceptance | mean accepted | speed-up | "
+               "same tokens |",
+             "|---|---|---|" + ("---|" if ref else "") + "---|---|---|---|---|---|---|"]
+    for r in speed:
+        d = r["details"]
+        spec = d.get("speculative") or {}
+        dec, pre = d["decode_tokens_per_second"], d["prefill_tokens_per_second"]
+        paired = d.get("paired")
+        mask = ",".join(map(str, spec["layers"])) if spec.get("layers") else d.get("speculative_skipped") or "-"
+        speedup = spec.get("speedup")
+        lines.append(f"| {r['model']} | {with_interval(dec['median'], dec['ci95'], 1)} | "
+                     f"{with_interval(pre['median'], pre['ci95'], 1)} | "
+                     + ((f"{with_interval(paired['median'], paired['ci95'], 3)} | " if paired else "1 | ")
+                        if ref else "")
+                     + f"{_fmt(d['plain_tokens_per_second'], 1)} | {_fmt(spec.get('tokens_per_second'), 1)} | "
+                     f"{mask} | {_fmt(spec.get('acceptance_rate'), 3)} | {_fmt(spec.get('mean_accepted_length'), 2)} | "
+                     f"{with_interval(speedup, spec.get('speedup_ci95'), 2) + ' x' if speedup else '-'} | "
+                     f"{spec.get('same_tokens', '-')} |")
+    return lines
 
 
 class EvalResults:
@@ -126,6 +160,8 @@ class WandbLog:
             return
         key = f"{row['model']}/{row['task']}"
         vals = {f"{key}/{row['metric']}": row["score"], f"{key}/n": row["n"]}
+        if row.get("ci95"):
+            vals[f"{key}/ci95_lo"], vals[f"{key}/ci95_hi"] = row["ci95"]
         if row.get("tokens_per_second") is not None:
             vals[f"{key}/tokens_per_second"] = row["tokens_per_second"]
         self.run.log(vals)
@@ -136,9 +172,10 @@ class WandbLog:
         import wandb
 
         cols = ["model", "task", "n", "metric", "score", "stderr", "tokens_per_second"]
-        table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in results["results"]])
+        data = [[r.get(c) for c in cols] + list(r.get("ci95") or (None, None)) for r in results["results"]]
+        table = wandb.Table(columns=cols + ["ci95_lo", "ci95_hi"], data=data)
         self.run.log({"results": table})
         self.run.finish()
 
 
-__all__ = ["EvalResults", "WandbLog", "markdown", "safe_name", "write_results", "write_samples"]
+__all__ = ["EvalResults", "WandbLog", "markdown", "safe_name", "with_interval", "write_results", "write_samples"]

@@ -2,7 +2,9 @@
 
 Models are evaluated one after another; under ``deepspeed`` / ``torchrun`` each rank holds a whole copy of
 the model and takes its share of the batches (data parallel), and the per-sample records are gathered,
-so 1 and N ranks give the same scores. All data is read and checked before any model is loaded.
+so 1 and N ranks give the same scores. All data is read and checked before any model is loaded. The speed
+task is timed after that loop, the models round-robin on the same prompts (``SpeedTask``), so the loaded
+models are held until then (``speed_interleave=false``: each is timed alone while it is loaded).
 """
 
 from __future__ import annotations
@@ -20,20 +22,17 @@ from rad_ds.core import dist
 from rad_ds.core.dtypes import dtype_name, to_dtype
 from rad_ds.core.layers import layers_string
 from rad_ds.core.outputs import claim
-from rad_ds.decoding.eos import model_eos_ids
+from rad_ds.core.progress import progress
 
 from .batching import gather, generate_batch, length_sorted_batches, my_batches
-from .config import GENERATION_TASKS, TASKS, EvalConfig
-from .cruxeval import CruxEvalTask
-from .gsm8k import Gsm8kTask
-from .humaneval import HumanEvalTask
+from .config import TASKS, EvalConfig
 from .perplexity import load_texts, timed_window_nll, windows
 from .perplexity import summarize as ppl_summary
+from .registry import REGISTRY
 from .results import WandbLog, markdown, write_results, write_samples
 from .sandbox import SandboxLimits, default_python, sandbox_guards, sandbox_uid
-from .speed import SkipMask, decode_prompts, mask_from_report, usable_mask
-from .speed import summarize as speed_summary
-from .tasks import accuracy, cut_at_stop
+from .speed import SkipMask, SpeedTask, mask_from_report
+from .tasks import accuracy, accuracy_interval, cut_at_stop
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +61,7 @@ class _Progress:
     def __init__(self, enabled: bool, total: int, desc: str):
         self.bar = None
         if enabled and total:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False)
+            self.bar = progress(total, desc, "batch", leave=False)  # a bar on a terminal, log lines in a log
 
     def update(self):
         if self.bar is not None:
@@ -81,10 +78,14 @@ def _sum_over_ranks(*values: float) -> list[float]:
 
 
 def run_generation_task(model, tok, task, samples, cfg: EvalConfig, chat: bool, rank: int, world: int,
-                        sandbox: SandboxLimits, label: str) -> tuple[dict, list[dict]]:
+                        sandbox: SandboxLimits, label: str) -> tuple[list[dict], list[dict]]:
+    """Greedy generation for every sample, scored by the task; (the task's rows, the per-sample records)."""
+    chat = chat and task.chat_prompts  # a completion task prompts with plain text whatever the template
     max_new = cfg.max_new_tokens or task.default_max_new_tokens
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    samples = task.prepare(samples, tok, chat, ctx - max_new if ctx else None)
     prompts = [_encode(tok, s, chat) for s in samples]
-    batches = length_sorted_batches([p.numel() for p in prompts], cfg.batch_size)
+    batches = length_sorted_batches([p.numel() for p in prompts], cfg.batch_size, task.batch_tokens)
     mine = my_batches(batches, rank, world)
     stops = () if chat else task.plain_stop
     local, tokens, seconds = [], 0, 0.0
@@ -105,6 +106,7 @@ def run_generation_task(model, tok, task, samples, cfg: EvalConfig, chat: bool, 
     tokens, seconds = _sum_over_ranks(tokens, seconds)
     score, se = accuracy(records)
     row = {"task": task.name, "n": len(records), "metric": task.metric, "score": score, "stderr": se,
+           "ci95": accuracy_interval(records),
            "tokens_per_second": tokens / seconds if seconds > 0 else None, "new_tokens": int(tokens),
            "seconds": seconds, "source": task.source(cfg.data.get(task.name)), "chat": chat,
            "max_new_tokens": max_new, "truncated_prompts": sum(r["truncated_prompt"] for r in records),
@@ -112,15 +114,7 @@ def run_generation_task(model, tok, task, samples, cfg: EvalConfig, chat: bool, 
     if row["truncated_prompts"] and rank == 0:
         logger.warning("%s %s: %d prompt(s) longer than the context minus %d new tokens were cut from the left",
                        label, task.name, row["truncated_prompts"], max_new)
-    if task.name == "gsm8k":
-        row["few_shot"] = cfg.few_shot
-    if task.name in ("humaneval", "cruxeval"):  # how the verdicts came about (sandbox status / check used)
-        key = "status" if task.name == "humaneval" else "checked_by"
-        outcomes = {}
-        for r in records:
-            outcomes[r[key]] = outcomes.get(r[key], 0) + 1
-        row["details"]["outcomes"] = dict(sorted(outcomes.items()))
-    return row, records
+    return task.rows(row, records), records
 
 
 def run_ppl(model, tok, texts: list[str], cfg: EvalConfig, rank: int, world: int, label: str, data: str | None):
@@ -142,64 +136,35 @@ def run_ppl(model, tok, texts: list[str], cfg: EvalConfig, rank: int, world: int
     bar.close()
     per_window = [(ws[i], nll, n) for i, nll, n in gather(local)]
     (seconds,) = _sum_over_ranks(seconds)
-    s = ppl_summary(per_window, texts, seconds)
+    s = ppl_summary(per_window, texts, seconds, cfg.bootstrap, cfg.seed)
     row = {"task": "ppl", "n": s.documents, "metric": "perplexity", "score": s.perplexity, "stderr": None,
-           "tokens_per_second": s.tokens / seconds if seconds > 0 else None, "seconds": seconds,
+           "ci95": s.ci95, "tokens_per_second": s.tokens / seconds if seconds > 0 else None, "seconds": seconds,
            "source": data or "HumanEval programs + reasoning-gym GSM solutions (built in)",
            "details": {"nll_per_token": s.nll_per_token, "bits_per_byte": s.bits_per_byte, "tokens": s.tokens,
-                       "bytes": s.bytes, "window": window, "stride": stride}}
+                       "bytes": s.bytes, "window": window, "stride": stride,
+                       "interval": {"method": "percentile bootstrap", "unit": "document", "resamples": cfg.bootstrap,
+                                    "seed": cfg.seed, "level": 0.95}}}
     return row
-
-
-def run_speed(model, tok, cfg: EvalConfig, mask: SkipMask | None, rank: int, world: int, chat: bool):
-    from rad_ds.decoding.prompts import load_prompts
-
-    max_new = cfg.max_new_tokens or 64
-    prompts = load_prompts(tok, cfg.data.get("speed"), cfg.speed_prompts, cfg.seed, chat, max_new,
-                           getattr(model.config, "max_position_embeddings", None), what="--data speed")
-    use, why_not = usable_mask(model, mask)
-    eos = sorted(model_eos_ids(tok, model))
-    rows = decode_prompts(model, prompts[rank::world], max_new, eos, use, cfg.draft_len)
-    s = speed_summary(gather(rows))
-    details = {"plain_tokens_per_second": s["plain_tokens_per_second"], "prompts": s["prompts"],
-               "plain_tokens": s["plain_tokens"], "max_new_tokens": max_new, "draft_len": cfg.draft_len}
-    if use is not None:
-        details["speculative"] = {"layers": sorted(use), "mask_source": mask.source,
-                                  "tokens_per_second": s["spec_tokens_per_second"],
-                                  "acceptance_rate": s["acceptance_rate"],
-                                  "mean_accepted_length": s["mean_accepted_length"], "speedup": s["speedup"],
-                                  "same_tokens": s["same_tokens"]}
-    elif why_not:
-        details["speculative_skipped"] = why_not
-        logger.warning("speculative decoding skipped for this model: %s", why_not)
-    return {"task": "speed", "n": s["prompts"], "metric": "tokens/s", "score": s["plain_tokens_per_second"],
-            "stderr": None, "tokens_per_second": s["plain_tokens_per_second"],
-            "source": cfg.data.get("speed") or "diagnosis prompt mix (GSM-style math + HumanEval)",
-            "details": details}
 
 
 def load_task_data(cfg: EvalConfig) -> dict:
     """Every task's samples (or texts), read and checked before any model is loaded."""
     out = {}
     for name in cfg.tasks:
-        data = cfg.data.get(name)
-        if name == "gsm8k":
-            task = Gsm8kTask(cfg.few_shot)
-        elif name == "humaneval":
-            task = HumanEvalTask()
-        elif name == "cruxeval":
-            task = CruxEvalTask()
-        elif name == "ppl":
+        spec, data = REGISTRY[name], cfg.data.get(name)
+        if spec.kind == "generation":
+            task = spec.build(cfg)
+            out[name] = (task, task.load(data, cfg.limit, cfg.seed))
+        elif spec.kind == "ppl":
             out[name] = (None, load_texts(data, cfg.limit, cfg.seed))
-            continue
-        else:
+        elif spec.kind == "speed":
             if data:
                 from rad_ds.decoding.prompts import rows_from_file
 
                 rows_from_file(data, what="--data speed")  # fail now on an unusable file
             out[name] = (None, None)
-            continue
-        out[name] = (task, task.load(data, cfg.limit, cfg.seed))
+        else:
+            raise ValueError(f"task {name}: no loader for a {spec.kind} task")
     return out
 
 
@@ -227,7 +192,7 @@ def _evaluate(cfg: EvalConfig, rank: int, world: int, t_start: float) -> dict:
     data = load_task_data(cfg)
     sandbox = SandboxLimits(timeout_s=cfg.timeout, memory_mb=cfg.sandbox_memory_mb, workers=cfg.sandbox_workers,
                             python=cfg.sandbox_python, disk_mb=cfg.sandbox_disk_mb)
-    code_tasks = [t for t in cfg.tasks if t in ("humaneval", "cruxeval")]
+    code_tasks = [t for t in cfg.tasks if REGISTRY[t].is_code]
     guards = sandbox_guards(sandbox) if code_tasks else []
     if code_tasks and rank == 0 and not {"landlock-fs", "netns"} <= set(guards):
         logger.warning("the sandbox runs with %s only (no Landlock or network namespace on this machine): "
@@ -235,6 +200,7 @@ def _evaluate(cfg: EvalConfig, rank: int, world: int, t_start: float) -> dict:
     log = WandbLog(cfg.wandb and rank == 0, cfg.wandb_project, cfg.wandb_run, out, asdict(cfg))
     labels = _labels(cfg.models)
     rows, models = [], {}
+    speed = SpeedTask(cfg, mask, rank, world)
     for label, path in zip(labels, cfg.models):
         model, tok = load_model(path, dtype=dtype)  # an embedded model is imported once, under a file lock
         if tok is None:
@@ -246,22 +212,35 @@ def _evaluate(cfg: EvalConfig, rank: int, world: int, t_start: float) -> dict:
                          "dtype": dtype_name(dtype), "chat_template": chat}
         for name in cfg.tasks:
             task, payload = data[name]
+            kind = REGISTRY[name].kind
             t0 = time.perf_counter()
-            if name in GENERATION_TASKS:
-                row, records = run_generation_task(model, tok, task, payload, cfg, chat, rank, world, sandbox, label)
+            if kind == "generation":
+                new, records = run_generation_task(model, tok, task, payload, cfg, chat, rank, world, sandbox, label)
+                task.figures(out, label, new, write=rank == 0)
                 if rank == 0:
                     write_samples(out, label, name, records)
-            elif name == "ppl":
-                row = run_ppl(model, tok, payload, cfg, rank, world, label, cfg.data.get("ppl"))
+            elif kind == "ppl":
+                new = [run_ppl(model, tok, payload, cfg, rank, world, label, cfg.data.get("ppl"))]
+            elif kind == "speed":  # timed below, round-robin over the models (SpeedTask holds this one)
+                speed.add(label, model, tok, chat)
+                continue
             else:
-                row = run_speed(model, tok, cfg, mask, rank, world, chat)
-            row = {"model": label, **row, "wall_seconds": time.perf_counter() - t0}
-            rows.append(row)
-            log.row(row)
-            if rank == 0:
-                logger.info("%s %s: %s = %.4f (n=%d)", label, name, row["metric"], row["score"], row["n"])
+                raise ValueError(f"task {name}: no runner for it")
+            wall = time.perf_counter() - t0
+            for i, row in enumerate(new):  # further rows (passkey's per context) share the first one's time
+                row = {"model": label, **row, "wall_seconds": wall if i == 0 else None}
+                rows.append(row)
+                log.row(row)
+                if rank == 0:
+                    logger.info("%s %s: %s = %.4f (n=%d)", label, name, row["metric"], row["score"], row["n"])
         del model
         gc.collect()
+    for row in speed.finish():
+        rows.append(row)
+        log.row(row)
+        if rank == 0:
+            logger.info("%s speed: %s = %.4f (n=%d)", row["model"], row["metric"], row["score"], row["n"])
+    rows.sort(key=lambda r: (labels.index(r["model"]), cfg.tasks.index(r["task"])))  # the table's order
     results = {
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "world_size": world, "device": device.type, "config": asdict(cfg), "models": models, "results": rows,

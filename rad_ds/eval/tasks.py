@@ -25,9 +25,31 @@ class GenerationTask:
     default_max_new_tokens: int = 256
     plain_stop: tuple[str, ...] = ()  # stop strings for plain-text prompting (chat: the EOS token ends it)
     takes_data: bool = True
+    batch_tokens: int | None = None  # cap on prompt tokens per batch (long prompts: fewer of them at a time)
+    chat_prompts: bool = True  # False: a completion task, plain-text prompts even under a chat template
+
+    @classmethod
+    def from_config(cls, cfg) -> "GenerationTask":
+        """The task as an ``EvalConfig`` sets it up (its task-specific settings)."""
+        return cls()
 
     def load(self, data: str | None, limit: int | None, seed: int) -> list[Sample]:
         raise NotImplementedError
+
+    def prepare(self, samples: list[Sample], tokenizer, chat: bool, max_prompt_tokens: int | None) -> list[Sample]:
+        """The samples for one model, once its tokenizer is known (prompts whose length is set in that model's
+        tokens are built here); ``max_prompt_tokens``: its positions minus the new tokens. Default: unchanged."""
+        return samples
+
+    def rows(self, row: dict, records: list[dict]) -> list[dict]:
+        """The results rows of one model: ``row`` (score, n, ci95 over all records) with the task's own fields
+        and details added, and any further rows (e.g. one per context length)."""
+        return [row]
+
+    def figures(self, out, label: str, rows: list[dict], write: bool = True) -> list:
+        """Pictures of one model's rows in the evaluation's ``out`` (written only with ``write``: rank 0), named
+        in the rows' details on every rank; their paths."""
+        return []
 
     def source(self, data: str | None) -> str:
         """Where the samples come from, for the results."""
@@ -48,6 +70,23 @@ def accuracy(records: list[dict]) -> tuple[float, float]:
     return p, se
 
 
+def accuracy_interval(records: list[dict]) -> list[float] | None:
+    """The accuracy's 95% Wilson interval ``[lo, hi]`` (None without records)."""
+    from rad_ds.core.intervals import wilson_interval
+
+    if not records:
+        return None
+    return list(wilson_interval(sum(bool(r["correct"]) for r in records), len(records)))
+
+
+def outcomes(records: list[dict], key: str) -> dict[str, int]:
+    """How many records have each value of ``key`` (how the verdicts came about), sorted by value."""
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r[key]] = counts.get(r[key], 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def cut_at_stop(text: str, stops) -> str:
     """``text`` up to the first stop string."""
     cut = len(text)
@@ -58,4 +97,4 @@ def cut_at_stop(text: str, stops) -> str:
     return text[:cut]
 
 
-__all__ = ["GenerationTask", "Sample", "accuracy", "cut_at_stop"]
+__all__ = ["GenerationTask", "Sample", "accuracy", "accuracy_interval", "cut_at_stop", "outcomes"]

@@ -42,6 +42,14 @@ class StudyConfig(Config):
     prompts: str | None = setting(None, "file of test prompts (default: the test chats up to their first "
                                         "assistant turn)")
     greedy_tokens: int = setting(32, "tokens of the teacher's greedy continuation per test prompt")
+    arithmetic_samples: int = setting(100, "arithmetic problems each final student and the teacher answer (exact "
+                                           "match, rad_ds.eval.arithmetic's default difficulty; 0: none)")
+    passkey_contexts: list[int] = setting([512, 1024], "passkey retrieval of each final student and the teacher: "
+                                                       "prompt lengths in tokens")
+    passkey_depths: list[float] = setting([0.0, 0.5, 1.0], "passkey: needle depths (fractions of the filler)")
+    passkey_samples: int = setting(2, "passkey: keys per context and depth (0: no passkey)")
+    task_seed: int = setting(0, "seed of the arithmetic problems and pass keys (seed 1 chose arithmetic's "
+                                "difficulty: keep it off the test split)")
     eval_every: int = setting(8, "score each student on the test data every N steps (its checkpoints)")
     calibration_docs: int = setting(8, "training documents cosine / kl_probe score the layers on")
     cache_k: int = setting(64, "teacher tokens per position in the shared teacher cache of the logit-KD steps "
@@ -73,7 +81,14 @@ class StudyConfig(Config):
             raise ConfigError("seeds is empty: give e.g. --seeds 0,1,2 (>= 3 for intervals)")
         self.k, self.seeds = sorted(set(self.k)), list(dict.fromkeys(self.seeds))
         at_least(self, ("heldout_rows", "eval_every", "calibration_docs", "greedy_tokens"), 1)
-        at_least(self, ("heldout_prompts", "cache_k"), 0)
+        at_least(self, ("heldout_prompts", "cache_k", "arithmetic_samples", "passkey_samples"), 0)
+        if self.passkey_samples:
+            from rad_ds.eval.passkey import PasskeyTask
+
+            try:
+                PasskeyTask(self.passkey_contexts, self.passkey_depths, self.passkey_samples)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if not self.test:
             raise ConfigError("test is not set: give --test FILE (data no student trains on and nothing is chosen on, "
                               "e.g. launchers/corpus.py's test/chat.jsonl)")

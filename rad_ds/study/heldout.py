@@ -9,6 +9,14 @@ position, its greedy continuations) and then scores any number of students again
 * ``greedy_agreement``: the fraction of the teacher's greedy continuation (``greedy_tokens`` per held-out
   prompt) that the student predicts token for token when fed that continuation, and ``greedy_prefix``: the mean
   length of the matching prefix (what a greedy speculative decoder with this student as draft would accept).
+
+``TaskScores`` adds two generation tasks of the evaluation stage, scored on a student's final checkpoint and on the
+teacher (``rad_ds.eval``: the same prompts, greedy decoding and scoring as ``launchers/evaluate.py``):
+
+* ``arithmetic``: exact match on short arithmetic problems (``eval.arithmetic``), where the small base models score
+  well above zero, so a student's loss of ability shows;
+* ``passkey``: in-context retrieval of a key hidden at several depths of filler text (``eval.passkey``), overall and
+  per context length (``passkey_by_context``): what a Mamba2 layer, with its fixed-size state, loses first.
 """
 
 from __future__ import annotations
@@ -111,4 +119,45 @@ def _greedy_continuations(teacher, tokenizer, prompts: list[torch.Tensor], n: in
     return result
 
 
-__all__ = ["HeldOut", "scored_rows"]
+class TaskScores:
+    """Arithmetic and passkey accuracy of a model (the study's final students, and the teacher once)."""
+
+    def __init__(self, tokenizer, arithmetic_samples: int = 0, passkey_contexts=(), passkey_depths=(),
+                 passkey_samples: int = 0, seed: int = 0, batch_size: int = 16):
+        from rad_ds.eval.arithmetic import ArithmeticTask
+        from rad_ds.eval.config import EvalConfig
+        from rad_ds.eval.passkey import PasskeyTask
+
+        self.tok, self.chat = tokenizer, bool(getattr(tokenizer, "chat_template", None))
+        self.cfg = EvalConfig(batch_size=batch_size, progress=False)  # the generation loop's settings
+        self.tasks = []
+        if arithmetic_samples:
+            t = ArithmeticTask(samples=arithmetic_samples)
+            self.tasks.append((t, t.load(None, None, seed)))
+        if passkey_samples and passkey_contexts and passkey_depths:
+            t = PasskeyTask(passkey_contexts, passkey_depths, passkey_samples)
+            self.tasks.append((t, t.load(None, None, seed)))
+
+    def __bool__(self) -> bool:
+        return bool(self.tasks)
+
+    @torch.no_grad()
+    def evaluate(self, model, label: str = "student") -> dict:
+        """``{"arithmetic", "arithmetic_n", "arithmetic_ci95", "passkey", "passkey_n", "passkey_ci95",
+        "passkey_by_context": {context: accuracy}}`` for the tasks set up (Wilson intervals over the samples)."""
+        from rad_ds.eval.runner import run_generation_task
+
+        out = {}
+        for task, samples in self.tasks:
+            rows, _ = run_generation_task(model, self.tok, task, samples, self.cfg, self.chat, 0, 1, None, label)
+            if not rows[0]["n"]:  # nothing fitted the model (passkey contexts over its positions): no score
+                continue
+            out.update({task.name: rows[0]["score"], f"{task.name}_n": rows[0]["n"],
+                        f"{task.name}_ci95": rows[0]["ci95"]})
+            per_context = {str(r["context"]): r["score"] for r in rows[1:] if r.get("context") is not None}
+            if per_context:
+                out[f"{task.name}_by_context"] = per_context
+        return out
+
+
+__all__ = ["HeldOut", "TaskScores", "scored_rows"]

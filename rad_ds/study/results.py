@@ -6,6 +6,8 @@ Layout of ``results.json`` (users' scripts read it; keys are only ever added)::
     {"split": "test", "seeds": [0, 1, 2], "model", "budget",
      "k": {"4": {"rad": {"layers", "test_kl": [one per seed], "ppl": [...], "top1_agreement": [...],
                          "greedy_agreement": [...], "greedy_prefix": [...], "mean": {...}, "ci95": {...},
+                         "arithmetic": [final student's exact match, per seed], "arithmetic_n": [...],
+                         "passkey": [...], "passkey_n": [...], "passkey_by_context": {"512": [per seed], ...},
                          "initial": {...}, "curve": {"steps": [...], "test_kl": [[per seed] per step]}, ...},
                  "cosine": {...}, "single_skip": {...}, "even": {...},
                  "random": [{"layers", "test_kl": [...], ...} one per draw]},
@@ -13,6 +15,9 @@ Layout of ``results.json`` (users' scripts read it; keys are only ever added)::
      "paired": {"4": {"single_skip": {"test_kl_diff": [rad - baseline, per seed], "mean", "ci95"}, ...,
                       "random_median": {...}}},
      "summary": {"4": {"rad_not_worse_than": {baseline: bool}}, ...}, "study_seconds", ...}
+
+``budget.tasks`` holds the arithmetic / passkey settings and the teacher's own scores there (with their Wilson
+intervals over the samples); the students' arithmetic and passkey are absent when the study ran with them off.
 
 Every interval is a 95% Student-t interval over training seeds (``rad_ds.core.intervals``). The paired difference
 pairs RAD's student and a baseline's trained with the same seed (the same data order); ``random_median`` is the
@@ -31,6 +36,7 @@ from rad_ds.core.io import write_json_atomic, write_text_atomic
 METRICS = ("heldout_kl", "ppl", "top1_agreement", "greedy_agreement", "greedy_prefix")
 REPORTED = {"heldout_kl": "test_kl", "ppl": "ppl", "top1_agreement": "top1_agreement",
             "greedy_agreement": "greedy_agreement", "greedy_prefix": "greedy_prefix"}
+TASK_METRICS = ("arithmetic", "passkey")  # generation tasks, scored on the final student only (heldout.TaskScores)
 BASELINES = ("single_skip", "cosine", "even", "kl_probe", "random_median")
 NOTE = ("test split: the numbers are reported, never used to choose layers, settings or defaults (those were chosen "
         "on the validation split or the training data)")
@@ -55,6 +61,15 @@ def _entry(arms: list[dict], seeds: list[int]) -> dict:
     out["mean"], out["ci95"] = {}, {}
     for m in METRICS:
         out["mean"][REPORTED[m]], out["ci95"][REPORTED[m]] = mean_interval(out[REPORTED[m]])
+    for m in TASK_METRICS:  # absent when the study ran without them (or a final point scored before they existed)
+        final = [by_seed[s]["curve"][-1] for s in seeds]
+        if all(f.get(m) is not None for f in final):
+            out[m] = [f[m] for f in final]
+            out[f"{m}_n"] = [f.get(f"{m}_n") for f in final]
+            out["mean"][m], out["ci95"][m] = mean_interval(out[m])
+            if all(f.get(f"{m}_by_context") for f in final):
+                out[f"{m}_by_context"] = {c: [f[f"{m}_by_context"].get(c) for f in final]
+                                          for c in final[0][f"{m}_by_context"]}
     steps = [p["step"] for p in by_seed[seeds[0]]["curve"]]
     out["curve"] = {"steps": steps, "test_kl": [[by_seed[s]["curve"][i]["heldout_kl"] for s in seeds]
                                                 for i in range(len(steps))],
@@ -164,6 +179,7 @@ class StudyResults:
             if rm:
                 lines.append(f"| random (median of draws) | | **{rm['mean']['test_kl']:.3f}** | "
                              f"{', '.join(f'{x:.3f}' for x in rm['test_kl'])} | | | | |")
+            lines += self._task_table(k)
             p = d["paired"].get(k)
             if p:
                 lines += ["", "Paired difference of test KL, RAD minus the baseline (same seed, same data order; < 0: "
@@ -184,6 +200,36 @@ class StudyResults:
             lines.append(f"Made by `{p['command']}` at commit {(p['commit'] or '?')[:10]}"
                          f"{' (dirty tree)' if p['dirty'] else ''} on {p['date']}.")
         return "\n".join(x for x in lines) + "\n"
+
+    def _task_table(self, k: str) -> list[str]:
+        """The final students' arithmetic and passkey (means over seeds, Student-t 95%), beside the teacher's."""
+        rows = [(label, r) for label, r in self.rows(k) if any(m in r for m in TASK_METRICS)]
+        if not rows:
+            return []
+        teacher = (self.data["budget"].get("tasks") or {}).get("teacher") or {}
+        contexts = list(next((r.get("passkey_by_context") for _, r in rows if r.get("passkey_by_context")), {}))
+        cols = [m for m in TASK_METRICS if any(m in r for _, r in rows)]
+        head = cols + [f"passkey @{c}" for c in contexts]
+
+        def fmt(x, ci=None):
+            return "-" if x is None else f"{x:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+        def mean(xs):
+            xs = [x for x in xs or [] if x is not None]
+            return statistics.fmean(xs) if xs else None
+
+        lines = ["", "Final students on generation tasks (exact match; mean over seeds [95% Student-t]; the teacher: "
+                     "its score [Wilson 95%] on the same samples):", "",
+                 "| model | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+        if teacher:
+            cells = [fmt(teacher.get(m), teacher.get(f"{m}_ci95")) for m in cols]
+            cells += [fmt((teacher.get("passkey_by_context") or {}).get(c)) for c in contexts]
+            lines.append("| teacher | " + " | ".join(cells) + " |")
+        for label, r in rows:
+            cells = [fmt(r["mean"].get(m), r["ci95"].get(m)) for m in cols]
+            cells += [fmt(mean((r.get("passkey_by_context") or {}).get(c))) for c in contexts]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        return lines
 
     def chart(self, path: Path) -> Path:
         """Test KL over steps per method and k: the mean over seeds and a band from the lowest to the highest seed."""
@@ -222,4 +268,4 @@ class StudyResults:
         self.chart(out / self.CHART)
 
 
-__all__ = ["BASELINES", "METRICS", "StudyResults"]
+__all__ = ["BASELINES", "METRICS", "TASK_METRICS", "StudyResults"]

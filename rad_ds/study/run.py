@@ -37,7 +37,7 @@ from rad_ds.core.outputs import claim
 from rad_ds.distill.config import RunConfig
 
 from .config import StudyConfig
-from .heldout import HeldOut, scored_rows
+from .heldout import HeldOut, TaskScores, scored_rows
 from .results import StudyResults
 
 logger = logging.getLogger(__name__)
@@ -222,7 +222,27 @@ class Study:
         elif cfg.heldout_prompts:
             prompts = _user_turns(cfg.test, tok, cfg.heldout_prompts)
         self.teacher = teacher
+        self.tasks = TaskScores(tok, cfg.arithmetic_samples, cfg.passkey_contexts, cfg.passkey_depths,
+                                cfg.passkey_samples, cfg.task_seed)
+        self.teacher_tasks = self._teacher_tasks()
         return HeldOut(teacher, tok, packed, prompts, cfg.greedy_tokens)
+
+    def _teacher_tasks(self) -> dict:
+        """The teacher's arithmetic and passkey scores (the students' reference), computed once and kept."""
+        path = self.out / "teacher_tasks.json"
+        if not self.tasks:
+            return {}
+        settings = self._task_settings()
+        if path.is_file() and (kept := json.loads(path.read_text())).get("settings") == settings:
+            return kept
+        scores = {**self.tasks.evaluate(self.teacher, "teacher"), "settings": settings}
+        write_json_atomic(path, scores)
+        return scores
+
+    def _task_settings(self) -> dict:
+        c = self.cfg
+        return {"arithmetic_samples": c.arithmetic_samples, "passkey_contexts": list(c.passkey_contexts),
+                "passkey_depths": list(c.passkey_depths), "passkey_samples": c.passkey_samples, "seed": c.task_seed}
 
     def _student(self, rc: RunConfig):
         from rad_ds.surgery import replace_attention
@@ -263,6 +283,8 @@ class Study:
                 if unexpected:
                     raise RuntimeError(f"{tag}: parameters {unexpected[:3]} are not in the student")
                 row = {"step": step, "tokens": tokens.get(step, 0), **ref.evaluate(student)}
+                if step == rc.train.steps and self.tasks:  # generation tasks: the final student only (cost)
+                    row.update(self.tasks.evaluate(student, arm.run_name))
                 rows.append(row)
                 with open(path, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -302,7 +324,14 @@ class Study:
                 "seeds": list(self.cfg.seeds), "init": d.student.init, "stage1_steps": d.loss.stage1_steps,
                 "kd": d.loss.kd, "data": d.data.path, "test": self.cfg.test,
                 "heldout_positions": ref.positions, "heldout_prompts": len(ref.prompts),
-                "teacher_cache_k": self.cfg.cache_k, "teacher_cache_seconds": cache_s}
+                "teacher_cache_k": self.cfg.cache_k, "teacher_cache_seconds": cache_s,
+                "tasks": self._tasks_budget()}
+
+    def _tasks_budget(self) -> dict | None:
+        """The arithmetic / passkey settings and the teacher's scores (None: the study ran without them)."""
+        if not self.tasks:
+            return None
+        return {**self._task_settings(), "teacher": {k: v for k, v in self.teacher_tasks.items() if k != "settings"}}
 
 
 class WallClock:
