@@ -221,16 +221,16 @@ def main():
            "ram_gib": ram_gib,
            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
            "torch": torch.__version__, "wall_s": time.perf_counter() - t0, "rows": rows, "ratios": pairs,
-           "hidden": a.hidden, "fused_rows": fused_rows}
+           "fused": {"hidden": a.hidden, "rows": fused_rows} if fused_rows else None}
     print(write_results(a.out, res, render).read_text())
 
 
 def render(res: dict) -> str:
     """The results markdown, from the JSON that :func:`main` writes."""
-    if not res["rows"]:  # a --fused-only run
-        from rad_ds.core.provenance import provenance_line
+    from rad_ds.core.provenance import provenance_line
 
-        return "\n".join(render_fused(res) + ["", provenance_line(res["provenance"])]) + "\n"
+    if not res["rows"]:  # a --fused-only run
+        return "\n".join(render_fused(res["fused"], res) + ["", provenance_line(res["provenance"])]) + "\n"
     names = {"autograd": "plain autograd (previous)", "chunked": "chunked recompute (new)"}
     md = [
         "# Logit-loss memory: chunked recompute vs plain autograd (CPU)", "",
@@ -298,19 +298,21 @@ def render(res: dict) -> str:
                       f"inputs (its {o['tokens']}-token peak scaled, plus {r['inputs_gib']:.1f} GiB of logits) on a "
                       f"machine of {res['ram_gib']:.0f} GiB shared with other work, so the comparison is made at "
                       "fewer tokens (see the first table).")
-    from rad_ds.core.provenance import provenance_line
-
-    if res.get("fused_rows"):
-        md += [""] + render_fused(res)
     md += ["", provenance_line(res["provenance"])]
+    if res.get("fused"):
+        md += [""] + render_fused(res["fused"], res)
+        if "provenance" in res["fused"]:  # measured by a run of its own, merged into this file
+            md += ["", provenance_line(res["fused"]["provenance"])]
     return "\n".join(md) + "\n"
 
 
-def render_fused(res: dict) -> list[str]:
-    """The ``--fused`` section: from hidden states, plain vs chunked vs fused head + loss."""
-    rows = res["fused_rows"]
+def render_fused(fused: dict, res: dict) -> list[str]:
+    """The ``--fused`` section: from hidden states, plain vs chunked vs fused head + loss. ``fused`` carries its
+    own run's settings and provenance when it was measured apart from ``res``."""
+    rows = fused["rows"]
+    res = {**res, **fused}
     md = [
-        "# Fused LM head + KD loss vs logits (CPU)", "",
+        "## Fused LM head + KD loss vs logits (CPU)", "",
         (f"From the two models' final hidden states (hidden {res['hidden']}, float32, the student's requiring "
          f"grad) and frozen float32 LM heads at vocab {res['vocab']}, every position selected, T = "
          f"{res['temperature']:g}; forward + backward, median of {res['repeats']} runs, {res['threads']} threads "
@@ -319,7 +321,8 @@ def render_fused(res: dict) -> list[str]:
          "`fused_loss_sums` (rad_ds/distill/fused.py: chunks of `chunk` positions projected, scored and "
          "differentiated in one autograd function). Peak = peak RSS minus RSS once the inputs (hidden states and "
          "heads) are allocated, so it counts the logits and their gradient where a path makes them."), "",
-        "| loss | path | tokens | chunk | logits (GiB, one model) | peak (GiB) | time (s) | peak / plain | time / plain |",
+        ("| loss | path | tokens | chunk | logits (GiB, one model) | peak (GiB) | time (s) | peak / plain | "
+         "time / plain |"),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     plain = {(r["loss"], r["tokens"], r["chunk_tokens"]): r for r in rows if r["variant"] == "plain"}
@@ -330,7 +333,9 @@ def render_fused(res: dict) -> list[str]:
         tr = f"{r['time_s'] / p['time_s']:.2f}" if p else "-"
         md.append(f"| {r['loss']} | {r['variant']} | {r['tokens']} | {r['chunk_tokens']} | {r['logits_gib']:.2f} | "
                   f"{r['peak_gib']:.2f} | {r['time_s']:.2f} | {ratio} | {tr} |")
-    md += ["", "## Reading", ""]
+    md += ["", "### Reading", ""]
+    if fused.get("note"):
+        md += [f"- This section was {fused['note']}."]
     for r in rows:
         if r["variant"] != "fused":
             continue
@@ -338,8 +343,9 @@ def render_fused(res: dict) -> list[str]:
         c = chunked.get(key)
         p = plain.get(key)
         if p is not None:
-            md.append(f"- {r['tokens']} tokens: fused peak {r['peak_gib']:.2f} GiB = **{r['peak_gib'] / p['peak_gib']:.3f}x** "
-                      f"plain ({p['peak_gib']:.2f} GiB), {r['peak_gib'] / c['peak_gib']:.3f}x chunked; step time "
+            md.append(f"- {r['tokens']} tokens: fused peak {r['peak_gib']:.2f} GiB = "
+                      f"**{r['peak_gib'] / p['peak_gib']:.3f}x** plain ({p['peak_gib']:.2f} GiB), "
+                      f"{r['peak_gib'] / c['peak_gib']:.3f}x chunked; step time "
                       f"**{r['time_s'] / p['time_s']:.2f}x** plain, {r['time_s'] / c['time_s']:.2f}x chunked; loss "
                       f"rel. diff to plain {abs(r['value'] - p['value']) / abs(p['value']):.1e}.")
         else:
@@ -351,8 +357,9 @@ def render_fused(res: dict) -> list[str]:
                 est = (f"; plain was not run (it would need about {scaled:.0f} GiB, its {q['tokens']}-token peak "
                        f"scaled linearly, on a machine of {res['ram_gib']:.0f} GiB shared with other work): fused / "
                        f"that estimate = **{r['peak_gib'] / scaled:.3f}x**")
-            md.append(f"- {r['tokens']} tokens: fused peak {r['peak_gib']:.2f} GiB = {r['peak_gib'] / c['peak_gib']:.3f}x "
-                      f"chunked ({c['peak_gib']:.2f} GiB), step time {r['time_s'] / c['time_s']:.2f}x chunked{est}.")
+            md.append(f"- {r['tokens']} tokens: fused peak {r['peak_gib']:.2f} GiB = "
+                      f"{r['peak_gib'] / c['peak_gib']:.3f}x chunked ({c['peak_gib']:.2f} GiB), step time "
+                      f"{r['time_s'] / c['time_s']:.2f}x chunked{est}.")
     md.append("- What the fused path holds: a few float32 `chunk x vocab` buffers (the chunk's two logits, their "
               "log-softmaxes and gradient) and the `tokens x hidden` gradient of the hidden states; the logits "
               "paths hold both models' `tokens x vocab` logits and the student's logits gradient on top.")

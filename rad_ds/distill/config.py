@@ -28,6 +28,7 @@ from rad_ds.surgery.init import INIT_MODES
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tv", "none")
 HIDDEN_KINDS = ("mse", "cosine", "none")
 VOCAB_MODES = ("strict", "truncate")
+FUSED_MODES = ("auto", "true", "false")
 TRAINABLE = ("mamba", "mamba_mlp", "replaced", "all")
 PACKING = ("greedy", "none")
 LONG_DOCUMENTS = ("split", "truncate")
@@ -135,6 +136,9 @@ class LossConfig:
                               "teacher's input to it, trained on its output with loss.hidden, weight 1, no logit "
                               "loss), then the configured losses end to end (0 = one stage)")
     chunk_tokens: int = _f(1024, "tokens per chunk when computing the logit losses (bounds memory)")
+    fused: str = _f("auto", "fused LM head + loss from the final hidden states, no tokens x vocab logits "
+                    "(rad_ds/distill/fused.py): auto (on wherever it applies: not with teacher.cache targets "
+                    "nor a trainable ZeRO-3-partitioned head), true (on; an error where it cannot be), false")
     vocab: str = _f("strict", "strict: teacher and student vocab sizes must match; truncate: compare the "
                     "tokenizer's tokens when one vocab is a padded version of the other")
 
@@ -219,6 +223,12 @@ class RunConfig(Config):
         choice("loss.kd", self.loss.kd, KD_KINDS)
         choice("loss.hidden", self.loss.hidden, HIDDEN_KINDS)
         choice("loss.vocab", self.loss.vocab, VOCAB_MODES)
+        if isinstance(self.loss.fused, bool):  # YAML's true/false
+            self.loss.fused = str(self.loss.fused).lower()
+        choice("loss.fused", self.loss.fused, FUSED_MODES)
+        if self.loss.fused == "true" and self.teacher.cache:
+            raise ConfigError("loss.fused=true: a teacher cache's top-k targets take the logits path; set "
+                              "loss.fused=auto (or false) with teacher.cache")
         choice("optim.schedule", self.optim.schedule, SCHEDULES)
         choice("teacher.placement", self.teacher.placement, PLACEMENTS)
         if self.teacher.offload and self.teacher.placement in ("shared", "replicated"):

@@ -15,6 +15,10 @@ float32 ``chunk_tokens x vocab`` buffers, not the ``tokens x vocab`` float32 log
 autograd would otherwise keep alive from forward to backward (5 GB for 4 x 2048 tokens at vocab
 128256; see ``benchmarks/results/kd_memory_cpu.md``). ``kd_loss_sum_ref`` / ``ce_loss_sum_ref`` are the
 plain autograd versions that tests and ``benchmarks/kd_memory.py`` compare against.
+
+These functions still need both models' logits and produce the student's logits gradient (``tokens x vocab``
+each). :mod:`rad_ds.distill.fused` goes one step further and never makes them: it takes the final hidden
+states and the LM head weights and runs the per-chunk helpers below on each chunk's projected logits.
 """
 
 from __future__ import annotations

@@ -37,6 +37,8 @@ class SelfDistillOutput(ModelOutput):
     student_outputs: dict | None = None  # replaced layer -> its output
     teacher_outputs: dict | None = None
     teacher_inputs: dict | None = None
+    hidden: torch.Tensor | None = None  # with ``hidden=True``: the student's final hidden states (after the norm)
+    teacher_hidden: torch.Tensor | None = None  # ... and the teacher's, instead of the two logits
 
 
 class SelfDistillModel(nn.Module):
@@ -68,9 +70,16 @@ class SelfDistillModel(nn.Module):
     def _head(self, h):
         return self.student.lm_head(self.student.model.norm(h))
 
+    def head_weight(self) -> torch.nn.Parameter:
+        """The LM head both streams share (the fused loss takes it with the final hidden states)."""
+        return self.student.lm_head.weight
+
     def forward(self, input_ids, position_ids=None, layerwise: bool = False, teacher: bool = True,
-                **_) -> SelfDistillOutput:
-        """``teacher=False``: the student stream alone (its teacher signal comes from elsewhere, a cache)."""
+                hidden: bool = False, **_) -> SelfDistillOutput:
+        """``teacher=False``: the student stream alone (its teacher signal comes from elsewhere, a cache);
+        ``hidden=True``: the final hidden states of both streams instead of their logits (for the fused loss,
+        which applies the head itself and never materialises ``tokens x vocab`` logits)."""
+        final = self.student.model.norm if hidden else self._head
         h, kw = self._shared_prefix(input_ids, position_ids)
         layers, first = self.student.model.layers, self.replaced[0]
         out = SelfDistillOutput(student_outputs={}, teacher_outputs={}, teacher_inputs={})
@@ -84,7 +93,10 @@ class SelfDistillModel(nn.Module):
                     t = layers[i](t, attention=attn, **kw)
                     if attn is not None:
                         out.teacher_outputs[i] = t
-                out.teacher_logits = self._head(t)
+                if hidden:
+                    out.teacher_hidden = final(t)
+                else:
+                    out.teacher_logits = final(t)
         s = h
         for i in range(first, len(layers)):
             if layerwise and i in out.teacher_inputs:
@@ -92,7 +104,10 @@ class SelfDistillModel(nn.Module):
             s = layers[i](s, **kw)
             if i in out.teacher_outputs:
                 out.student_outputs[i] = s
-        out.logits = self._head(s)
+        if hidden:
+            out.hidden = final(s)
+        else:
+            out.logits = final(s)
         return out
 
 

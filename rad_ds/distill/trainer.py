@@ -44,6 +44,8 @@ from .engines import (
     student_engine,
     teacher_engine,
 )
+from .fused import fused_loss_sums
+from .heads import FinalHidden, fused_ok, gathered, head_param
 from .losses import ce_loss_sum, hidden_loss_sum, kd_loss_sum, sparse_kd_loss_sum
 from .on_policy import OnPolicy, generation_model
 from .summary import RunSummary
@@ -65,6 +67,17 @@ class DistillResult:
     engine: object = field(default=None, repr=False)  # the student engine (for inspection after the run)
 
 
+@dataclass
+class FusedHeads:
+    """What the fused loss takes instead of the two models' logits: final hidden states ``(b, l, H)`` and
+    full (gathered) head weights ``(V, H)``; the teacher's may be None when KD is off."""
+
+    s_hidden: torch.Tensor
+    s_weight: torch.Tensor
+    t_hidden: torch.Tensor | None
+    t_weight: torch.Tensor | None
+
+
 class LossComputer:
     """The step objective from teacher/student outputs, as per-term sums (normalised by the caller)."""
 
@@ -74,12 +87,32 @@ class LossComputer:
         self.hidden_on = loss_cfg.hidden != "none" and loss_cfg.hidden_weight > 0
         self.ce_on = loss_cfg.ce_weight > 0
 
+    @property
+    def needs_head(self) -> bool:
+        """Whether the step reads the LM head (a logit loss is on)."""
+        return self.kd_on or self.ce_on
+
     def sums(self, s_logits, t_logits, mb, s_outputs: dict | None, t_outputs: dict | None,
-             sparse: SparseTargets | None = None) -> dict:
+             sparse: SparseTargets | None = None, heads: FusedHeads | None = None) -> dict:
         """``*_outputs``: replaced layer -> that layer's output (for the hidden-state loss); ``sparse``: the
-        teacher as top-k + tail targets (a teacher cache) instead of ``t_logits``."""
+        teacher as top-k + tail targets (a teacher cache) instead of ``t_logits``; ``heads``: hidden states
+        and head weights instead of both logits (the fused loss, fused.py)."""
         c = self.cfg
         out = {}
+        if heads is not None:
+            if self.needs_head:
+                lim = self.vocab_limit
+                s_w, t_w = heads.s_weight, heads.t_weight
+                if lim is not None:
+                    s_w, t_w = s_w[:lim], (t_w[:lim] if t_w is not None else None)
+                out.update(fused_loss_sums(
+                    heads.s_hidden, s_w, heads.t_hidden, t_w, mb.target,
+                    mb.input_ids if self.ce_on else None, c.kd if self.kd_on else None, c.temperature,
+                    c.jsd_beta if c.kd == "jsd" else c.skew_alpha, c.chunk_tokens))
+            if self.hidden_on:
+                out["hidden"] = sum(hidden_loss_sum(s_outputs[i], t_outputs[i], mb.token, c.hidden)
+                                    for i in self.layers)
+            return {k: out[k] for k in ("kd", "hidden", "ce") if k in out}
         if self.vocab_limit is not None:
             s_logits = s_logits[..., :self.vocab_limit]
             t_logits = t_logits[..., :self.vocab_limit] if t_logits is not None else None
@@ -268,7 +301,37 @@ class DistillRun:
             self.t_taps = LayerTaps(self.teacher, layers, capture_inputs=layerwise)
             feed = {i: partial(self._teacher_input, i) for i in layers} if layerwise else None
             self.s_taps = LayerTaps(self.student, layers, feed=feed)
+        self.fused = self._use_fused()
+        self.s_final = self.t_final = None
+        if self.fused and not self.one_copy:  # final hidden states from hooks on the final norms
+            self.s_final = FinalHidden(self.student)
+            self.t_final = FinalHidden(self.teacher) if self.teacher is not None else None
         return None
+
+    def _student_head(self) -> torch.nn.Parameter:
+        module = self.student.module
+        return module.head_weight() if self.one_copy else head_param(module)
+
+    def _use_fused(self) -> bool:
+        """loss.fused resolved for this run: the fused head + loss wherever it can serve (config.py)."""
+        mode = self.cfg.loss.fused
+        if mode == "false":
+            return False
+        why = None
+        if self.cache is not None:
+            why = "the teacher cache's top-k targets take the logits path"
+        elif not fused_ok(self.student.module if not self.one_copy else self.student.module.student):
+            why = "the LM head trains and is ZeRO-3-partitioned (its gradient must go through DeepSpeed's hooks)"
+        if why is not None:
+            if mode == "true":
+                raise ConfigError(f"loss.fused=true: {why}; set loss.fused=auto or false")
+            if self.rank == 0:
+                logger.info("loss.fused=auto: logits path (%s)", why)
+            return False
+        if self.rank == 0:
+            logger.info("fused LM head + loss: no tokens x vocab logits (loss.chunk_tokens=%d)",
+                        self.cfg.loss.chunk_tokens)
+        return True
 
     def _teacher_input(self, i: int) -> torch.Tensor | None:
         return self.t_taps.inputs[i].detach() if self.layerwise_now else None
@@ -432,7 +495,9 @@ class DistillRun:
         # the cache gives the logit targets (in a two-stage run: of the second stage)
         cached = self.cache is not None and step > self.stage1_steps
         sparse = self.cache.targets(mb.rows, mb.target) if cached else None
-        if self.one_copy:
+        if self.fused:
+            sums = self._fused_sums(losses, mb)
+        elif self.one_copy:
             out = self.student(mb.input_ids, position_ids=mb.position_ids, layerwise=self.layerwise_now,
                                teacher=sparse is None)
             sums = losses.sums(out.logits, out.teacher_logits, mb, out.student_outputs, out.teacher_outputs,
@@ -455,6 +520,27 @@ class DistillRun:
             if taps is not None:
                 taps.clear()
         return sums
+
+    def _fused_sums(self, losses: LossComputer, mb) -> dict:
+        """The micro-batch's loss sums through the fused head + loss: the models return final hidden states
+        (one-copy: ``hidden=True``; engines: a hook on the final norm, ``logits_to_keep=1``)."""
+        ids, pos = mb.input_ids, mb.position_ids
+        s_w = self._student_head()
+        if self.one_copy:
+            out = self.student(ids, position_ids=pos, layerwise=self.layerwise_now, hidden=True)
+            s_h, t_h, t_w = out.hidden, out.teacher_hidden, s_w  # one head serves both streams
+            s_out, t_out = out.student_outputs, out.teacher_outputs
+        else:
+            with torch.no_grad():
+                self.teacher(ids, position_ids=pos, use_cache=False, logits_to_keep=1)
+            t_h, t_w = self.t_final.take(), head_param(self.teacher)
+            self.student(ids, position_ids=pos, use_cache=False, logits_to_keep=1)
+            s_h = self.s_final.take()
+            s_out, t_out = tap_outputs(self.s_taps), tap_outputs(self.t_taps)
+        if not losses.needs_head:
+            return losses.sums(None, None, mb, s_out, t_out, heads=FusedHeads(s_h, s_w, t_h, t_w))
+        with gathered(s_w, t_w):  # ZeRO-3: the whole heads, for the length of the loss (no backward use)
+            return losses.sums(None, None, mb, s_out, t_out, heads=FusedHeads(s_h, s_w, t_h, t_w))
 
     def global_loss(self, acc: dict, batch, losses: LossComputer | None = None):
         """The step's loss terms summed over ranks (collective), normalised by the global token counts."""
@@ -511,7 +597,7 @@ class DistillRun:
             RunSummary(summary).write(self.out)
         if finished:  # only now, with final/ and summary.json on disk, is the run marked finished
             self.output.finish(steps=cfg.train.steps)
-        for taps in (self.t_taps, self.s_taps):
+        for taps in (self.t_taps, self.s_taps, getattr(self, "s_final", None), getattr(self, "t_final", None)):
             if taps is not None:
                 taps.remove()
         return DistillResult(self.out, self.start_step, cfg.train.steps, rows, self.last_saved, export_dir, summary,

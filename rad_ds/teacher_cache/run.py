@@ -29,6 +29,8 @@ from rad_ds.distill.faults import fault_point
 
 from .config import TeacherCacheConfig
 
+TOPK_CHUNK_TOKENS = 1024  # positions projected through the LM head at a time (chunk x vocab float32 alive)
+
 logger = logging.getLogger(__name__)
 
 
@@ -178,8 +180,12 @@ class _CacheBuild:
 
     @torch.no_grad()
     def _topk(self, rows: np.ndarray):
-        """(per-row position counts, indices, log-probabilities, tails) of ``rows``' counted positions."""
-        from rad_ds.distill.losses import teacher_topk
+        """(per-row position counts, indices, log-probabilities, tails) of ``rows``' counted positions.
+
+        The LM head runs only on counted positions, ``TOPK_CHUNK_TOKENS`` at a time (fused.py): no
+        ``tokens x vocab`` logits for the whole micro-batch (8 GB of float32 at 4 x 4096 x 128256)."""
+        from rad_ds.distill.fused import fused_teacher_topk
+        from rad_ds.distill.heads import FinalHidden, gathered, head_param
 
         p = self.packed
         ids = torch.from_numpy(p.input_ids[rows].astype(np.int64))
@@ -188,13 +194,18 @@ class _CacheBuild:
         device = getattr(self.teacher, "device", torch.device("cpu"))
         rows_sel = target.reshape(-1).nonzero().squeeze(-1).to(device)
         if self.cfg.teacher.placement == "replicated":
-            # a whole model: the LM head (a large share of a small model's cost) runs only where a loss reads it
             h = self.teacher.model(ids.to(device), position_ids=pos.to(device), use_cache=False).last_hidden_state
-            sel = self.teacher.lm_head(h.reshape(-1, h.size(-1))[rows_sel])
-        else:  # a ZeRO-3 engine: through its own forward, which gathers the partitions
-            logits = self.teacher(ids.to(device), position_ids=pos.to(device), use_cache=False).logits
-            sel = logits.reshape(-1, logits.size(-1))[rows_sel]
-        idx, top, tail = teacher_topk(sel, self.store.k, self.cfg.temperature)
+        else:  # a ZeRO-3 engine: through its own forward (which gathers the partitions), one position's logits
+            final = FinalHidden(self.teacher)
+            try:
+                self.teacher(ids.to(device), position_ids=pos.to(device), use_cache=False, logits_to_keep=1)
+                h = final.take()
+            finally:
+                final.remove()
+        sel = h.reshape(-1, h.size(-1)).index_select(0, rows_sel)
+        weight = head_param(self.teacher)
+        with gathered(weight):  # ZeRO-3: the whole head for the length of the projection (collective)
+            idx, top, tail = fused_teacher_topk(sel, weight, self.store.k, self.cfg.temperature, TOPK_CHUNK_TOKENS)
         return target.sum(-1).numpy(), idx.cpu(), top.float().cpu(), tail.float().cpu()
 
     def _write(self, shard: int, rows: np.ndarray, parts: list) -> None:
