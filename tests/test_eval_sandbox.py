@@ -449,7 +449,10 @@ def test_total_disk_use_is_capped_by_a_private_tmpfs(host_tmp):
 
     def look():  # while a program keeps a file, the evaluator's side of its directory stays empty
         while not done.is_set():
-            seen.append(sorted(str(p.relative_to(host_tmp)) for p in host_tmp.rglob("*")))
+            try:
+                seen.append(sorted(str(p.relative_to(host_tmp)) for p in host_tmp.rglob("*")))
+            except FileNotFoundError:  # a directory removed while we walked it (a run's start or end)
+                continue
 
     watcher = threading.Thread(target=look, daemon=True)
     watcher.start()
