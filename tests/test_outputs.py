@@ -212,3 +212,24 @@ def test_the_log_file_keeps_everything_the_console_drops(tmp_path):
     assert "scored 3 of 4" in log and "Processing zero checkpoint" in log and "a DeepSpeed warning" in log
     assert "after the run" not in log  # detached with the claim
     assert "scored 3 of 4" in console.getvalue() and "Processing zero checkpoint" not in console.getvalue()
+
+
+def test_ranks_other_than_0_show_warnings_and_any_rank_events_only(tmp_path):
+    """A launcher on rank 1: its INFO lines stay off the console (rank 0 says them), except an event that one
+    process does for all (the embedded model's import), which shows whichever rank does it."""
+    code = textwrap.dedent("""
+        import logging
+        from rad_ds.core.cli import ANY_RANK, run_cli
+        def main(argv):
+            log = logging.getLogger("rad_ds.test")
+            log.info("an ordinary line")
+            log.info("importing once", extra={ANY_RANK: True})
+            log.warning("a warning")
+        run_cli(main, [])
+    """)
+    for rank, want in (("0", ["an ordinary line", "importing once", "a warning"]),
+                       ("1", ["importing once", "a warning"])):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT), "RANK": rank})
+        lines = [line.split("] ", 1)[1] for line in r.stderr.splitlines() if line.startswith("[")]
+        assert lines == want, (rank, r.stderr)

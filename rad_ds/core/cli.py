@@ -11,6 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+# ``logger.info(..., extra={ANY_RANK: True})``: an INFO line shown whichever rank logs it (an event that one process
+# does for all, such as importing the embedded model once); other INFO lines are rank 0's alone
+ANY_RANK = "rad_ds_any_rank"
+
 # errors that come from the user's input: print one line, no traceback
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError, TimeoutError)
 
@@ -35,7 +39,10 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     """Run a launcher's ``main``: rank 0 logs at INFO, the other ranks only warnings (no line repeated per rank);
     user errors are one line and exit 2."""
     rank = int(os.environ.get("RANK", "0") or 0)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(levelname)s] %(message)s")
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
+    if rank != 0:  # warnings, and the INFO lines of events one process does for all (ANY_RANK), e.g. a model import
+        for h in logging.getLogger().handlers:
+            h.addFilter(lambda r: r.levelno >= logging.WARNING or getattr(r, ANY_RANK, False))
     quiet_libraries()
     try:
         rc = main(argv)

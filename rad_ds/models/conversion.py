@@ -238,7 +238,8 @@ def ensure_embedded(name: str) -> tuple[Path, bool]:
     key = {"source": f, "bytes": os.path.getsize(os.path.join(d, f))}
 
     def build(tmp: Path) -> None:
-        logger.info("importing %s/%s into %s (once)", d, f, target)
+        # whichever rank wins the lock imports, so the line is shown from any rank (core.cli.ANY_RANK)
+        logger.info("importing %s/%s into %s (once)", d, f, target, extra={"rad_ds_any_rank": True})
         model, tok = load_model(d, gguf_file=f, dtype=torch.float32)
         model.config.name_or_path = name
         write_model_files(model, tok, tmp)
