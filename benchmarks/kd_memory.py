@@ -49,6 +49,18 @@ def _peak() -> int:
 HEAD_VARIANTS = ("plain", "chunked", "fused")  # the --fused rows: from hidden states through the LM head
 
 
+def _student_teacher(a, width: int):
+    """(shape, generator, student tensor with grad, teacher tensor): ``a.tokens`` in rows of <= 2048 by ``width``,
+    drawn from one seeded generator that the caller keeps drawing from."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    b = max(a.tokens // 2048, 1)
+    shape = (b, a.tokens // b, width)
+    g = torch.Generator().manual_seed(0)
+    return shape, g, torch.randn(shape, generator=g).requires_grad_(), torch.randn(shape, generator=g)
+
+
 def head_child(a) -> dict:
     """One ``--fused`` variant in this (fresh) process: hidden states + frozen heads -> KD loss, fwd + bwd."""
     import torch
@@ -57,12 +69,7 @@ def head_child(a) -> dict:
     from rad_ds.distill import losses
     from rad_ds.distill.fused import fused_loss_sums
 
-    torch.set_num_threads(a.threads)
-    b = max(a.tokens // 2048, 1)
-    shape = (b, a.tokens // b, a.hidden)
-    g = torch.Generator().manual_seed(0)
-    s_h = torch.randn(shape, generator=g).requires_grad_()
-    t_h = torch.randn(shape, generator=g)
+    shape, g, s_h, t_h = _student_teacher(a, a.hidden)
     s_w = torch.randn(a.vocab, a.hidden, generator=g) * a.hidden**-0.5
     t_w = torch.randn(a.vocab, a.hidden, generator=g) * a.hidden**-0.5
     mask = torch.ones(shape[:2], dtype=torch.bool)
@@ -100,12 +107,7 @@ def child(a) -> dict:
 
     if a.variant.startswith("head_"):
         return head_child(a)
-    torch.set_num_threads(a.threads)
-    b = max(a.tokens // 2048, 1)
-    shape = (b, a.tokens // b, a.vocab)
-    g = torch.Generator().manual_seed(0)
-    s = torch.randn(shape, generator=g).requires_grad_()
-    t = torch.randn(shape, generator=g)
+    shape, g, s, t = _student_teacher(a, a.vocab)
     ids = torch.randint(0, a.vocab, shape[:2], generator=g)
     mask = torch.ones(shape[:2], dtype=torch.bool)
     if a.loss == "ce":

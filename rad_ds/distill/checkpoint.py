@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rad_ds.core.dist import broadcast_object
 from rad_ds.core.io import write_text_atomic
 
 from .faults import fault_point
@@ -160,10 +161,7 @@ def verify_checkpoint(tag_dir: Path) -> str | None:
 def _records(tag_dir: Path, rank: int, world: int) -> dict:
     """Size and CRC-32 of every file of ``tag_dir`` (collective: each rank checksums every world-th file)."""
     files = sorted(str(f.relative_to(tag_dir)) for f in tag_dir.rglob("*") if f.is_file()) if rank == 0 else None
-    if torch.distributed.is_initialized() and world > 1:
-        box = [files]
-        torch.distributed.broadcast_object_list(box, src=0)
-        files = box[0]
+    files = broadcast_object(files)
     mine = {name: file_record(tag_dir / name) for name in files[rank::world]}
     if torch.distributed.is_initialized() and world > 1:
         parts = [None] * world
