@@ -1,4 +1,5 @@
-"""Layer lists as users write them (``3,7``, ``4-6``, ``[3, 7]``) and as rad-ds prints them (``AAMA``)."""
+"""Layer lists as users write them (``3,7``, ``4-6``, ``[3, 7]``), as rad-ds prints them (``AAMA``), and the
+attention layers of a config."""
 
 from __future__ import annotations
 
@@ -28,9 +29,15 @@ def parse_int_list(text, what: str = "--layers", error: type[Exception] = ValueE
     return out
 
 
+def attention_layers(config) -> list[int]:
+    """Indices of the attention layers of a hybrid config (``layer_types``): what a placement may replace and a
+    draft may skip."""
+    return [i for i, t in enumerate(config.layer_types) if t == "attention"]
+
+
 def layers_string(config) -> str:
     """The per-layer layout of a hybrid config: ``A`` for attention, ``M`` for Mamba2."""
     return "".join("A" if t == "attention" else "M" for t in config.layer_types)
 
 
-__all__ = ["layers_string", "parse_int_list"]
+__all__ = ["attention_layers", "layers_string", "parse_int_list"]

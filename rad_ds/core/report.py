@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rad_ds.core.io import write_json_atomic
+from rad_ds.core.layers import attention_layers
 
 
 class ReportError(ValueError):
@@ -81,7 +82,7 @@ class DiagnosisReport:
 
     def check(self, model_config) -> None:
         """Refuse a report made for a model with another layer count or attention layout."""
-        attn = [i for i, t in enumerate(model_config.layer_types) if t == "attention"]
+        attn = attention_layers(model_config)
         rep_attn = [int(x["index"]) for x in self.data.get("layers") or [] if x.get("type", "attention") == "attention"]
         n_rep = self.data.get("num_hidden_layers")
         if (n_rep is not None and int(n_rep) != model_config.num_hidden_layers) or (rep_attn and rep_attn != attn):

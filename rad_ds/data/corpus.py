@@ -36,8 +36,12 @@ from pathlib import Path
 
 import torch
 
+from rad_ds.core.batching import left_padded, length_sorted_batches, pad_id
 from rad_ds.core.config import ConfigError
+from rad_ds.core.dtypes import to_dtype
 from rad_ds.core.shared_cache import build_once, is_complete
+from rad_ds.decoding.eos import model_eos_ids
+from rad_ds.models.conversion import load_model, model_location
 
 from .corpus_config import CorpusConfig
 from .corpus_sources import Item, chat_items, human_eval_items, math_items, python_version, stable_unit, stdlib_items
@@ -86,12 +90,6 @@ class Answer:
     truncated: bool  # no end-of-sequence token within max_new_tokens
 
 
-def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices in batches of similar length (longest first, ties by index: the same batches every run)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 class Journal:
     """Finished generation batches of a build, one JSON line each, beside OUT; a rerun with the same ``key``
     takes them instead of generating again (a last line cut by a kill is ignored)."""
@@ -129,10 +127,8 @@ def greedy_answers(model, tok, prompts: list[list[int]], max_new_tokens: int, ba
                    journal: Journal | None = None, progress: bool = False) -> list[Answer]:
     """The model's greedy continuation of each prompt (token ids), in length-sorted left-padded batches of
     ``batch_size``, cut at the first end-of-sequence token."""
-    from rad_ds.decoding.eos import model_eos_ids
-
     eos = model_eos_ids(tok, model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0)
+    pad = pad_id(tok)
     out: list[Answer | None] = [None] * len(prompts)
     batches = length_sorted_batches([len(p) for p in prompts], batch_size)
     t0 = time.perf_counter()
@@ -140,12 +136,8 @@ def greedy_answers(model, tok, prompts: list[list[int]], max_new_tokens: int, ba
         digest = hashlib.sha1(json.dumps([prompts[i] for i in idx]).encode()).hexdigest()
         answers = journal.get(b, digest) if journal else None
         if answers is None:
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, i in enumerate(idx):
-                ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[r, width - len(prompts[i]):] = 1
+            ids, mask = left_padded([prompts[i] for i in idx], pad)
+            width = ids.size(1)
             gen = model.generate(ids.to(model.device), attention_mask=mask.to(model.device),
                                  max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                                  top_k=None, pad_token_id=pad, eos_token_id=sorted(eos) or None)
@@ -186,8 +178,6 @@ def _items(cfg: CorpusConfig) -> tuple[list[Item], dict]:
 
 
 def _teacher_files(cfg: CorpusConfig) -> list:
-    from rad_ds.models.conversion import model_location
-
     d, gguf = model_location(cfg.teacher.path, cfg.teacher.gguf_file)
     if not d.exists():
         raise FileNotFoundError(f"teacher.path {cfg.teacher.path}: not found; give an HF model dir, a .gguf file or "
@@ -275,9 +265,6 @@ def _licence(it: Item, chat_path: str | None) -> str:
 
 def _teacher_answers(cfg: CorpusConfig, key: str, items: list[Item], todo: list[int], journal_path: Path):
     """(tokenizer, {item index: Answer}, generation seconds): the teacher's greedy answers to ``items[todo]``."""
-    from rad_ds.core.dtypes import to_dtype
-    from rad_ds.models.conversion import load_model
-
     model, tok = load_model(cfg.teacher.path, gguf_file=cfg.teacher.gguf_file, dtype=to_dtype(cfg.teacher.dtype))
     if tok is None:
         raise DataError(f"teacher.path {cfg.teacher.path}: the model has no tokenizer; the corpus needs one")
@@ -500,4 +487,4 @@ def build_corpus(cfg: CorpusConfig) -> CorpusSummary:
 
 
 __all__ = ["HELD_OUT", "PROMPTS_FILES", "SPLITS", "Answer", "CorpusSummary", "Journal", "build_corpus", "corpus_key",
-           "greedy_answers", "length_sorted_batches", "split_of"]
+           "greedy_answers", "split_of"]

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rad_ds.core.batching import pad_id
 from rad_ds.core.io import write_json_atomic
 from rad_ds.core.shared_cache import build_once
 
@@ -74,8 +75,7 @@ def build_packed(data_cfg, tok) -> Packed:
                            data_cfg.messages_field, data_cfg.max_documents)
     docs = tokenize_documents(records, tok, add_eos=data_cfg.add_eos, mask_prompt=data_cfg.mask_prompt,
                               min_tokens=data_cfg.min_tokens, num_proc=data_cfg.num_proc)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    packed = pack_documents(docs, data_cfg.seq_len, data_cfg.packing, pad, data_cfg.long_documents)
+    packed = pack_documents(docs, data_cfg.seq_len, data_cfg.packing, pad_id(tok), data_cfg.long_documents)
     st = docs.stats
     logger.info(
         "data %s: %d records -> %d documents (dropped %d: %d empty, %d shorter than data.min_tokens=%d, %d with "

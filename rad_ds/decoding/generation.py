@@ -7,6 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from rad_ds.core.batching import pad_id
+from rad_ds.decoding.prompts import encode
+from rad_ds.models.static_decode import StaticDecoder
+
 
 @dataclass
 class GenerationResult:
@@ -22,8 +26,6 @@ class GenerationResult:
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
     """Token ids ``(1, L)`` of ``prompt``; with ``chat`` and a chat template, as one user turn."""
-    from rad_ds.decoding.prompts import encode
-
     return encode(tokenizer, "text", prompt, chat).view(1, -1)
 
 
@@ -38,15 +40,13 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat:
     if static:
         if do_sample:
             raise ValueError("--static decodes greedily; drop --sample or --static")
-        from rad_ds.models.static_decode import StaticDecoder
-
         dec = StaticDecoder(model, batch_size=1, max_len=ids.size(1) + max_new_tokens)
         out = dec.generate(ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
     else:
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature if do_sample else None, top_p=None, top_k=None,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            pad_token_id=pad_id(tokenizer),
         )
     dt = time.perf_counter() - t0
     new = out[0, ids.size(1):]

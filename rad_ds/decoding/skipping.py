@@ -12,12 +12,13 @@ from collections.abc import Iterable
 
 import torch
 
+from rad_ds.core.layers import attention_layers
 from rad_ds.models.modeling_rad_hybrid import _build_attn_mask
 
 
 def candidate_layers(config) -> list[int]:
     """Attention layers: the only sublayers a draft may skip."""
-    return [i for i, t in enumerate(config.layer_types) if t == "attention"]
+    return attention_layers(config)
 
 
 def check_mask(config, mask: Iterable[int]) -> frozenset[int]:

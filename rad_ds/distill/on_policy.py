@@ -38,7 +38,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
+from rad_ds.core.batching import left_padded
+from rad_ds.core.batching import pad_id as tokenizer_pad_id
 from rad_ds.data.loader import MicroBatch, StepBatch
 from rad_ds.data.sampler import ResumableSampler
 from rad_ds.decoding.eos import model_eos_ids
@@ -192,14 +195,8 @@ def generate_completions(model, prompts: list[torch.Tensor], seeds: list[int], m
                          synced: bool = False) -> list[torch.Tensor]:
     """The completion of each prompt (1-D, cut after its first EOS), in one left-padded batched ``generate``;
     ``synced``: every rank calls this together (ZeRO-3 on several ranks)."""
-    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
+    ids, mask = left_padded(prompts, pad_id)
+    width = ids.size(1)
     # eos_token_id=[]: no EOS stopping of generate's own (None would take the model's generation config's)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                            eos_token_id=[], pad_token_id=pad_id)
@@ -237,8 +234,7 @@ class OnPolicy:
         self.after = int(after)
         self.rank, self.world, self.vocab_limit = rank, world, vocab_limit
         self.eos_ids = model_eos_ids(tokenizer, model)
-        pad = tokenizer.pad_token_id
-        self.pad_id = int(pad) if pad is not None else min(self.eos_ids, default=0)
+        self.pad_id = tokenizer_pad_id(tokenizer)
         self.last: dict = {}
 
     @property

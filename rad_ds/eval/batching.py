@@ -13,23 +13,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from transformers import StoppingCriteriaList
 
+from rad_ds.core.batching import left_padded, pad_id
 from rad_ds.decoding.eos import model_eos_ids
-
-
-def length_sorted_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first, ties by index: deterministic); with
-    ``max_tokens``, a batch also holds at most that many padded tokens (its first, longest item times its size;
-    an item longer than that alone goes in a batch of its own)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    for i in order:
-        b = batches[-1] if batches else None
-        if b is None or len(b) >= batch_size or (max_tokens and (len(b) + 1) * lengths[b[0]] > max_tokens):
-            batches.append([i])
-        else:
-            b.append(i)
-    return batches
 
 
 def my_batches(batches: list, rank: int, world: int) -> list:
@@ -71,23 +58,17 @@ def generate_batch(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens
                    stop_strings: tuple[str, ...] = ()) -> tuple[list[Generated], float]:
     """Greedy continuations of ``prompts`` (1-D id tensors), left-padded into one batch; (results, seconds)."""
     eos = model_eos_ids(tokenizer, model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos) if eos else 0
+    pad = pad_id(tokenizer)
     ctx = getattr(model.config, "max_position_embeddings", None)
     budget = max(1, ctx - max_new_tokens) if ctx else None
     cut = [bool(budget and p.numel() > budget) for p in prompts]
     prompts = [p[-budget:] if c else p for p, c in zip(prompts, cut)]  # keep the end (the question)
-    width = max(p.numel() for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - p.numel():] = p
-        mask[i, width - p.numel():] = 1
+    ids, mask = left_padded(prompts, pad)
+    width = ids.size(1)
     dev = model.device
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
               pad_token_id=pad, eos_token_id=sorted(eos) or None)
     if stop_strings:
-        from transformers import StoppingCriteriaList
-
         kw["stopping_criteria"] = StoppingCriteriaList([StopOnStrings(tokenizer, tuple(stop_strings), width)])
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -111,4 +92,4 @@ def generate_batch(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens
     return results, seconds
 
 
-__all__ = ["Generated", "gather", "generate_batch", "length_sorted_batches", "my_batches"]
+__all__ = ["Generated", "gather", "generate_batch", "my_batches"]

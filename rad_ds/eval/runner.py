@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 from rad_ds.core import dist
+from rad_ds.core.batching import length_sorted_batches, pad_id
 from rad_ds.core.dtypes import dtype_name, to_dtype
 from rad_ds.core.layers import layers_string
 from rad_ds.core.outputs import claim
 from rad_ds.core.progress import progress
 
-from .batching import gather, generate_batch, length_sorted_batches, my_batches
+from .batching import gather, generate_batch, my_batches
 from .config import TASKS, EvalConfig
 from .perplexity import load_texts, timed_window_nll, windows
 from .perplexity import summarize as ppl_summary
@@ -125,7 +126,7 @@ def run_ppl(model, tok, texts: list[str], cfg: EvalConfig, rank: int, world: int
     ws = windows([x.numel() for x in ids], window, stride)
     batches = length_sorted_batches([w.end - w.begin for w in ws], cfg.batch_size)
     mine = my_batches(batches, rank, world)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     local, seconds = [], 0.0
     bar = _Progress(cfg.progress and rank == 0, len(mine), f"{label} ppl")
     for b in mine:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import torch
 
+from rad_ds.data.sources import load_records
+from rad_ds.data.tokenization import tokenize_records
+
 from .choice import SelectionError
 
 N_SEQUENCES = 16
@@ -16,9 +19,6 @@ def calibration_tokens(path: str, tokenizer, n: int = N_SEQUENCES, max_tokens: i
                        fmt: str = "auto", split: str = "train", text_field: str = "text",
                        messages_field: str = "messages") -> list[torch.Tensor]:
     """Token ids (1-D int64) of the first ``n`` usable documents of ``path``, each at most ``max_tokens`` long."""
-    from rad_ds.data.sources import load_records
-    from rad_ds.data.tokenization import tokenize_records
-
     if n < 1 or max_tokens < 2:
         raise SelectionError(f"calibration: n={n} and max_tokens={max_tokens} must be >= 1 and >= 2")
     records = load_records(path, fmt, split, text_field, messages_field, max_documents=max(4 * n, 64))

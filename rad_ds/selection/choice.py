@@ -6,6 +6,7 @@ the per-layer scores the ranking used (where there is a ranking), the seconds an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class SelectionError(ValueError):
@@ -33,6 +34,18 @@ class Choice:
         return out
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """What a placement strategy may read. ``choose_layers`` fills in what the strategy's registry entry says it
+    needs (and refuses a call that lacks it) before calling the strategy."""
+
+    config: Any  # the model's config: its ``layer_types`` (every strategy has it)
+    model: Any = None  # the loaded ``RadHybridForCausalLM`` (strategies that read weights)
+    report: Any = None  # a diagnosis report.json path or ``DiagnosisReport`` (strategies that read one)
+    calibration: list | None = None  # token-id sequences (strategies that score layers on data)
+    seed: int = 0  # a draw's or an initialisation's seed (strategies that use one)
+
+
 def lowest(scores: dict[int, float], k: int) -> tuple[int, ...]:
     """The k layers with the smallest score (ties: lower index first), sorted."""
     return tuple(sorted(sorted(scores, key=lambda i: (scores[i], i))[:k]))
@@ -43,4 +56,4 @@ def highest(scores: dict[int, float], k: int) -> tuple[int, ...]:
     return tuple(sorted(sorted(scores, key=lambda i: (-scores[i], i))[:k]))
 
 
-__all__ = ["Choice", "SelectionError", "highest", "lowest"]
+__all__ = ["Choice", "Inputs", "SelectionError", "highest", "lowest"]

@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .choice import Choice, SelectionError, lowest
+from .choice import Choice, Inputs, SelectionError, lowest
 from .spacing import attention_layers, check_k
 
 SCORE = "1 - mean cos(h, h + attn(h)) over calibration tokens (lowest chosen)"
@@ -75,4 +75,9 @@ def cosine_choice(model, k: int, calibration) -> Choice:
                   {"calibration_sequences": len(seqs), "calibration_tokens": int(sum(s.numel() for s in seqs))})
 
 
-__all__ = ["attention_redundancy", "check_calibration", "cosine_choice"]
+def cosine_strategy(k: int, inputs: Inputs) -> Choice:
+    """``cosine`` (registry entry)."""
+    return cosine_choice(inputs.model, k, inputs.calibration)
+
+
+__all__ = ["attention_redundancy", "check_calibration", "cosine_choice", "cosine_strategy"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rad_ds.core.report import DiagnosisReport, ReportError
 
-from .choice import Choice, SelectionError, highest
+from .choice import Choice, Inputs, SelectionError, highest
 from .spacing import attention_layers, check_k
 
 
@@ -93,4 +93,15 @@ def single_skip_choice(report, k: int, model_config=None) -> Choice:
                    "seconds_estimated": "setup + search x single-skip masks / evaluated masks"})
 
 
-__all__ = ["load_report", "rad_choice", "single_skip_choice", "single_skip_scores"]
+def rad_strategy(k: int, inputs: Inputs) -> Choice:
+    """``rad`` (registry entry)."""
+    return rad_choice(inputs.report, k, inputs.config)
+
+
+def single_skip_strategy(k: int, inputs: Inputs) -> Choice:
+    """``single_skip`` (registry entry)."""
+    return single_skip_choice(inputs.report, k, inputs.config)
+
+
+__all__ = ["load_report", "rad_choice", "rad_strategy", "single_skip_choice", "single_skip_scores",
+           "single_skip_strategy"]

@@ -12,9 +12,11 @@ import copy
 import time
 
 import torch
-import torch.nn.functional as F
 
-from .choice import Choice, lowest
+from rad_ds.core.token_kl import log_probs, token_kl
+from rad_ds.surgery import replace_attention
+
+from .choice import Choice, Inputs, lowest
 from .cosine import check_calibration
 from .spacing import attention_layers, check_k
 
@@ -22,14 +24,12 @@ SCORE = "mean KL(teacher || model with only this layer replaced at init) per tok
 
 
 def _log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(model.lm_head(hidden).float(), dim=-1)
+    return log_probs(model.lm_head(hidden))
 
 
 @torch.no_grad()
 def replacement_kl(model, calibration, init: str = "attention", seed: int = 0) -> dict[int, float]:
     """Per attention layer: the per-token KL(teacher || teacher with that layer replaced by a fresh Mamba2)."""
-    from rad_ds.surgery import replace_attention
-
     seqs = check_calibration(calibration)
     was_training = model.training
     model.eval()
@@ -45,7 +45,7 @@ def replacement_kl(model, calibration, init: str = "attention", seed: int = 0) -
         for x, h in zip(ids, final):
             t = _log_probs(model, h)
             s = _log_probs(student, student.model(input_ids=x).last_hidden_state)
-            total += (t.exp() * (t - s)).sum().double().cpu()
+            total += token_kl(t, s).double().cpu()
         scores[i] = float(total / tokens)
         del student
     model.train(was_training)
@@ -64,4 +64,9 @@ def kl_probe_choice(model, k: int, calibration, seed: int = 0) -> Choice:
                           "init": "attention", "seed": int(seed)})
 
 
-__all__ = ["kl_probe_choice", "replacement_kl"]
+def kl_probe_strategy(k: int, inputs: Inputs) -> Choice:
+    """``kl_probe`` (registry entry): ``inputs.seed`` seeds the probe's Mamba2 init."""
+    return kl_probe_choice(inputs.model, k, inputs.calibration, seed=inputs.seed)
+
+
+__all__ = ["kl_probe_choice", "kl_probe_strategy", "replacement_kl"]

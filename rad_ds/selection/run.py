@@ -8,24 +8,26 @@ import logging
 import torch
 
 from rad_ds.core import dist
+from rad_ds.core.dtypes import to_dtype
+from rad_ds.models.conversion import load_model
 
 from .calibration import MAX_TOKENS, N_SEQUENCES, calibration_tokens
 from .choice import SelectionError
-from .strategies import NEEDS_WEIGHTS, choose_layers
+from .registry import get_strategy
+from .strategies import choose_layers
 
 logger = logging.getLogger(__name__)
 
 
 def _choose(cfg, base_config, tokenizer) -> dict:
-    from rad_ds.core.dtypes import to_dtype
-    from rad_ds.models.conversion import load_model
-
     st = cfg.student
+    strategy = get_strategy(st.placement)
     model, calibration = base_config, None
-    if st.placement in NEEDS_WEIGHTS:
+    if strategy.needs_weights:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         model, _ = load_model(cfg.model.path, gguf_file=cfg.model.gguf_file, dtype=to_dtype(cfg.model.dtype, device))
         model.to(device)
+    if strategy.needs_calibration:
         d = cfg.data
         calibration = calibration_tokens(d.path, tokenizer, N_SEQUENCES, min(d.seq_len, MAX_TOKENS), d.format, d.split,
                                          d.text_field, d.messages_field)

@@ -8,14 +8,13 @@ layers (a model that is already a hybrid spaces over its remaining attention lay
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
-from .choice import SelectionError
+from rad_ds.core.layers import attention_layers
 
-
-def attention_layers(config) -> list[int]:
-    """The layers a placement may choose: the attention layers of ``config``."""
-    return [i for i, t in enumerate(config.layer_types) if t == "attention"]
+from .choice import Choice, Inputs, SelectionError
 
 
 def check_k(k, candidates: list[int], what: str = "student.k") -> int:
@@ -39,4 +38,19 @@ def random_layers(candidates: list[int], k: int, seed: int) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in rng.choice(np.asarray(candidates), size=k, replace=False)))
 
 
-__all__ = ["attention_layers", "check_k", "even_layers", "random_layers"]
+def even_strategy(k: int, inputs: Inputs) -> Choice:
+    """``even`` (registry entry): MambaInLlama's spacing over the config's attention layers."""
+    t0 = time.perf_counter()
+    layers = even_layers(attention_layers(inputs.config), k)
+    return Choice(layers, "even", int(k), time.perf_counter() - t0, 0,
+                  details={"formula": "attention_layers[floor(j * n / k)], j = 0..k-1"})
+
+
+def random_strategy(k: int, inputs: Inputs) -> Choice:
+    """``random`` (registry entry): k attention layers drawn with ``inputs.seed``."""
+    t0 = time.perf_counter()
+    layers = random_layers(attention_layers(inputs.config), k, inputs.seed)
+    return Choice(layers, "random", int(k), time.perf_counter() - t0, 0, details={"seed": int(inputs.seed)})
+
+
+__all__ = ["attention_layers", "check_k", "even_layers", "even_strategy", "random_layers", "random_strategy"]

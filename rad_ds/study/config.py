@@ -11,8 +11,10 @@ from typing import ClassVar
 from rad_ds.core.config import Config, ConfigError, at_least, choice, resolve_shipped, setting
 from rad_ds.diagnosis.config import DiagnoseConfig
 from rad_ds.distill.config import RunConfig
+from rad_ds.eval.passkey import PasskeyTask
+from rad_ds.selection.choice import SelectionError
+from rad_ds.selection.registry import METHODS, get_strategy
 
-METHODS = ("rad", "single_skip", "even", "random", "cosine", "kl_probe")
 DIAGNOSE_ON = ("train", "train_prompts", "builtin")
 
 
@@ -68,13 +70,15 @@ class StudyConfig(Config):
             raise ConfigError("out is not set: give --out DIR (the study directory)")
         if not self.methods:
             raise ConfigError("methods is empty: give e.g. --methods rad,even,random")
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad:
-            raise ConfigError(f"methods: {bad[0]!r} is not a placement method; use {', '.join(METHODS)}")
+        try:
+            drawn = [m for m in self.methods if get_strategy(m, "methods").seed == "draw"]
+        except SelectionError as e:
+            raise ConfigError(str(e)) from None
         choice("diagnose_on", self.diagnose_on, DIAGNOSE_ON)
         choice("split", self.split, ("test", "validation"))
-        if "random" in self.methods and not self.random_seeds:
-            raise ConfigError("random_seeds is empty: give e.g. --random-seeds 0,1,2")
+        if drawn and not self.random_seeds:
+            raise ConfigError(f"random_seeds is empty and methods {drawn} draw their layers: give e.g. "
+                              "--random-seeds 0,1,2")
         if not self.k or any(k < 1 for k in self.k):
             raise ConfigError(f"k = {self.k}: give one or more numbers of layers >= 1, e.g. --k 4,8")
         if not self.seeds:
@@ -83,8 +87,6 @@ class StudyConfig(Config):
         at_least(self, ("heldout_rows", "eval_every", "calibration_docs", "greedy_tokens"), 1)
         at_least(self, ("heldout_prompts", "cache_k", "arithmetic_samples", "passkey_samples"), 0)
         if self.passkey_samples:
-            from rad_ds.eval.passkey import PasskeyTask
-
             try:
                 PasskeyTask(self.passkey_contexts, self.passkey_depths, self.passkey_samples)
             except ValueError as e:

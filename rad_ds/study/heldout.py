@@ -27,14 +27,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from rad_ds.core.batching import left_padded, pad_id
+from rad_ds.core.token_kl import log_probs, token_kl
+from rad_ds.data import build_packed
+from rad_ds.eval.arithmetic import ArithmeticTask
+from rad_ds.eval.config import EvalConfig
+from rad_ds.eval.passkey import PasskeyTask
+from rad_ds.eval.runner import run_generation_task
 
 
 def scored_rows(data_cfg, path: str, tokenizer, rows: int):
     """The first ``rows`` packed rows of ``path`` (a held-out split), packed as ``data_cfg`` packs the training data
     but in file order: the rows ``HeldOut`` scores."""
-    from rad_ds.data import build_packed
-
     data = copy.deepcopy(data_cfg)
     data.path, data.max_documents, data.shuffle = path, None, False
     p = build_packed(data, tokenizer)
@@ -57,7 +62,7 @@ class HeldOut:
         with torch.no_grad():
             for ids, pos, target, _ in self._batches():
                 logits = teacher(ids, position_ids=pos).logits
-                self.ref_logp.append(F.log_softmax(logits[target].float(), -1))
+                self.ref_logp.append(log_probs(logits[target]))
         self.prompts = _greedy_continuations(teacher, tokenizer, prompts, greedy_tokens)
         self.positions = int(sum(x.size(0) for x in self.ref_logp))
 
@@ -76,8 +81,8 @@ class HeldOut:
     def evaluate(self, student) -> dict:
         kl = ce = agree = 0.0
         for (ids, pos, target, nxt), t in zip(self._batches(), self.ref_logp, strict=True):
-            s = F.log_softmax(student(ids, position_ids=pos).logits[target].float(), -1)
-            kl += float((t.exp() * (t - s)).sum())
+            s = log_probs(student(ids, position_ids=pos).logits[target])
+            kl += float(token_kl(t, s))
             ce += float(-s.gather(-1, nxt[target].view(-1, 1)).sum())
             agree += float((s.argmax(-1) == t.argmax(-1)).sum())
         n = max(self.positions, 1)
@@ -103,12 +108,9 @@ def _greedy_continuations(teacher, tokenizer, prompts: list[torch.Tensor], n: in
     if not prompts:
         return []
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
-    width = max(p.numel() for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - p.numel():], mask[i, width - p.numel():] = p, 1
+    pad = pad_id(tokenizer)
+    ids, mask = left_padded(prompts, pad)
+    width = ids.size(1)
     out = teacher.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad)
     result = []
     for p, row in zip(prompts, out[:, width:]):
@@ -124,10 +126,6 @@ class TaskScores:
 
     def __init__(self, tokenizer, arithmetic_samples: int = 0, passkey_contexts=(), passkey_depths=(),
                  passkey_samples: int = 0, seed: int = 0, batch_size: int = 16):
-        from rad_ds.eval.arithmetic import ArithmeticTask
-        from rad_ds.eval.config import EvalConfig
-        from rad_ds.eval.passkey import PasskeyTask
-
         self.tok, self.chat = tokenizer, bool(getattr(tokenizer, "chat_template", None))
         self.cfg = EvalConfig(batch_size=batch_size, progress=False)  # the generation loop's settings
         self.tasks = []
@@ -145,8 +143,6 @@ class TaskScores:
     def evaluate(self, model, label: str = "student") -> dict:
         """``{"arithmetic", "arithmetic_n", "arithmetic_ci95", "passkey", "passkey_n", "passkey_ci95",
         "passkey_by_context": {context: accuracy}}`` for the tasks set up (Wilson intervals over the samples)."""
-        from rad_ds.eval.runner import run_generation_task
-
         out = {}
         for task, samples in self.tasks:
             rows, _ = run_generation_task(model, self.tok, task, samples, self.cfg, self.chat, 0, 1, None, label)

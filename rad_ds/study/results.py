@@ -21,7 +21,8 @@ intervals over the samples); the students' arithmetic and passkey are absent whe
 
 Every interval is a 95% Student-t interval over training seeds (``rad_ds.core.intervals``). The paired difference
 pairs RAD's student and a baseline's trained with the same seed (the same data order); ``random_median`` is the
-median over the random draws at each seed. The split is the test split: reported, never used to choose anything.
+median over the random draws at each seed (likewise ``<name>_median`` for any strategy whose seed is a draw,
+``rad_ds.selection.registry``). The split is the test split: reported, never used to choose anything.
 """
 
 from __future__ import annotations
@@ -32,14 +33,21 @@ from pathlib import Path
 
 from rad_ds.core.intervals import mean_interval
 from rad_ds.core.io import write_json_atomic, write_text_atomic
+from rad_ds.core.provenance import provenance
+from rad_ds.selection.registry import STRATEGIES, names
 
 METRICS = ("heldout_kl", "ppl", "top1_agreement", "greedy_agreement", "greedy_prefix")
 REPORTED = {"heldout_kl": "test_kl", "ppl": "ppl", "top1_agreement": "top1_agreement",
             "greedy_agreement": "greedy_agreement", "greedy_prefix": "greedy_prefix"}
 TASK_METRICS = ("arithmetic", "passkey")  # generation tasks, scored on the final student only (heldout.TaskScores)
-BASELINES = ("single_skip", "cosine", "even", "kl_probe", "random_median")
 NOTE = ("test split: the numbers are reported, never used to choose layers, settings or defaults (those were chosen "
         "on the validation split or the training data)")
+
+
+def baselines() -> tuple[str, ...]:
+    """What RAD's students are compared with, pairwise: every other registered strategy, in the table's order; one
+    whose seed is a draw by the median over its draws (``<name>_median``)."""
+    return tuple(f"{n}_median" if STRATEGIES[n].seed == "draw" else n for n in names() if n != "rad")
 
 
 def _entry(arms: list[dict], seeds: list[int]) -> dict:
@@ -106,27 +114,25 @@ class StudyResults:
             for key, group in groups.items():
                 entry = _entry(group, seeds)
                 method = group[0]["method"]
-                if method == "random":
-                    methods.setdefault("random", []).append(entry)
+                if group[0].get("draw") is not None:  # one placement per draw: a list, and their median below
+                    methods.setdefault(method, []).append(entry)
                 else:
                     methods[method] = entry
             per_k[str(k)] = methods
         paired, summary = {}, {}
         for k, methods in per_k.items():
-            rnd = methods.get("random")
-            if rnd:
-                med = [statistics.median(r["test_kl"][i] for r in rnd) for i in range(len(seeds))]
+            for name, draws in [(n, x) for n, x in methods.items() if isinstance(x, list)]:
+                med = [statistics.median(r["test_kl"][i] for r in draws) for i in range(len(seeds))]
                 mean, ci = mean_interval(med)
-                methods["random_median"] = {"test_kl": med, "mean": {"test_kl": mean}, "ci95": {"test_kl": ci}}
+                methods[f"{name}_median"] = {"test_kl": med, "mean": {"test_kl": mean}, "ci95": {"test_kl": ci}}
             if "rad" not in methods:
                 continue
             paired[k] = {b: _paired(methods["rad"]["test_kl"], methods[b]["test_kl"])
-                         for b in BASELINES if b in methods}
+                         for b in baselines() if b in methods}
             summary[k] = {"rad_not_worse_than": {b: p["rad_not_worse"] for b, p in paired[k].items()},
                           "rad_best_mean_test_kl": all(p["mean"] <= 0 for p in paired[k].values())}
         note = NOTE if cfg.split == "test" else ("validation split: the study was used to choose a setting; its "
                                                  "numbers are not a test result")
-        from rad_ds.core.provenance import provenance
 
         return cls({"split": cfg.split, "note": note, "provenance": provenance(), "model": cfg.model, "seeds": seeds,
                     "budget": budget,
@@ -139,12 +145,13 @@ class StudyResults:
         return cls(json.loads((Path(out) / cls.FILE).read_text()))
 
     def rows(self, k: str):
-        """(label, entry) for every placement of ``k``: methods in order, then each random draw."""
-        for name, r in self.data["k"][k].items():
-            if name == "random_median":
+        """(label, entry) for every placement of ``k``: methods in order, each draw of a drawn method (random)."""
+        methods = self.data["k"][k]
+        for name, r in methods.items():
+            if name.endswith("_median") and isinstance(methods.get(name[: -len("_median")]), list):
                 continue
             if isinstance(r, list):
-                yield from ((f"random d{x.get('draw', i)}", x) for i, x in enumerate(r))
+                yield from ((f"{name} d{x.get('draw', i)}", x) for i, x in enumerate(r))
             else:
                 yield name, r
 
@@ -175,10 +182,11 @@ class StudyResults:
                     f"| {', '.join(f'{x:.3f}' for x in r['test_kl'])} | {r['mean']['ppl']:.3f} | "
                     f"{r['mean']['top1_agreement']:.3f} | {r['mean']['greedy_agreement']:.3f} | "
                     f"{(r['selection_seconds'] or 0):.1f} |")
-            rm = d["k"][k].get("random_median")
-            if rm:
-                lines.append(f"| random (median of draws) | | **{rm['mean']['test_kl']:.3f}** | "
-                             f"{', '.join(f'{x:.3f}' for x in rm['test_kl'])} | | | | |")
+            for name, draws in d["k"][k].items():
+                rm = d["k"][k].get(f"{name}_median") if isinstance(draws, list) else None
+                if rm:
+                    lines.append(f"| {name} (median of draws) | | **{rm['mean']['test_kl']:.3f}** | "
+                                 f"{', '.join(f'{x:.3f}' for x in rm['test_kl'])} | | | | |")
             lines += self._task_table(k)
             p = d["paired"].get(k)
             if p:
@@ -245,7 +253,7 @@ class StudyResults:
                 steps, kl = r["curve"]["steps"], r["curve"]["test_kl"]
                 mean = [statistics.fmean(x) for x in kl]
                 lo, hi = [min(x) for x in kl], [max(x) for x in kl]
-                rnd = label.startswith("random")
+                rnd = "draw" in r  # one of several draws: drawn thin
                 line = ax.plot(steps, mean, label=label, lw=1 if rnd else 2, ls="--" if rnd else "-",
                                marker=None if rnd else "o", ms=3, alpha=0.6 if rnd else 1.0)[0]
                 ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.08 if rnd else 0.2, lw=0)
@@ -268,4 +276,4 @@ class StudyResults:
         self.chart(out / self.CHART)
 
 
-__all__ = ["BASELINES", "METRICS", "TASK_METRICS", "StudyResults"]
+__all__ = ["METRICS", "TASK_METRICS", "StudyResults", "baselines"]

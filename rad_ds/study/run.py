@@ -1,10 +1,12 @@
 """The placement study: per k, one student per placement method and training seed, the same distillation for
 each, scored on the test split.
 
-1. Choose: per k, each method picks k layers (``rad_ds.selection.choose_layers``); ``rad`` and ``single_skip`` read
+1. Choose: per k, each method picks k layers (``rad_ds.selection.choose_layers``); what a method reads is its
+   registry entry's (``rad_ds.selection.registry``): those that read a report (``rad``, ``single_skip``) share
    one diagnosis report for every k (given, or made here on the training data: its wall time is their cost of
-   choosing); ``cosine`` / ``kl_probe`` score the layers on training documents; ``random`` makes one placement per
-   draw in ``random_seeds``. A placement does not depend on the training seed.
+   choosing); those that read weights and calibration tokens (``cosine``, ``kl_probe``) score the layers on
+   training documents; one whose seed is a draw (``random``) makes one placement per draw in ``random_seeds``. A
+   placement does not depend on the training seed.
 2. Teacher signal: with ``cache_k > 0`` the teacher runs once over the training data into a shared teacher cache
    (``launchers/teacher_cache.py``'s stage) that every student of every k and seed reads.
 3. Distil: every (placement, seed) gets the same run config but its layers and ``train.seed`` (seed s: the same
@@ -34,7 +36,19 @@ import torch
 from rad_ds.core.config import resolve_shipped
 from rad_ds.core.io import write_json_atomic
 from rad_ds.core.outputs import claim
+from rad_ds.core.records import read_records
+from rad_ds.core.report import DiagnosisReport
+from rad_ds.data.teacher_store import TeacherCacheStore
+from rad_ds.decoding.prompts import encode, load_prompts, prompt_turns
+from rad_ds.diagnosis.runner import diagnose
+from rad_ds.distill import distill
 from rad_ds.distill.config import RunConfig
+from rad_ds.distill.export import consolidated_state_dict
+from rad_ds.distill.summary import RunSummary
+from rad_ds.models.conversion import load_model
+from rad_ds.selection import calibration_tokens, choose_layers, get_strategy
+from rad_ds.surgery import replace_attention
+from rad_ds.teacher_cache import TeacherCacheConfig, build_teacher_cache
 
 from .config import StudyConfig
 from .heldout import HeldOut, TaskScores, scored_rows
@@ -69,8 +83,8 @@ def _placements(cfg: StudyConfig) -> list[tuple[str, str, int, int | None]]:
     out = []
     for k in cfg.k:
         for m in cfg.methods:
-            if m == "random":
-                out += [(f"k{k}/random_d{d}", m, k, int(d)) for d in cfg.random_seeds]
+            if get_strategy(m, "methods").seed == "draw":
+                out += [(f"k{k}/{m}_d{d}", m, k, int(d)) for d in cfg.random_seeds]
             else:
                 out.append((f"k{k}/{m}", m, k, None))
     return out
@@ -88,13 +102,10 @@ class Study:
     def report(self) -> tuple[str | None, float]:
         """(report path, seconds the diagnosis took) for the report-based methods."""
         cfg = self.cfg
-        if not {"rad", "single_skip"} & set(cfg.methods):
+        if not any(get_strategy(m, "methods").needs_report for m in cfg.methods):
             return None, 0.0
         if cfg.report:
             return cfg.report, 0.0
-        from rad_ds.core.report import DiagnosisReport
-        from rad_ds.diagnosis.runner import diagnose
-
         d = self.out / "diagnosis"
         timing = d / "study_timing.json"
         if (d / DiagnosisReport.FILE).is_file() and timing.is_file():
@@ -118,9 +129,6 @@ class Study:
 
     def choose(self) -> list[Arm]:
         """Every placement (kept in placements.json), then one arm per placement and training seed."""
-        from rad_ds.models.conversion import load_model
-        from rad_ds.selection import calibration_tokens, choose_layers
-
         cfg = self.cfg
         path = self.out / "placements.json"
         done = json.loads(path.read_text()) if path.is_file() else {}
@@ -129,14 +137,15 @@ class Study:
         for key, method, k, draw in _placements(cfg):
             if key in done:
                 continue
-            if method in ("cosine", "kl_probe") and model is None:
-                model, tok = load_model(cfg.model)
+            strategy = get_strategy(method, "methods")
+            if (strategy.needs_weights or strategy.needs_calibration) and model is None:
+                model, tok = load_model(cfg.model)  # its tokenizer makes the calibration tokens
                 calib = calibration_tokens(cfg.distill.data.path, tok, n=cfg.calibration_docs,
                                            max_tokens=cfg.distill.data.seq_len)
             seed = draw if draw is not None else int(cfg.distill.student.placement_seed)
             choice = choose_layers(method, k, model if model is not None else cfg.model, report=report,
                                    calibration=calib, seed=seed).record()
-            if method in ("rad", "single_skip"):  # their cost is the report's own (its search / single-skip
+            if strategy.needs_report:  # their cost is the report's own (its search / single-skip
                 choice["diagnosis_seconds"] = diag_s  # part); the diagnosis' wall time, all of it, beside it
             choice["selection_seconds"] = choice["seconds"]
             done[key] = {"method": method, "k": k, "draw": draw, "choice": choice}
@@ -153,9 +162,6 @@ class Study:
         cfg = self.cfg
         if not cfg.cache_k:
             return None, 0.0
-        from rad_ds.data.teacher_store import TeacherCacheStore
-        from rad_ds.teacher_cache import TeacherCacheConfig, build_teacher_cache
-
         if cfg.cache_dir:
             TeacherCacheStore.open(cfg.cache_dir)  # complete, or a one-line error; each run checks the fingerprint
             return cfg.cache_dir, 0.0
@@ -192,9 +198,6 @@ class Study:
         return rc
 
     def distill(self, arm: Arm, cache: str | None) -> dict:
-        from rad_ds.distill import distill
-        from rad_ds.distill.summary import RunSummary
-
         rc = self.run_config(arm, cache)
         out = Path(rc.out)
         summary = RunSummary.load(out)
@@ -210,9 +213,6 @@ class Study:
 
     def heldout(self) -> HeldOut:
         """The teacher's side of the test data (once): its log-probabilities and greedy continuations."""
-        from rad_ds.decoding.prompts import load_prompts
-        from rad_ds.models.conversion import load_model
-
         cfg = self.cfg
         teacher, tok = load_model(cfg.model)
         packed = scored_rows(cfg.distill.data, cfg.test, tok, cfg.heldout_rows)
@@ -245,8 +245,6 @@ class Study:
                 "passkey_depths": list(c.passkey_depths), "passkey_samples": c.passkey_samples, "seed": c.task_seed}
 
     def _student(self, rc: RunConfig):
-        from rad_ds.surgery import replace_attention
-
         student = copy.deepcopy(self.teacher)
         replace_attention(student, rc.student.layers, init=rc.student.init, seed=rc.student.seed)
         return student.eval()
@@ -263,8 +261,6 @@ class Study:
 
     def score(self, arm: Arm, ref: HeldOut) -> list[dict]:
         """Test metrics of the initial student and of every checkpoint (cached line by line)."""
-        from rad_ds.distill.export import consolidated_state_dict
-
         rc = self.run_config(arm, None)
         path = Path(rc.out) / "test.jsonl"
         rows = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
@@ -357,9 +353,6 @@ class WallClock:
 
 def _user_turns(path: str, tok, n: int) -> list[torch.Tensor]:
     """The first ``n`` held-out conversations up to their first assistant turn, as generation prompts."""
-    from rad_ds.core.records import read_records
-    from rad_ds.decoding.prompts import encode, prompt_turns
-
     return [encode(tok, "chat", m) for m in prompt_turns(read_records(path, what="test"))[:n]]
 
 
