@@ -224,11 +224,9 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def main(argv=None):
-    from rad_ds.core.provenance import RENDER_HELP, provenance, render_only, write_results
+def _parser():
+    from rad_ds.core.provenance import RENDER_HELP
 
-    if render_only(render, DEFAULT_OUT, argv):
-        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000, help="conversations for the current path")
     ap.add_argument("--old-n", type=int, default=100_000, help="conversations for the former path (a prefix)")
@@ -237,65 +235,94 @@ def main(argv=None):
     ap.add_argument("--procs", default="1,2", help="num_proc values of the current path")
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--render", action="store_true", help=RENDER_HELP)
-    args = ap.parse_args(argv)
+    return ap
 
-    import datasets
-    from transformers import AutoTokenizer
 
-    datasets.disable_progress_bars()
-    if args.tokenizer == "smollm2":
+def _tokenizer(name: str):
+    """SmolLM2's tokenizer from the embedded model, or the tests' byte tokenizer (``tiny``)."""
+    if name == "smollm2":
+        from transformers import AutoTokenizer
+
         from rad_ds.models.conversion import ensure_embedded
 
-        tok = AutoTokenizer.from_pretrained(str(ensure_embedded("embedded:smollm2")[0]))
-    else:
-        from tests.distill_helpers import byte_tokenizer
+        return AutoTokenizer.from_pretrained(str(ensure_embedded("embedded:smollm2")[0]))
+    from tests.distill_helpers import byte_tokenizer
 
-        tok = byte_tokenizer()
+    return byte_tokenizer()
+
+
+def _write_conversations(tmp: Path, n: int, old_n: int) -> tuple[Path, Path]:
+    """``n`` conversations as ``chat.jsonl`` and their first ``old_n`` as ``chat_old.jsonl`` (the former path's)."""
+    t = time.perf_counter()
+    convs = conversations(n)
+    src = tmp / "chat.jsonl"
+    src.write_text("".join(json.dumps(c) + "\n" for c in convs))
+    old_src = tmp / "chat_old.jsonl"
+    old_src.write_text("".join(json.dumps(c) + "\n" for c in convs[:old_n]))
+    print(f"built {n} conversations in {time.perf_counter() - t:.1f} s", flush=True)
+    return src, old_src
+
+
+def _former_row(old_src: Path, tmp: Path, tok, args) -> tuple[dict, bool]:
+    """The former path's row, and whether the current path gives identical docs and packed rows on the same file."""
+    old_t, old_docs, old_rows = run_old(old_src, tok, args.seq_len)
+    old_tokens = int(sum(len(d[0]) for d in old_docs))
+    old_prep = old_t["tokenise_s"] + old_t["pack_s"]
+    row = {"path": "former (1 process)", "conversations": args.old_n, "tokens": old_tokens, **old_t,
+           "conv_per_s": args.old_n / old_prep, "tokens_per_s": old_tokens / old_prep, "identical": True}
+    print(row, flush=True)
+    _, new_docs, packed = run_new(_copy(old_src, tmp, "check"), tok, args.seq_len, 1, True)
+    return row, _same(old_docs, new_docs, old_rows, packed)
+
+
+def _current_row(label: str, path: Path, tok, args, num_proc: int, threads: bool, identical: bool,
+                 former_conv_per_s: float) -> dict:
+    """One timed run of the current path on ``path``, as a row (speed-up over the former path)."""
+    times, docs, packed = run_new(path, tok, args.seq_len, num_proc, threads)
+    tokens = int(docs.lengths.sum())
+    prep = times["tokenise_s"] + times["pack_s"]
+    row = {"path": label, "conversations": args.n, "tokens": tokens, **times,
+           "conv_per_s": args.n / prep, "tokens_per_s": tokens / prep,
+           "identical": identical, "rows": len(packed), "speedup": (args.n / prep) / former_conv_per_s}
+    print(row, flush=True)
+    return row
+
+
+def _current_rows(src: Path, tmp: Path, tok, args, identical: bool, former_conv_per_s: float) -> list[dict]:
+    """The current path per ``--procs`` on a fresh copy each (cold map cache), then warm on a cached copy."""
+    configs = [(int(p), int(p) == 1) for p in args.procs.split(",")]
+    if (1, True) in configs:
+        configs.insert(configs.index((1, True)), (1, False))  # 1 process with the tokenizer on 1 thread
+    rows = []
+    for num_proc, threads in configs:
+        path = _copy(src, tmp, f"{num_proc}_{int(threads)}")
+        label = f"current, num_proc={num_proc}" + ("" if num_proc > 1 else
+                                                   (", tokenizer threads on" if threads else ", 1 thread"))
+        rows.append(_current_row(label, path, tok, args, num_proc, threads, identical, former_conv_per_s))
+    warm_path = tmp / "chat_1_1.jsonl"
+    if warm_path.exists():
+        rows.append(_current_row("current, warm (datasets' cache)", warm_path, tok, args, 1, True, identical,
+                                 former_conv_per_s))
+    return rows
+
+
+def main(argv=None):
+    from rad_ds.core.provenance import provenance, render_only, write_results
+
+    if render_only(render, DEFAULT_OUT, argv):
+        return
+    args = _parser().parse_args(argv)
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    tok = _tokenizer(args.tokenizer)
     T.MIN_RECORDS_PER_PROC = 1000
     tmp = Path(tempfile.mkdtemp(prefix="rad_ds_data_prep_"))
     try:
-        t = time.perf_counter()
-        convs = conversations(args.n)
-        src = tmp / "chat.jsonl"
-        src.write_text("".join(json.dumps(c) + "\n" for c in convs))
-        old_src = tmp / "chat_old.jsonl"
-        old_src.write_text("".join(json.dumps(c) + "\n" for c in convs[:args.old_n]))
-        print(f"built {args.n} conversations in {time.perf_counter() - t:.1f} s", flush=True)
-        del convs
-
-        old_t, old_docs, old_rows = run_old(old_src, tok, args.seq_len)
-        old_tokens = int(sum(len(d[0]) for d in old_docs))
-        old_prep = old_t["tokenise_s"] + old_t["pack_s"]
-        rows = [{"path": "former (1 process)", "conversations": args.old_n, "tokens": old_tokens, **old_t,
-                 "conv_per_s": args.old_n / old_prep, "tokens_per_s": old_tokens / old_prep, "identical": True}]
-        print(rows[-1], flush=True)
-        # the current path on the same prefix, checked identical to the former
-        _, new_docs, packed = run_new(_copy(old_src, tmp, "check"), tok, args.seq_len, 1, True)
-        identical = _same(old_docs, new_docs, old_rows, packed)
-        del old_docs, old_rows, new_docs, packed
-        configs = [(int(p), int(p) == 1) for p in args.procs.split(",")]
-        if (1, True) in configs:
-            configs.insert(configs.index((1, True)), (1, False))  # 1 process with the tokenizer on 1 thread
-        for num_proc, threads in configs:
-            path = _copy(src, tmp, f"{num_proc}_{int(threads)}")
-            times, docs, packed = run_new(path, tok, args.seq_len, num_proc, threads)
-            tokens = int(docs.lengths.sum())
-            prep = times["tokenise_s"] + times["pack_s"]
-            label = f"current, num_proc={num_proc}" + ("" if num_proc > 1 else
-                                                       (", tokenizer threads on" if threads else ", 1 thread"))
-            rows.append({"path": label, "conversations": args.n, "tokens": tokens, **times,
-                         "conv_per_s": args.n / prep, "tokens_per_s": tokens / prep,
-                         "identical": identical, "rows": len(packed), "speedup": (args.n / prep) / rows[0]["conv_per_s"]})
-            print(rows[-1], flush=True)
-        warm_path = tmp / "chat_1_1.jsonl"
-        if warm_path.exists():
-            times, docs, packed = run_new(warm_path, tok, args.seq_len, 1, True)
-            prep = times["tokenise_s"] + times["pack_s"]
-            rows.append({"path": "current, warm (datasets' cache)", "conversations": args.n,
-                         "tokens": int(docs.lengths.sum()), **times, "conv_per_s": args.n / prep,
-                         "tokens_per_s": int(docs.lengths.sum()) / prep, "identical": identical,
-                         "rows": len(packed), "speedup": (args.n / prep) / rows[0]["conv_per_s"]})
-            print(rows[-1], flush=True)
+        src, old_src = _write_conversations(tmp, args.n, args.old_n)
+        former, identical = _former_row(old_src, tmp, tok, args)
+        rows = [former, *_current_rows(src, tmp, tok, args, identical, former["conv_per_s"])]
         floor = tokenizer_floor(old_src, tok)
         print(floor, flush=True)
         worst = best_fit_worst_case(100_000, args.seq_len)

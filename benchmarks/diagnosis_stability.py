@@ -125,7 +125,7 @@ def run_selection(pool: WindowPool, idx, cands, ks, objective_fn, signal: str, a
     seconds_before, t0 = pool.new_seconds, time.perf_counter()
     single, results = select(ev, cands, ks, args.trials, args.swap_evals, args.seed, False)
     overhead = (time.perf_counter() - t0) - (pool.new_seconds - seconds_before)  # TPE, bookkeeping
-    out = {"windows": len(idx), "positions": int(sum(int(pool.windows[w][1][:-1].sum()) for w in idx)),
+    out = {"windows": len(idx), "positions": _positions(pool.windows, idx),
            "masks": len(ev.cache), "cost_s": pool.cost(idx, ev.cache) + max(overhead, 0.0),
            "redundancy": {i: single[i].stats.acceptance_rate for i in cands}, "k": {}}
     for k, r in results.items():
@@ -168,13 +168,10 @@ def held_out_scores(pool: WindowPool, sel: dict, other_idx, objective_fn, signal
     return out
 
 
-def main():
-    from rad_ds.core.provenance import RENDER_HELP, render_only
-    from rad_ds.diagnosis.config import DiagnoseConfig
+def _parser(d) -> argparse.ArgumentParser:
+    """The command line; the selection's settings default to the stage's own (``DiagnoseConfig`` ``d``)."""
+    from rad_ds.core.provenance import RENDER_HELP
 
-    if render_only(render, ROOT / "benchmarks" / "results" / "diagnosis_stability_cpu.json"):
-        return
-    d = DiagnoseConfig()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded:smollm2")
     ap.add_argument("--data", required=True, help="the training data (its documents are split into halves A and B)")
@@ -198,24 +195,129 @@ def main():
     ap.add_argument("--render-only", action="store_true", help="re-read --out, apply --timed-report, re-render the .md")
     ap.add_argument("--render", action="store_true", help=RENDER_HELP)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    return ap
+
+
+def _rerender(args) -> None:
+    """``--render-only``: re-read --out, apply --timed-report, rewrite the JSON and its .md."""
+    out = Path(args.out or ROOT / "benchmarks" / "results" / "diagnosis_stability_cpu.json")
+    res = json.loads(out.read_text())
+    _summarise(res, res["settings"]["signals"][0], args.timed_report)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    out.with_suffix(".md").write_text(render(res))
+
+
+def _split_halves(docs, seq_len: int, cap: int, rng) -> tuple[list, dict]:
+    """The documents in ``rng``'s shuffled order, one window each (as the stage takes them), alternated into halves A
+    and B until both hold ``cap`` counted positions: (windows, {"A": window indices, "B": window indices})."""
+    from rad_ds.diagnosis.documents import window
+
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    windows, halves = [], {"A": [], "B": []}
+    got = {"A": 0, "B": 0}
+    for j in order:
+        w = window(*docs[j], seq_len, rng)
+        n = int(w[1].sum())
+        if n == 0:
+            continue
+        h = "A" if got["A"] <= got["B"] else "B"
+        if got[h] >= cap:
+            h = "B" if h == "A" else "A"
+            if got[h] >= cap:
+                break
+        halves[h].append(len(windows))
+        windows.append(w)
+        got[h] += n
+    return windows, halves
+
+
+def _positions(windows, idx) -> int:
+    """Counted positions of windows ``idx`` (the last position predicts nothing)."""
+    return int(sum(int(windows[w][1][:-1].sum()) for w in idx))
+
+
+def _first_windows(windows, idx, budget: int) -> list[int]:
+    """A half's first windows up to ``budget`` counted positions: a smaller budget reuses a larger one's scores."""
+    out, n = [], 0
+    for w in idx:
+        if n >= budget:
+            break
+        out.append(w)
+        n += int(windows[w][1][:-1].sum())
+    return out
+
+
+def _search_signal(pool: WindowPool, halves, first, budget: int, cands, ks, objective, sig: str, args) -> dict:
+    """``sig``'s whole search on each half at ``budget``: the choices, their Jaccard (and that of the single-skip
+    top-k), each half's choice scored on the other half (``--held-out``) and the mean cost of one diagnosis."""
+    from rad_ds.diagnosis.stability import jaccard
+
+    r = {}
+    for h, idx in halves.items():
+        t0 = time.perf_counter()
+        r[h] = run_selection(pool, first(idx, budget), cands, ks, objective, sig, args)
+        log(f"budget {budget} {sig} half {h}: " + ", ".join(f"k={k} {r[h]['k'][k]['layers']}" for k in ks)
+            + f"  [{time.perf_counter() - t0:.0f} s here, cost {r[h]['cost_s']:.0f} s]")
+        pool.save()
+    r["jaccard"] = {str(k): jaccard(r["A"]["k"][k]["layers"], r["B"]["k"][k]["layers"]) for k in ks}
+    r["jaccard_single_skip_topk"] = {
+        str(k): jaccard(r["A"]["k"][k]["baselines"]["single_skip_topk"]["layers"],
+                        r["B"]["k"][k]["baselines"]["single_skip_topk"]["layers"]) for k in ks}
+    if args.held_out:
+        r["held_out"] = {"A_on_B": held_out_scores(pool, r["A"], first(halves["B"], budget), objective, sig),
+                         "B_on_A": held_out_scores(pool, r["B"], first(halves["A"], budget), objective, sig)}
+        pool.save()
+    r["seconds"] = (r["A"]["cost_s"] + r["B"]["cost_s"]) / 2
+    log(f"budget {budget} {sig}: jaccard {r['jaccard']} (single-skip top-k {r['jaccard_single_skip_topk']})")
+    return r
+
+
+def _budget_row(pool: WindowPool, halves, first, budget: int, cands, ks, objective, signals, args) -> dict:
+    """One budget's results: the other signals' single-skip top-k from the same forwards (no search), then the first
+    signal's whole search."""
+    row = {"tokens": budget, "signals": {}}
+    for sig in signals[1:]:
+        row.setdefault("single_skip_only", {})[sig] = _single_skip_only(pool, halves, first, budget, cands, ks, sig)
+        log(f"budget {budget} {sig} single-skip top-k: jaccard {row['single_skip_only'][sig]['jaccard']}")
+    for sig in signals[:1]:
+        row["signals"][sig] = _search_signal(pool, halves, first, budget, cands, ks, objective, sig, args)
+    return row
+
+
+def _results_head(args, d, dev: str, docs, windows, halves, budgets, ks, signals) -> dict:
+    """The results' fixed part (provenance, settings, positions per half), with no budget run yet."""
+    from rad_ds.core.provenance import provenance
+
+    return {"provenance": provenance(), "device": dev, "threads": torch.get_num_threads(), "model": args.model,
+            "data": args.data, "documents": len(docs),
+            "settings": {"budgets": budgets, "k": ks, "signals": signals, "seq_len": args.seq_len,
+                         "draft_len": args.draft_len, "temperature": args.temperature, "trials_per_k": args.trials,
+                         "swap_evals_per_k": args.swap_evals, "objective": "estimated speed-up, weights cost model",
+                         "seed": args.seed, "default_budget": d.tokens},
+            "positions": {h: _positions(windows, idx) for h, idx in halves.items()},
+            "budgets": []}
+
+
+def main():
+    from rad_ds.core.provenance import render_only
+    from rad_ds.diagnosis.config import DiagnoseConfig
+
+    if render_only(render, ROOT / "benchmarks" / "results" / "diagnosis_stability_cpu.json"):
+        return
+    d = DiagnoseConfig()
+    args = _parser(d).parse_args()
     if args.render_only:
-        out = Path(args.out or ROOT / "benchmarks" / "results" / "diagnosis_stability_cpu.json")
-        res = json.loads(out.read_text())
-        _summarise(res, res["settings"]["signals"][0], args.timed_report)
-        out.write_text(json.dumps(res, indent=2) + "\n")
-        out.with_suffix(".md").write_text(render(res))
+        _rerender(args)
         return
 
+    import functools
     import random
 
-    from rad_ds.core.provenance import provenance
     from rad_ds.data.sources import load_records
     from rad_ds.data.tokenization import tokenize_records
     from rad_ds.decoding.skipping import candidate_layers
     from rad_ds.diagnosis.cost import weights_cost_model
-    from rad_ds.diagnosis.documents import window
-    from rad_ds.diagnosis.stability import jaccard
     from rad_ds.models.conversion import load_model
 
     if args.threads:
@@ -227,26 +329,8 @@ def main():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_model(args.model, dtype=torch.float32)
     model.to(dev).eval()
-    # the documents of the data, shuffled, one window each (as the stage takes them), alternated into A and B
     docs = tokenize_records(load_records(args.data), tok, add_eos=True, mask_prompt=True, min_tokens=2, num_proc=1)
-    rng = random.Random(args.seed)
-    order = list(range(len(docs)))
-    rng.shuffle(order)
-    windows, halves = [], {"A": [], "B": []}
-    got = {"A": 0, "B": 0}
-    for j in order:
-        w = window(*docs[j], args.seq_len, rng)
-        n = int(w[1].sum())
-        if n == 0:
-            continue
-        h = "A" if got["A"] <= got["B"] else "B"
-        if got[h] >= budgets[-1]:
-            h = "B" if h == "A" else "A"
-            if got[h] >= budgets[-1]:
-                break
-        halves[h].append(len(windows))
-        windows.append(w)
-        got[h] += n
+    windows, halves = _split_halves(docs, args.seq_len, budgets[-1], random.Random(args.seed))
     cost_model = weights_cost_model(model)
     cands = candidate_layers(model.config)
 
@@ -256,51 +340,12 @@ def main():
     key = f"{args.model}|{args.draft_len}|{args.temperature}|{dev}|{','.join(signals)}"
     pool = WindowPool(model, windows, signals, args.draft_len, args.temperature,
                       ROOT / "runs" / "diagnosis_stability_cache.pt", key)
-
-    def first(idx, budget):
-        out, n = [], 0
-        for w in idx:
-            if n >= budget:
-                break
-            out.append(w)
-            n += int(windows[w][1][:-1].sum())
-        return out
-
-    res = {"provenance": provenance(), "device": dev, "threads": torch.get_num_threads(), "model": args.model,
-           "data": args.data, "documents": len(docs),
-           "settings": {"budgets": budgets, "k": ks, "signals": signals, "seq_len": args.seq_len,
-                        "draft_len": args.draft_len, "temperature": args.temperature, "trials_per_k": args.trials,
-                        "swap_evals_per_k": args.swap_evals, "objective": "estimated speed-up, weights cost model",
-                        "seed": args.seed, "default_budget": d.tokens},
-           "positions": {h: int(sum(int(windows[w][1][:-1].sum()) for w in idx)) for h, idx in halves.items()},
-           "budgets": []}
+    first = functools.partial(_first_windows, windows)
+    res = _results_head(args, d, dev, docs, windows, halves, budgets, ks, signals)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"diagnosis_stability_{dev}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     for b in budgets:  # ascending: results early
-        row = {"tokens": b, "signals": {}}
-        for sig in signals[1:]:  # the other signals: their single-skip top-k from the same forwards (no search)
-            row.setdefault("single_skip_only", {})[sig] = _single_skip_only(pool, halves, first, b, cands, ks, sig)
-            log(f"budget {b} {sig} single-skip top-k: jaccard {row['single_skip_only'][sig]['jaccard']}")
-        for sig in signals[:1]:
-            r = {}
-            for h, idx in halves.items():
-                t0 = time.perf_counter()
-                r[h] = run_selection(pool, first(idx, b), cands, ks, objective, sig, args)
-                log(f"budget {b} {sig} half {h}: " + ", ".join(f"k={k} {r[h]['k'][k]['layers']}" for k in ks)
-                    + f"  [{time.perf_counter() - t0:.0f} s here, cost {r[h]['cost_s']:.0f} s]")
-                pool.save()
-            r["jaccard"] = {str(k): jaccard(r["A"]["k"][k]["layers"], r["B"]["k"][k]["layers"]) for k in ks}
-            r["jaccard_single_skip_topk"] = {
-                str(k): jaccard(r["A"]["k"][k]["baselines"]["single_skip_topk"]["layers"],
-                                r["B"]["k"][k]["baselines"]["single_skip_topk"]["layers"]) for k in ks}
-            if args.held_out:
-                r["held_out"] = {"A_on_B": held_out_scores(pool, r["A"], first(halves["B"], b), objective, sig),
-                                 "B_on_A": held_out_scores(pool, r["B"], first(halves["A"], b), objective, sig)}
-                pool.save()
-            r["seconds"] = (r["A"]["cost_s"] + r["B"]["cost_s"]) / 2
-            log(f"budget {b} {sig}: jaccard {r['jaccard']} (single-skip top-k {r['jaccard_single_skip_topk']})")
-            row["signals"][sig] = r
-        res["budgets"].append(row)
+        res["budgets"].append(_budget_row(pool, halves, first, b, cands, ks, objective, signals, args))
         res["wall_s"] = time.perf_counter() - t_start
         res["scored_here"] = {"evaluations": pool.new_evals, "seconds": pool.new_seconds}
         _summarise(res, signals[0], args.timed_report)

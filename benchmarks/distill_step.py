@@ -162,54 +162,60 @@ def _summarise(info: dict, warmup: int, tokens_per_step: int) -> dict:
             "teacher_placement": info.get("teacher_placement")}
 
 
-def main(argv=None):
-    from rad_ds.core.provenance import provenance, render_only, write_results
-
-    if render_only(render, ROOT / "benchmarks" / "results" / "distill_cpu.json", argv):
-        return 0
-    args = parse_args(argv)
-    if args.worker:
-        return _worker(args)
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"distill_{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
+def _child_env(threads: int) -> dict:
+    """The environment of every run: ``threads`` torch threads, offline, and no launcher variables inherited."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
            "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": str(ROOT)}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="rad_ds_bench_") as tmp:
-        work = Path(tmp)
-        prep = prepare(args, work)
-        (work / "prep.json").write_text(json.dumps(prep))
-        me = [sys.executable, str(Path(__file__).resolve())]
-        common = [*(argv or sys.argv[1:]), "--workdir", str(work)]
-        jobs = [("plain", me + ["--worker", "plain", *common])]
-        for w in map(int, args.ranks.split(",")):
-            if w == 1:
-                cmd = me + ["--worker", "engine", *common]
-            else:
-                from tests.distill_helpers import free_port
+    return env
 
-                cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(w), "--master_port",
-                       str(free_port()), str(Path(__file__).resolve()), "--worker", "engine", *common]
-            jobs.append((f"engine{w}", cmd))
-        runs: dict[str, list] = {}
-        for rep in range(args.repeats):
-            for name, cmd in jobs:
-                print(f"== {name} (run {rep + 1}/{args.repeats}): {' '.join(cmd[:6])} ...", flush=True)
-                r = subprocess.run(cmd + ["--rep", str(rep)], env=env, cwd=ROOT, capture_output=True, text=True,
-                                   timeout=3600)
-                if r.returncode != 0:
-                    print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
-                    raise SystemExit(f"{name} failed ({r.returncode})")
-                runs.setdefault(name, []).append(json.loads((work / f"{name}.json").read_text()))
-        for name, infos in runs.items():
-            results[name] = min(infos, key=lambda i: sum(r["step_s"] for r in i["rows"][args.warmup:]))
-            results[name]["all_runs_tokens_per_s"] = [
-                sum(r["tokens_per_s"] * r["step_s"] for r in i["rows"][args.warmup:])
-                / sum(r["step_s"] for r in i["rows"][args.warmup:]) for i in infos]
-    world_max = max(map(int, args.ranks.split(",")))
+
+def _jobs(argv, work: Path, ranks: str) -> list[tuple[str, list[str]]]:
+    """(name, command) of each configuration: the plain loop, then the trainer per world size (2+ ranks through the
+    ``deepspeed`` launcher), each re-running this script as a worker."""
+    me = [sys.executable, str(Path(__file__).resolve())]
+    common = [*(argv or sys.argv[1:]), "--workdir", str(work)]
+    jobs = [("plain", me + ["--worker", "plain", *common])]
+    for w in map(int, ranks.split(",")):
+        if w == 1:
+            cmd = me + ["--worker", "engine", *common]
+        else:
+            from tests.distill_helpers import free_port
+
+            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(w), "--master_port",
+                   str(free_port()), str(Path(__file__).resolve()), "--worker", "engine", *common]
+        jobs.append((f"engine{w}", cmd))
+    return jobs
+
+
+def _run_jobs(jobs, repeats: int, env: dict, work: Path) -> dict[str, list]:
+    """Every job ``repeats`` times, interleaved; each run's written rows per job name."""
+    runs: dict[str, list] = {}
+    for rep in range(repeats):
+        for name, cmd in jobs:
+            print(f"== {name} (run {rep + 1}/{repeats}): {' '.join(cmd[:6])} ...", flush=True)
+            r = subprocess.run(cmd + ["--rep", str(rep)], env=env, cwd=ROOT, capture_output=True, text=True,
+                               timeout=3600)
+            if r.returncode != 0:
+                print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{name} failed ({r.returncode})")
+            runs.setdefault(name, []).append(json.loads((work / f"{name}.json").read_text()))
+    return runs
+
+
+def _fastest(infos: list, warmup: int) -> dict:
+    """The run with the least timed seconds, with every run's tokens/s beside it."""
+    best = min(infos, key=lambda i: sum(r["step_s"] for r in i["rows"][warmup:]))
+    best["all_runs_tokens_per_s"] = [
+        sum(r["tokens_per_s"] * r["step_s"] for r in i["rows"][warmup:])
+        / sum(r["step_s"] for r in i["rows"][warmup:]) for i in infos]
+    return best
+
+
+def _compare(results: dict, args, world_max: int) -> tuple[dict, int | None]:
+    """(per-configuration summaries plus overhead at 1 rank, scaling and MFU; the tokens per step)."""
     tokens_per_step = None
     summary = {}
     for name, info in results.items():
@@ -232,13 +238,36 @@ def main(argv=None):
                 w = int(name[6:])
                 summary[name]["mfu"] = (flops_per_token * summary[name]["tokens_per_s"]
                                         / (w * args.peak_tflops * 1e12))
+    return summary, tokens_per_step
+
+
+def main(argv=None):
+    from rad_ds.core.provenance import provenance, render_only, write_results
+
+    if render_only(render, ROOT / "benchmarks" / "results" / "distill_cpu.json", argv):
+        return 0
+    args = parse_args(argv)
+    if args.worker:
+        return _worker(args)
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"distill_{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = _child_env(args.threads)
+    with tempfile.TemporaryDirectory(prefix="rad_ds_bench_") as tmp:
+        work = Path(tmp)
+        prep = prepare(args, work)
+        (work / "prep.json").write_text(json.dumps(prep))
+        runs = _run_jobs(_jobs(argv, work, args.ranks), args.repeats, env, work)
+        results = {name: _fastest(infos, args.warmup) for name, infos in runs.items()}
+    world_max = max(map(int, args.ranks.split(",")))
+    summary, tokens_per_step = _compare(results, args, world_max)
     doc = {
         "benchmark": "distill_step", "provenance": provenance(), "device": args.device, "dtype": args.dtype,
         "threads_per_rank": args.threads, "cpu_count": os.cpu_count(),
         "model": args.model or f"llama(hidden={args.hidden}, layers={args.num_layers}, vocab={args.vocab})",
         "replaced_layers": args.layers, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
         "global_batch": args.micro_batch * world_max, "tokens_per_step": tokens_per_step, "steps": args.steps,
-        "warmup": args.warmup, "repeats": args.repeats, "params": params, "summary": summary,
+        "warmup": args.warmup, "repeats": args.repeats, "params": results.get("plain", {}).get("student_params"),
+        "summary": summary,
     }
     print(write_results(out, doc, render).read_text())
     return 0

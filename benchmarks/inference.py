@@ -345,22 +345,9 @@ def _x(v) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
-def render(result: dict) -> str:
-    """The results markdown, from the (analysed) JSON alone (``--render`` rewrites the .md from it)."""
-    from rad_ds.core.provenance import provenance_line
-
-    bw, t = result["bandwidth_gbs"], result["targets"]
-    dev = result.get("device", "cpu")
-    dtype = result.get("dtype", "float32")
-    hybrid = next(m for m in result["models"] if m["model"] == t["hybrid"])
-    base = next(m for m in result["models"] if m["kind"] == "base")
-    lines = [f"# Inference on {dev} ({result['threads']} threads, {dtype}, SmolLM2-135M-Instruct weights)", "",
-             f"Decode tokens/s, the median of 3 blocks of {result['decode_tokens'] // 3} steps after a prefill of "
-             "`context` tokens; students replace that share of the attention layers with Mamba2 (untrained: speed "
-             "does not depend on the weights). **Headline: the hybrid against rad-ds' own all-attention model** (the "
-             "same code with and without Mamba2 layers); transformers' Llama on the same weights with its "
-             "StaticCache and its default DynamicCache are the references a user would otherwise run.", "",
-             f"## {t['hybrid']} vs rad-ds, all attention", "",
+def _headline_table(hybrid: dict, base: dict, t: dict) -> list[str]:
+    """The hybrid against rad-ds' own all-attention model, per context and batch (eager decoder)."""
+    lines = [f"## {t['hybrid']} vs rad-ds, all attention", "",
              "| context | batch | all attention tok/s | hybrid tok/s | **hybrid / all attention** | bytes ratio | "
              "speed-up / bytes ratio |", "|---:|---:|---:|---:|---:|---:|---:|"]
     base_rows = {(r["context"], r["batch"]): r for r in base["rows"] if r["decoder"] == "dynamic"}
@@ -371,9 +358,14 @@ def render(result: dict) -> str:
         lines.append(f"| {r['context']} | {r['batch']} | {b['decode_tok_s']:.2f} | {r['decode_tok_s']:.2f} | "
                      f"**{r['vs_all_attention']:.2f}x** | {r['bytes_ratio']:.2f} | "
                      f"{r['speedup_over_bytes_ratio']:.2f} |")
-    lines += ["", "## Every model", "",
-              f"Memory bandwidth (GEMV over 256 MiB): **{bw:.1f} GB/s**. Decode limit = bandwidth / bytes read per "
-              "token (weights once per step, shared by the batch, + every row's cache)."]
+    return lines
+
+
+def _models_table(result: dict, bw: float, t: dict) -> list[str]:
+    """Every model's rows against the references and the bandwidth limit."""
+    lines = ["## Every model", "",
+             f"Memory bandwidth (GEMV over 256 MiB): **{bw:.1f} GB/s**. Decode limit = bandwidth / bytes read per "
+             "token (weights once per step, shared by the batch, + every row's cache)."]
     if result.get("gemv_chain_tok_s"):
         lines.append(f"The base's weight matrices as bare GEMVs in layer order: **{result['gemv_chain_tok_s']:.1f} "
                      f"steps/s** = {100 * t['gemv_chain_share_of_limit']:.0f}% of the limit at context 0: the ceiling "
@@ -390,24 +382,49 @@ def render(result: dict) -> str:
                          f"{_x(r.get('vs_transformers_static'))} | {_x(r['vs_transformers'])} | "
                          f"{r['bytes_ratio']:.2f} | {100 * r['share_of_limit']:.0f}% | "
                          f"{r['cache_bytes'] / 2**20:.1f} | {peak:.0f} |")
+    return lines
+
+
+def _summary_lines(hybrid: dict, t: dict) -> list[str]:
+    """The summary's bullets, from the analysed targets."""
     rng = lambda v: f"{v[0]:.2f}-{v[1]:.2f}x" if v else "-"  # noqa: E731
-    lines += ["", "## Summary", "",
-              f"- {t['hybrid']} / rad-ds all attention at {t['longest_context']} tokens: "
-              + ", ".join(f"batch {b}: **{v:.2f}x**" for b, v in t["hybrid_vs_all_attention_longest"].items()) + ".",
-              f"- {t['hybrid']} / transformers' Llama with StaticCache at {t['longest_context']} tokens: "
-              + ", ".join(f"batch {r['batch']}: {_x(r.get('vs_transformers_static'))}" for r in hybrid["rows"]
-                          if r["decoder"] == "dynamic" and r["context"] == t["longest_context"]) + ".",
-              f"- rad-ds all attention / transformers' Llama: {rng(t['all_attention_vs_transformers_static'])} with "
-              f"StaticCache, {rng(t['all_attention_vs_transformers'])} with the default DynamicCache.",
-              (f"- {t['hybrid']}: speed-up over all attention / bytes ratio, contexts >= 1024, batch 1: min "
-               f"**{t['hybrid_speedup_over_bytes_ratio_min_from_1024']:.2f}**"
-               + (f"; batch 8: min {t['hybrid_speedup_over_bytes_ratio_min_from_1024_batch8']:.2f}."
-                  if t["hybrid_speedup_over_bytes_ratio_min_from_1024_batch8"] is not None else "."))
-              if t["hybrid_speedup_over_bytes_ratio_min_from_1024"] is not None else "",
-              "- Decode at batch 1 as a share of the bandwidth limit: " + "; ".join(
-                  f"{k}: {min(v) * 100:.0f}-{max(v) * 100:.0f}%" for k, v in t["decode_share_of_limit_batch1"].items())
-              + (f". The bare GEMV chain of the same weights reaches {100 * t['gemv_chain_share_of_limit']:.0f}%."
-                 if t["gemv_chain_share_of_limit"] else "."),
+    return ["## Summary", "",
+            f"- {t['hybrid']} / rad-ds all attention at {t['longest_context']} tokens: "
+            + ", ".join(f"batch {b}: **{v:.2f}x**" for b, v in t["hybrid_vs_all_attention_longest"].items()) + ".",
+            f"- {t['hybrid']} / transformers' Llama with StaticCache at {t['longest_context']} tokens: "
+            + ", ".join(f"batch {r['batch']}: {_x(r.get('vs_transformers_static'))}" for r in hybrid["rows"]
+                        if r["decoder"] == "dynamic" and r["context"] == t["longest_context"]) + ".",
+            f"- rad-ds all attention / transformers' Llama: {rng(t['all_attention_vs_transformers_static'])} with "
+            f"StaticCache, {rng(t['all_attention_vs_transformers'])} with the default DynamicCache.",
+            (f"- {t['hybrid']}: speed-up over all attention / bytes ratio, contexts >= 1024, batch 1: min "
+             f"**{t['hybrid_speedup_over_bytes_ratio_min_from_1024']:.2f}**"
+             + (f"; batch 8: min {t['hybrid_speedup_over_bytes_ratio_min_from_1024_batch8']:.2f}."
+                if t["hybrid_speedup_over_bytes_ratio_min_from_1024_batch8"] is not None else "."))
+            if t["hybrid_speedup_over_bytes_ratio_min_from_1024"] is not None else "",
+            "- Decode at batch 1 as a share of the bandwidth limit: " + "; ".join(
+                f"{k}: {min(v) * 100:.0f}-{max(v) * 100:.0f}%" for k, v in t["decode_share_of_limit_batch1"].items())
+            + (f". The bare GEMV chain of the same weights reaches {100 * t['gemv_chain_share_of_limit']:.0f}%."
+               if t["gemv_chain_share_of_limit"] else ".")]
+
+
+def render(result: dict) -> str:
+    """The results markdown, from the (analysed) JSON alone (``--render`` rewrites the .md from it)."""
+    from rad_ds.core.provenance import provenance_line
+
+    bw, t = result["bandwidth_gbs"], result["targets"]
+    dev = result.get("device", "cpu")
+    dtype = result.get("dtype", "float32")
+    hybrid = next(m for m in result["models"] if m["model"] == t["hybrid"])
+    base = next(m for m in result["models"] if m["kind"] == "base")
+    lines = [f"# Inference on {dev} ({result['threads']} threads, {dtype}, SmolLM2-135M-Instruct weights)", "",
+             f"Decode tokens/s, the median of 3 blocks of {result['decode_tokens'] // 3} steps after a prefill of "
+             "`context` tokens; students replace that share of the attention layers with Mamba2 (untrained: speed "
+             "does not depend on the weights). **Headline: the hybrid against rad-ds' own all-attention model** (the "
+             "same code with and without Mamba2 layers); transformers' Llama on the same weights with its "
+             "StaticCache and its default DynamicCache are the references a user would otherwise run.", ""]
+    lines += _headline_table(hybrid, base, t)
+    lines += ["", *_models_table(result, bw, t)]
+    lines += ["", *_summary_lines(hybrid, t),
               "", f"{result['seconds']:.0f} s in all. Chart: `{result['chart']}`.", "",
               provenance_line(result["provenance"])]
     return "\n".join(lines) + "\n"

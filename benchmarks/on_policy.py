@@ -127,14 +127,10 @@ class HeldOut:
         return self._kl(engine.module, [build_rows(pairs[i:i + 8], pad) for i in range(0, len(pairs), 8)])
 
 
-def distill_run(cfg, heldout_path: Path, a, budget: int | None):
-    """One run (in this process) with held-out evaluations; stops at ``budget`` tokens when given."""
-    import torch
-
-    from rad_ds.core.dist import init_distributed, release_env
-    from rad_ds.core.io import ProvisionalDir
-    from rad_ds.distill.callbacks import Callback
-    from rad_ds.distill.trainer import DistillRun, _quiet
+def _run_class(heldout_path: Path, a, budget: int | None):
+    """The trainer's run, plus the held-out set, a count of the positions with a logit loss, and a stop at the step
+    whose token count lies closest to ``budget`` (when given)."""
+    from rad_ds.distill.trainer import DistillRun
 
     class Run(DistillRun):
         def setup(self):
@@ -155,6 +151,14 @@ def distill_run(cfg, heldout_path: Path, a, budget: int | None):
             # the step whose token count lies closest to the budget (steps differ in tokens)
             per_step = self.tokens_run / max(step - self.start_step, 1)
             return super().stop_reached(step) or (budget is not None and self.tokens_seen + per_step / 2 >= budget)
+
+    return Run
+
+
+def _evaluate_callback(eval_every: int):
+    """A callback recording the held-out KL before the first step, every ``eval_every`` steps and at the last, and
+    the KL on the student's own samples before the first step and after the last."""
+    from rad_ds.distill.callbacks import Callback
 
     class Evaluate(Callback):
         def __init__(self):
@@ -179,25 +183,16 @@ def distill_run(cfg, heldout_path: Path, a, budget: int | None):
 
         def on_step_end(self, step, row):
             last = self.run.stop_reached(step) or step == self.run.cfg.train.steps
-            if step % a.eval_every == 0 or last:
+            if step % eval_every == 0 or last:
                 self.evaluate(step)
             if last:
                 self.own_samples(step)
 
-    cfg.validate()
-    _quiet()
-    info = init_distributed(cfg.train.dist_timeout_s, deepspeed=True)
-    t0 = time.perf_counter()
-    try:
-        with ProvisionalDir(cfg.out, owner=True) as out_dir:
-            run = Run(cfg, info, out_dir)
-            ev = Evaluate()
-            run.add_callback(ev)
-            result = run.run()
-    finally:
-        release_env()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    return Evaluate()
+
+
+def _run_summary(cfg, run, ev, result, wall_s: float) -> dict:
+    """What one run reports: steps, tokens, seconds, the held-out curve and the per-step losses."""
     rows = result.losses
     eval_s = sum(c["eval_s"] for c in ev.curve)
     return {
@@ -205,11 +200,39 @@ def distill_run(cfg, heldout_path: Path, a, budget: int | None):
         "tokens": run.tokens_seen, "target_tokens": run.targets_seen,
         "generated_tokens": sum(r.get("gen_tokens", 0) for r in rows),
         "train_s": sum(r["step_s"] for r in rows), "gen_s": sum(r.get("gen_s", 0.0) for r in rows),
-        "wall_s": time.perf_counter() - t0, "eval_s": eval_s,
+        "wall_s": wall_s, "eval_s": eval_s,
         "held_out_conversations": run.heldout.n_conversations, "curve": ev.curve, "own_samples": ev.own,
         "losses": [{k: r.get(k) for k in ("step", "loss", "kd", "hidden", "onpolicy", "gen_s", "tokens")}
                    for r in rows],
     }
+
+
+def distill_run(cfg, heldout_path: Path, a, budget: int | None):
+    """One run (in this process) with held-out evaluations; stops at ``budget`` tokens when given."""
+    import torch
+
+    from rad_ds.core.dist import init_distributed, release_env
+    from rad_ds.core.io import ProvisionalDir
+    from rad_ds.core.outputs import claim
+    from rad_ds.distill.trainer import _quiet
+
+    Run = _run_class(heldout_path, a, budget)
+    cfg.validate()
+    _quiet()
+    info = init_distributed(cfg.train.dist_timeout_s, deepspeed=True)
+    t0 = time.perf_counter()
+    try:
+        with ProvisionalDir(cfg.out, owner=True) as out_dir, \
+                claim(cfg.out, "distill", overwrite=cfg.overwrite, rank=info.rank) as output:
+            run = Run(cfg, info, out_dir, output)
+            ev = _evaluate_callback(a.eval_every)
+            run.add_callback(ev)
+            result = run.run()
+    finally:
+        release_env()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return _run_summary(cfg, run, ev, result, time.perf_counter() - t0)
 
 
 def plot(results: dict, path: Path) -> bool:

@@ -82,11 +82,9 @@ def candidates(args) -> list[dict]:
     return out
 
 
-def main():
-    from rad_ds.core.provenance import RENDER_HELP, render_only
+def _parser():
+    from rad_ds.core.provenance import RENDER_HELP
 
-    if render_only(render, ROOT / "benchmarks" / "results" / "placement_validation_cpu.json"):
-        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded:smollm2")
     ap.add_argument("--validation", required=True, help="the validation split (never trained on, never reported)")
@@ -102,13 +100,60 @@ def main():
                     help="reuse the scores of an earlier --out for the same placements and validation positions")
     ap.add_argument("--out", default=None)
     ap.add_argument("--render", action="store_true", help=RENDER_HELP)
-    args = ap.parse_args()
+    return ap
+
+
+def _earlier_scores(out: Path, validation: str, positions) -> dict[tuple, dict]:
+    """The scores an earlier ``out`` holds, by (k, layers), when it scored the same validation positions."""
+    scored: dict[tuple, dict] = {}
+    if out.is_file():
+        prev = json.loads(out.read_text())
+        if prev.get("validation") == validation and prev.get("positions") == positions:
+            for r in prev["placements"]:
+                scored[(r["k"], tuple(r["layers"]))] = {"heldout_kl": r["validation_kl"],
+                                                       "top1_agreement": r["validation_top1"]}
+    return scored
+
+
+def _score_placements(cands: list[dict], teacher, ref, scored: dict) -> list[dict]:
+    """Each candidate with its initial student's validation KL and top-1 agreement; a placement already in
+    ``scored`` is not scored again."""
+    from rad_ds.surgery import replace_attention
+
+    rows = []
+    for c in cands:
+        key = (c["k"], tuple(sorted(c["layers"])))
+        if key not in scored:
+            student = copy.deepcopy(teacher)
+            replace_attention(student, sorted(c["layers"]), init="attention_skip", seed=0)
+            scored[key] = ref.evaluate(student.eval())
+            log(f"k={c['k']} {sorted(c['layers'])}: validation KL {scored[key]['heldout_kl']:.4f} ({c['way']})")
+            del student
+        rows.append({**c, "layers": sorted(c["layers"]), "validation_kl": scored[key]["heldout_kl"],
+                     "validation_top1": scored[key]["top1_agreement"]})
+    return rows
+
+
+def _by_way(rows: list[dict]) -> dict:
+    """Per k, each way of choosing's validation KL (mean, n, min, max), best mean first."""
+    ways: dict = {}
+    for r in rows:
+        ways.setdefault(str(r["k"]), {}).setdefault(r["way"], []).append(r["validation_kl"])
+    return {k: {w: {"mean": statistics.fmean(v), "n": len(v), "min": min(v), "max": max(v)}
+                for w, v in sorted(d.items(), key=lambda kv: statistics.fmean(kv[1]))} for k, d in ways.items()}
+
+
+def main():
+    from rad_ds.core.provenance import render_only
+
+    if render_only(render, ROOT / "benchmarks" / "results" / "placement_validation_cpu.json"):
+        return
+    args = _parser().parse_args()
 
     from rad_ds.core.provenance import provenance
     from rad_ds.distill.config import DataConfig
     from rad_ds.models.conversion import load_model
     from rad_ds.study.heldout import HeldOut, scored_rows
-    from rad_ds.surgery import replace_attention
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,32 +165,12 @@ def main():
     data.seq_len = args.seq_len
     ref = HeldOut(teacher, tok, scored_rows(data, args.validation, tok, args.rows), [], 0)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"placement_validation_{dev}.json")
-    scored: dict[tuple, dict] = {}
-    if args.reuse and out.is_file():  # scores of the same placements on the same positions: not recomputed
-        prev = json.loads(out.read_text())
-        if prev.get("validation") == args.validation and prev.get("positions") == ref.positions:
-            for r in prev["placements"]:
-                scored[(r["k"], tuple(r["layers"]))] = {"heldout_kl": r["validation_kl"],
-                                                       "top1_agreement": r["validation_top1"]}
-    rows = []
-    for c in candidates(args):
-        key = (c["k"], tuple(sorted(c["layers"])))
-        if key not in scored:
-            student = copy.deepcopy(teacher)
-            replace_attention(student, sorted(c["layers"]), init="attention_skip", seed=0)
-            scored[key] = ref.evaluate(student.eval())
-            log(f"k={c['k']} {sorted(c['layers'])}: validation KL {scored[key]['heldout_kl']:.4f} ({c['way']})")
-            del student
-        rows.append({**c, "layers": sorted(c["layers"]), "validation_kl": scored[key]["heldout_kl"],
-                     "validation_top1": scored[key]["top1_agreement"]})
-    ways: dict = {}
-    for r in rows:
-        ways.setdefault(str(r["k"]), {}).setdefault(r["way"], []).append(r["validation_kl"])
-    summary = {k: {w: {"mean": statistics.fmean(v), "n": len(v), "min": min(v), "max": max(v)}
-                   for w, v in sorted(d.items(), key=lambda kv: statistics.fmean(kv[1]))} for k, d in ways.items()}
+    # scores of the same placements on the same positions: not recomputed
+    scored = _earlier_scores(out, args.validation, ref.positions) if args.reuse else {}
+    rows = _score_placements(candidates(args), teacher, ref, scored)
     res = {"provenance": provenance(), "device": dev, "model": args.model, "split": "validation",
            "validation": args.validation, "positions": ref.positions, "init": "attention_skip",
-           "placements": rows, "summary": summary, "seconds": time.perf_counter() - t0}
+           "placements": rows, "summary": _by_way(rows), "seconds": time.perf_counter() - t0}
     out.write_text(json.dumps(res, indent=2) + "\n")
     out.with_suffix(".md").write_text(render(res))
     print(render(res))

@@ -129,11 +129,9 @@ def fmt_ms(s):
     return "-" if s is None else f"{s * 1e3:.2f}"
 
 
-def main(argv=None):
-    from rad_ds.core.provenance import RENDER_HELP, provenance, render_only, write_results
+def _parser():
+    from rad_ds.core.provenance import RENDER_HELP
 
-    if render_only(render, DEFAULT_OUT, argv):
-        return None
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
@@ -152,8 +150,58 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/ssm_scan_<device>.json); "
                                                 "the .md is rendered next to it")
     ap.add_argument("--render", action="store_true", help=RENDER_HELP)
-    args = ap.parse_args(argv)
+    return ap
 
+
+def _agreement(inputs, impls, chunk_size: int, refs) -> dict:
+    """Largest |y - y_chunked| of every other implementation's forward: checked before any time counts."""
+    with torch.no_grad():
+        y = make_runner("chunked", inputs, chunk_size, "fwd", refs)().float()
+        return {i: (make_runner(i, inputs, chunk_size, "fwd", refs)().float() - y).abs().max().item()
+                for i in impls if i != "chunked"}
+
+
+def _time_row(length: int, mode: str, cs: int, inputs, impls, refs, args, device, step_times: dict) -> dict:
+    """Every implementation's median time at one (mode, chunk size), and its ratio to the chunked scan's. The step
+    loop has no chunk size: it is timed once per mode (kept in ``step_times``)."""
+    row = {"length": length, "mode": mode, "chunk_size": cs}
+    for impl in impls:
+        if impl == "step_loop":
+            if mode not in step_times:
+                step_times[mode] = median_time(make_runner(impl, inputs, cs, mode, refs), args.step_reps, 1, device)
+            row["step_loop_s"] = step_times[mode]
+        else:
+            row[f"{impl}_s"] = median_time(make_runner(impl, inputs, cs, mode, refs), args.reps, 2, device)
+    for impl in impls:
+        if impl != "chunked":
+            row[f"{impl}_over_chunked"] = row[f"{impl}_s"] / row["chunked_s"]
+    return row
+
+
+def _time_length(length: int, args, device, dtype, impls, refs) -> list[dict]:
+    """The rows of one length: forward and forward + backward at ``--chunk-size``, forward at the extra sizes."""
+    inputs = make_inputs(length, args, device, dtype)
+    agree = _agreement(inputs, impls, args.chunk_size, refs)
+    configs = [(mode, args.chunk_size) for mode in ("fwd", "fwd_bwd")]
+    configs += [("fwd", cs) for cs in args.extra_chunk_sizes if cs != args.chunk_size]
+    step_times, rows = {}, []
+    for mode, cs in configs:
+        row = _time_row(length, mode, cs, inputs, impls, refs, args, device, step_times)
+        if cs == args.chunk_size and mode == "fwd":
+            row["max_abs_diff_vs_chunked"] = agree
+        rows.append(row)
+        print(f"L={length:5d} {mode:7s} chunk={cs:3d}  " + "  ".join(
+            f"{i} {fmt_ms(row[f'{i}_s'])} ms" for i in impls)
+            + f"  mamba_ref/chunked {row['mamba_ref_over_chunked']:.2f}x", flush=True)
+    return rows
+
+
+def main(argv=None):
+    from rad_ds.core.provenance import provenance, render_only, write_results
+
+    if render_only(render, DEFAULT_OUT, argv):
+        return None
+    args = _parser().parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     if args.threads:
@@ -163,37 +211,7 @@ def main(argv=None):
     refs = mamba_references()
     triton = device.type == "cuda" and ssm_ops.use_kernels(torch.empty(0, device=device))
     impls = [*IMPLS, "triton"] if triton else list(IMPLS)
-
-    rows = []
-    for length in args.lengths:
-        inputs = make_inputs(length, args, device, dtype)
-        with torch.no_grad():  # the same numbers from every implementation, checked before any time counts
-            y = make_runner("chunked", inputs, args.chunk_size, "fwd", refs)().float()
-            agree = {i: (make_runner(i, inputs, args.chunk_size, "fwd", refs)().float() - y).abs().max().item()
-                     for i in impls if i != "chunked"}
-        configs = [(mode, args.chunk_size) for mode in ("fwd", "fwd_bwd")]
-        configs += [("fwd", cs) for cs in args.extra_chunk_sizes if cs != args.chunk_size]
-        step_times = {}
-        for mode, cs in configs:
-            row = {"length": length, "mode": mode, "chunk_size": cs}
-            for impl in impls:
-                if impl == "step_loop":  # no chunk size: timed once per mode
-                    if mode not in step_times:
-                        step_times[mode] = median_time(make_runner(impl, inputs, cs, mode, refs), args.step_reps, 1,
-                                                       device)
-                    row["step_loop_s"] = step_times[mode]
-                else:
-                    row[f"{impl}_s"] = median_time(make_runner(impl, inputs, cs, mode, refs), args.reps, 2, device)
-            for impl in impls:
-                if impl != "chunked":
-                    row[f"{impl}_over_chunked"] = row[f"{impl}_s"] / row["chunked_s"]
-            if cs == args.chunk_size and mode == "fwd":
-                row["max_abs_diff_vs_chunked"] = agree
-            rows.append(row)
-            print(f"L={length:5d} {mode:7s} chunk={cs:3d}  " + "  ".join(
-                f"{i} {fmt_ms(row[f'{i}_s'])} ms" for i in impls)
-                + f"  mamba_ref/chunked {row['mamba_ref_over_chunked']:.2f}x", flush=True)
-
+    rows = [row for length in args.lengths for row in _time_length(length, args, device, dtype, impls, refs)]
     result = {
         "benchmark": "ssm_scan",
         "provenance": provenance(),

@@ -49,6 +49,64 @@ def _pad_to_chunks(chunk_size: int, x, dt, B, C, seq_idx):
             F.pad(C, (0, 0, 0, 0, 0, pad)), seq_idx)
 
 
+def _to_chunks(x, dt, A, B, C, chunk_size: int, seq_idx, cdt: torch.dtype):
+    """The inputs in ``cdt``, padded and cut into ``c`` chunks of ``Q = chunk_size``: the discretised input
+    ``X = x dt (b, c, Q, h, p)``, ``A dt (b, h, c, Q)``, ``B, C (b, c, Q, h, n)`` with heads expanded, and the
+    document masks (None without ``seq_idx``)."""
+    b, _, h, p = x.shape
+    n = B.size(-1)
+    x_, dt_, A_ = x.to(cdt), dt.to(cdt), A.to(cdt)
+    B_ = _expand_groups(B, h).to(cdt)
+    C_ = _expand_groups(C, h).to(cdt)
+    x_, dt_, B_, C_, seq_idx = _pad_to_chunks(chunk_size, x_, dt_, B_, C_, seq_idx)
+    Q = chunk_size
+    c = x_.size(1) // Q
+    same = _DocMasks(seq_idx, c, Q, cdt) if seq_idx is not None else None
+    X = (x_ * dt_[..., None]).reshape(b, c, Q, h, p)
+    Adt = (A_[None, None, :] * dt_).reshape(b, c, Q, h).permute(0, 3, 1, 2)
+    return X, Adt, B_.reshape(b, c, Q, h, n), C_.reshape(b, c, Q, h, n), same
+
+
+def _within_chunks(Adt, Bc, Cc, X, same):
+    """Step 1, each chunk's output from its own inputs: ``y = (C B^T * decay mask) X``. A document start's decay is
+    -inf here, so every pair across it decays to exactly 0 (_segsum adds, never subtracts, so no inf - inf)."""
+    decay = torch.exp(_segsum(Adt if same is None else Adt.masked_fill(same.starts, float("-inf"))))
+    CB = torch.einsum("bclhn,bcshn->bhcls", Cc, Bc)
+    return torch.einsum("bhcls,bcshp->bclhp", CB * decay, X)
+
+
+def _chunk_states(A_cum, Bc, X, same):
+    """Step 2, the state each chunk leaves behind (from its own inputs only; with documents, its last one's):
+    ``(b, c, h, p, n)``."""
+    decay_states = torch.exp(A_cum[..., -1:] - A_cum)  # (b, h, c, Q)
+    if same is not None:
+        decay_states = decay_states * same.to_chunk_end
+    return torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_states, X)
+
+
+def _carry_across_chunks(states, A_cum, initial_states, same):
+    """Step 3, a short recurrence over the ``c`` chunk boundaries: (the state entering each chunk, the final
+    state)."""
+    if initial_states is None:
+        init = states.new_zeros(states.size(0), 1, *states.shape[2:])
+    else:
+        init = initial_states.to(states.dtype)[:, None]
+    states = torch.cat([init, states], dim=1)  # (b, c+1, h, p, n)
+    chunk_decay = torch.exp(_segsum(F.pad(A_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    if same is not None:
+        chunk_decay = chunk_decay * same.across
+    new_states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
+    return new_states[:, :-1], new_states[:, -1]
+
+
+def _from_carried(A_cum, Cc, states, same):
+    """Step 4, what the state carried into each chunk contributes to each of its positions."""
+    carry = torch.exp(A_cum)
+    if same is not None:
+        carry = carry * same.from_chunk_start
+    return torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, states, carry)
+
+
 def ssd_chunk_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -68,60 +126,16 @@ def ssd_chunk_scan(
     Computation runs in float32 (or float64 if the inputs are float64); the output has ``x``'s dtype.
     """
     b, l, h, p = x.shape
-    n = B.size(-1)
-    out_dtype = x.dtype
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x_, dt_, A_ = x.to(cdt), dt.to(cdt), A.to(cdt)
-    B_ = _expand_groups(B, h).to(cdt)
-    C_ = _expand_groups(C, h).to(cdt)
-
-    x_, dt_, B_, C_, seq_idx = _pad_to_chunks(chunk_size, x_, dt_, B_, C_, seq_idx)
-    L = x_.size(1)
-    c = L // chunk_size
-    Q = chunk_size
-    same = _DocMasks(seq_idx, c, Q, cdt) if seq_idx is not None else None
-
-    X = (x_ * dt_[..., None]).reshape(b, c, Q, h, p)  # discretised input
-    Adt = (A_[None, None, :] * dt_).reshape(b, c, Q, h).permute(0, 3, 1, 2)  # (b, h, c, Q)
-    Bc = B_.reshape(b, c, Q, h, n)
-    Cc = C_.reshape(b, c, Q, h, n)
+    X, Adt, Bc, Cc, same = _to_chunks(x, dt, A, B, C, chunk_size, seq_idx, cdt)
     A_cum = torch.cumsum(Adt, dim=-1)  # (b, h, c, Q)
-
-    # 1. within each chunk: y = (C B^T * decay mask) X
-    # a document start's decay is -inf here, so every pair across it decays to exactly 0 (_segsum adds, never
-    # subtracts, so no inf - inf)
-    decay = torch.exp(_segsum(Adt if same is None else Adt.masked_fill(same.starts, float("-inf"))))
-    CB = torch.einsum("bclhn,bcshn->bhcls", Cc, Bc)
-    Y_diag = torch.einsum("bhcls,bcshp->bclhp", CB * decay, X)
-
-    # 2. the state each chunk leaves behind (from its own inputs only; with documents, its last one's)
-    decay_states = torch.exp(A_cum[..., -1:] - A_cum)  # (b, h, c, Q)
-    if same is not None:
-        decay_states = decay_states * same.to_chunk_end
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_states, X)
-
-    # 3. carry states across chunk boundaries (short recurrence over c chunks)
-    if initial_states is None:
-        init = torch.zeros(b, 1, h, p, n, device=x.device, dtype=cdt)
-    else:
-        init = initial_states.to(cdt)[:, None]
-    states = torch.cat([init, states], dim=1)  # (b, c+1, h, p, n)
-    chunk_decay = torch.exp(_segsum(F.pad(A_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
-    if same is not None:
-        chunk_decay = chunk_decay * same.across
-    new_states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
-    states, final_state = new_states[:, :-1], new_states[:, -1]
-
-    # 4. what the carried-in state contributes to each position
-    carry = torch.exp(A_cum)
-    if same is not None:
-        carry = carry * same.from_chunk_start
-    Y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, states, carry)
-
-    y = (Y_diag + Y_off).reshape(b, L, h, p)[:, :l]
+    Y_diag = _within_chunks(Adt, Bc, Cc, X, same)
+    states, final_state = _carry_across_chunks(_chunk_states(A_cum, Bc, X, same), A_cum, initial_states, same)
+    Y_off = _from_carried(A_cum, Cc, states, same)
+    y = (Y_diag + Y_off).reshape(b, X.size(1) * X.size(2), h, p)[:, :l]
     if D is not None:
         y = y + x.to(cdt) * D.to(cdt)[None, None, :, None]
-    y = y.to(out_dtype)
+    y = y.to(x.dtype)
     if return_final_states:
         return y, final_state
     return y
