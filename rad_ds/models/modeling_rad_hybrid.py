@@ -1,6 +1,6 @@
 """RAD hybrid causal LM: Llama-style blocks whose mixer is RoPE/GQA attention or a Mamba2 mixer.
 
-With every layer ``"attention"`` this computes exactly what transformers' Llama / Qwen2 / Mistral
+With every layer ``"attention"`` this computes exactly what transformers' Llama / Qwen2 / Qwen3 / Mistral
 models compute (same parameter names: ``model.layers.i.self_attn.q_proj`` ...), so their checkpoints
 load as all-attention hybrids. Mamba2 layers hold ``model.layers.i.mamba.{in_proj, conv1d, ...}``.
 
@@ -131,11 +131,17 @@ class RadAttention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=config.attention_out_bias)
+        # Qwen3: an RMSNorm over head_dim on each head of q and k, before RoPE
+        self.q_norm = RadRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RadRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
 
     def forward(self, hidden_states, position_embeddings, attn_mask=None, cache=None):
         b, l, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(hidden_states).view(b, l, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(b, l, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(hidden_states).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)

@@ -15,7 +15,9 @@ student is exactly a GraniteMoeHybrid model with no experts:
 What GraniteMoeHybrid cannot express is refused up front with one line naming the alternative (the
 ``rad_hybrid`` format, ``--format rad_hybrid``): biases on q/k/v/o, the MLP or the Mamba2 projections, a
 sliding window, ``head_dim != hidden_size / num_attention_heads``, a Mamba2 width that is not a whole
-multiple of the hidden size, an activation other than SiLU. Weights stream one tensor at a time.
+multiple of the hidden size, an activation other than SiLU, and what the model family says it lacks
+(``FamilyAdapter.native_refusal``: Qwen3's q/k norms). Weights stream one tensor at a time, and every student
+tensor must be written (or be a deliberate skip, ``skipped_tensors``): one that is not is named in one line.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .configuration_rad_hybrid import RadHybridConfig
+from .families import family_of
 from .weights import SafetensorsWriter, WeightSource
 
 NATIVE_FORMATS = ("granitemoehybrid",)
@@ -55,6 +58,9 @@ def check_native(cfg: RadHybridConfig) -> None:
         _refuse(f"a Mamba2 width {cfg.mamba_d_inner} that is not a multiple of the hidden size {cfg.hidden_size}")
     if cfg.hidden_act != "silu":
         _refuse(f"hidden_act={cfg.hidden_act!r} (its Mamba2 conv uses the model's activation; rad-ds uses SiLU)")
+    reason = family_of(cfg).native_refusal(cfg)
+    if reason:
+        _refuse(reason)
 
 
 def granite_config(cfg: RadHybridConfig):
@@ -107,6 +113,41 @@ def _tensor(name: str, src: WeightSource, cfg: RadHybridConfig) -> torch.Tensor:
     return src.read(name)
 
 
+class _Reads:
+    """A WeightSource that remembers which tensors were read."""
+
+    def __init__(self, src: WeightSource):
+        self.src, self.read_names = src, set()
+
+    def read(self, name: str) -> torch.Tensor:
+        self.read_names.add(name)
+        return self.src.read(name)
+
+
+def skipped_tensors(cfg: RadHybridConfig) -> set[str]:
+    """Student tensors the export leaves out on purpose: a tied LM head is the embedding."""
+    return {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+
+
+def _write_weights(path: Path, layout: dict, src: WeightSource, cfg: RadHybridConfig, dtype) -> None:
+    """Every GraniteMoeHybrid tensor of ``layout`` from the student's, one at a time; then every student tensor
+    must have been used (or be in ``skipped_tensors``), so nothing is dropped silently (e.g. a q/k norm)."""
+    reads = _Reads(src)
+    specs = [(n, tuple(t.shape), dtype) for n, t in layout.items()]
+    with SafetensorsWriter(path, specs, metadata={"format": "pt"}) as w:
+        for name, shape, _ in specs:
+            t = _tensor(name, reads, cfg)
+            if tuple(t.shape) != shape:
+                raise NativeExportError(f"{src.dir}: {name} maps to shape {tuple(t.shape)}, GraniteMoeHybrid "
+                                        f"expects {shape}")
+            w.write(name, t)
+    unused = sorted(set(src.names()) - reads.read_names - skipped_tensors(cfg))
+    if unused:
+        more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+        raise NativeExportError(f"{src.dir}: student tensor {unused[0]}{more} has no place in the GraniteMoeHybrid "
+                                "export and would be dropped; export with --format rad_hybrid instead")
+
+
 def export_native(student_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
                   extra_files: dict | None = None) -> Path:
     """Write the rad_hybrid student in ``student_dir`` as a GraniteMoeHybrid directory (atomically)."""
@@ -127,14 +168,7 @@ def export_native(student_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
     dtype = dtype or src.dtype("model.embed_tokens.weight")
     gcfg.dtype = str(dtype).removeprefix("torch.")
     with atomic_dir(out_dir) as tmp:
-        specs = [(n, tuple(t.shape), dtype) for n, t in layout.items()]
-        with SafetensorsWriter(tmp / "model.safetensors", specs, metadata={"format": "pt"}) as w:
-            for name, shape, _ in specs:
-                t = _tensor(name, src, cfg)
-                if tuple(t.shape) != shape:
-                    raise NativeExportError(f"{src_dir}: {name} maps to shape {tuple(t.shape)}, GraniteMoeHybrid "
-                                            f"expects {shape}")
-                w.write(name, t)
+        _write_weights(tmp / "model.safetensors", layout, src, cfg, dtype)
         gcfg.save_pretrained(str(tmp))
         tok = load_tokenizer(src_dir)
         if tok is not None:
@@ -146,4 +180,4 @@ def export_native(student_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
     return Path(out_dir)
 
 
-__all__ = ["NATIVE_FORMATS", "NativeExportError", "check_native", "export_native", "granite_config"]
+__all__ = ["NATIVE_FORMATS", "NativeExportError", "check_native", "export_native", "granite_config", "skipped_tensors"]

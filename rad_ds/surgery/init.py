@@ -1,4 +1,5 @@
-"""Initialisations of a new Mamba2 mixer from the attention it replaces (MambaInLlama mapping)."""
+"""Initialisations of a new Mamba2 mixer from the attention it replaces (MambaInLlama mapping; which attention
+tensors feed it is the model family's ``mamba_sources``, ``rad_ds.models.families``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 
 import torch
 
+from rad_ds.models.families import FamilyAdapter
 from rad_ds.models.mamba2_mixer import Mamba2Mixer
 
 INIT_MODES = ("attention", "attention_skip", "random")
@@ -26,23 +28,24 @@ def _gathered(params):
 
 
 @torch.no_grad()
-def init_from_attention(mixer: Mamba2Mixer, attn) -> None:
-    """MambaInLlama mapping: x <- V, B <- K, C <- Q, out_proj <- O (weights and biases)."""
+def init_from_attention(mixer: Mamba2Mixer, attn, family: FamilyAdapter) -> None:
+    """MambaInLlama mapping: x <- V, B <- K, C <- Q, out_proj <- O (weights and biases), the x/B/C sources as
+    ``family.mamba_sources`` gives them (Qwen3 folds its q/k norms in: ``rad_ds.models.families.qwen3``)."""
     di, dxb = mixer.d_inner, mixer.d_xb
     rows = {"x": (di, di + dxb), "B": (di + dxb, di + 2 * dxb), "C": (di + 2 * dxb, 2 * di + 2 * dxb)}
-    src = {"x": attn.v_proj, "B": attn.k_proj, "C": attn.q_proj}
     with _gathered(list(attn.parameters())):
+        src = family.mamba_sources(attn)
         for name, (lo, hi) in rows.items():
-            lin = src[name]
-            if lin.weight.shape != mixer.in_proj.weight[lo:hi].shape:
+            weight, bias = src[name]
+            if weight.shape != mixer.in_proj.weight[lo:hi].shape:
                 raise SurgeryError(
                     f"layer {mixer.layer_idx}: {name} rows of in_proj are {tuple(mixer.in_proj.weight[lo:hi].shape)} "
-                    f"but the attention projection is {tuple(lin.weight.shape)}"
+                    f"but the attention projection is {tuple(weight.shape)}"
                 )
-            mixer.in_proj.weight[lo:hi].copy_(lin.weight)
+            mixer.in_proj.weight[lo:hi].copy_(weight)
             if mixer.in_proj.bias is not None:
-                if lin.bias is not None:
-                    mixer.in_proj.bias[lo:hi].copy_(lin.bias)
+                if bias is not None:
+                    mixer.in_proj.bias[lo:hi].copy_(bias)
                 else:
                     mixer.in_proj.bias[lo:hi].zero_()
         mixer.out_proj.weight.copy_(attn.o_proj.weight)

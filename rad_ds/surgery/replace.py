@@ -2,7 +2,8 @@
 
 ``init="attention"`` follows MambaInLlama (Wang et al. 2024): the Mamba2 ``in_proj`` rows for x, B, C
 take the attention's V, K, Q projections and ``out_proj`` takes O (q/k/v/o biases map the same way);
-the z and dt rows, the conv and the norm get Mamba2's standard init, and ``dt_bias`` / ``A_log`` are set
+the z and dt rows, the conv and the norm get Mamba2's standard init (a family may transform the x/B/C
+sources: Qwen3 folds its q/k norms in, ``rad_ds.models.families.qwen3``), and ``dt_bias`` / ``A_log`` are set
 after it. MLPs and layer norms are untouched. ``init="random"`` is the ablation: Mamba2's init only.
 
 Works on a plain model and on a ZeRO-3 partitioned one (the attention weights are gathered first).
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from rad_ds.core.layers import parse_int_list
+from rad_ds.models.families import family_of
 from rad_ds.models.mamba2_mixer import Mamba2Mixer
 
 from .init import INIT_MODES, SurgeryError, init_from_attention
@@ -88,7 +90,7 @@ def new_mixer(config, i: int, attn, init: str, generator: torch.Generator, dtype
     mixer = Mamba2Mixer(config, layer_idx=i)
     mixer.reset_parameters(generator=generator)
     if init in ("attention", "attention_skip"):
-        init_from_attention(mixer, attn)
+        init_from_attention(mixer, attn, family_of(config))
     if init == "attention_skip":
         with torch.no_grad():
             mixer.out_proj.weight.zero_()
