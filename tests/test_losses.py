@@ -39,9 +39,11 @@ def _reference(s, t, kind, temperature, beta):
         d = _kl(ps, beta * ps + (1 - beta) * pt)
     elif kind == "tv":
         d = 0.5 * (ps - pt).abs().sum(-1)
-    else:
+    elif kind == "jsd":
         m = beta * pt + (1 - beta) * ps
         d = beta * _kl(pt, m) + (1 - beta) * _kl(ps, m)
+    else:
+        raise ValueError(f"no definition of {kind!r} here: add it beside the others")
     return d * temperature**2
 
 

@@ -1,5 +1,6 @@
-"""Fused LM head + loss: KD (every divergence of ``KD_KINDS``) and cross-entropy straight from the final
-hidden states and the head weights, never materialising ``tokens x vocab`` logits or their gradient.
+"""Fused LM head + loss: KD (any divergence of :mod:`rad_ds.distill.divergences`) and cross-entropy straight
+from the final hidden states and the head weights, never materialising ``tokens x vocab`` logits or their
+gradient.
 
 :func:`fused_loss_sums` takes the student's and the teacher's final hidden states (after the final norm),
 both head weights (tied or not; the teacher's is frozen) and the selection mask. It walks the selected
@@ -24,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .divergences import Divergence, resolve
 from .losses import (
-    _check_kind,
     _compute_dtype,
     _divergence_grad_rows,
     _divergence_rows,
@@ -40,26 +41,26 @@ except Exception:  # noqa: BLE001 - any import failure just means "not available
     _LigerFLCE = None
 
 
-def _rows(student, teacher, kind, temperature, beta, dtype, grad: bool):
+def _rows(student, teacher, div, temperature, dtype, grad: bool):
     """Unscaled divergence of every row of two ``(c, V)`` logits chunks and (``grad``) its ``dL/dz``."""
     rows = torch.arange(student.size(0), device=student.device)
-    d, ls, lt, c = _divergence_rows(student, teacher, rows, kind, temperature, beta, dtype)
+    d, ls, lt, c = _divergence_rows(student, teacher, rows, div, temperature, dtype)
     if not grad:
         return d, None
-    return d, _divergence_grad_rows(student, teacher, rows, ls, lt, c, kind, temperature, beta, dtype)
+    return d, _divergence_grad_rows(student, teacher, rows, ls, lt, c, div, temperature, dtype)
 
 
 class _FusedHeadLoss(torch.autograd.Function):
     """(KD sum, CE sum) over ``rows`` of flattened hidden states; see the module docstring.
 
     ``targets``: per selected row the CE target (-100: no CE term for that row), or None (CE off);
-    ``kind``: a KD kind, or None (KD off)."""
+    ``div``: a :class:`~rad_ds.distill.divergences.Divergence`, or None (KD off)."""
 
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, rows, targets, kind, temperature, beta, chunk):
+    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, rows, targets, div, temperature, chunk):
         dtype = _compute_dtype(s_hidden)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        kd_on, ce_on = kind is not None, targets is not None
+        kd_on, ce_on = div is not None, targets is not None
         zero = torch.zeros((), dtype=dtype, device=s_hidden.device)
         kd_sum, ce_sum = zero.clone(), zero.clone()
         terms = [t for t, on in (("kd", kd_on), ("ce", ce_on)) if on]
@@ -90,7 +91,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                         del g  # before the KD buffers
                 if kd_on:
                     zt = F.linear(t_hidden.index_select(0, r), t_weight).to(dtype)
-                    d, g = _rows(zs, zt, kind, temperature, beta, dtype, want_h or want_w)
+                    d, g = _rows(zs, zt, div, temperature, dtype, want_h or want_w)
                     del zt
                     kd_sum += d.sum()
                     if g is not None:
@@ -122,7 +123,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             return out
 
         return (combine(gh) if want_h else None, combine(gw) if want_w else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -151,21 +152,22 @@ def liger_available(device: torch.device) -> bool:
 
 def fused_loss_sums(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_hidden: torch.Tensor | None,
                     t_weight: torch.Tensor | None, mask: torch.Tensor, input_ids: torch.Tensor | None = None,
-                    kind: str | None = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
-                    chunk_tokens: int = 1024) -> dict:
+                    kind: str | Divergence | None = "forward_kl", temperature: float = 1.0,
+                    beta: float | None = None, chunk_tokens: int = 1024) -> dict:
     """``{"kd": ..., "ce": ...}`` sums equal to :func:`~rad_ds.distill.losses.kd_loss_sum` of the two
     models' logits (``kind`` set) and :func:`~rad_ds.distill.losses.ce_loss_sum` of the student's
-    (``input_ids`` given), from hidden states ``(b, l, H)`` and head weights ``(V, H)``. The teacher side is
-    detached; gradients reach ``s_hidden`` and ``s_weight`` (if it requires grad)."""
-    if kind is not None:
-        _check_kind(kind, beta)
+    (``input_ids`` given), from hidden states ``(b, l, H)`` and head weights ``(V, H)``; ``kind`` and
+    ``beta`` as there (None: no KD). The teacher side is detached; gradients reach ``s_hidden`` and
+    ``s_weight`` (if it requires grad)."""
+    div = resolve(kind, beta) if kind is not None else None
+    if div is not None:
         if t_hidden is None or t_weight is None:
             raise ValueError("fused loss: KD needs the teacher's hidden states and head weight")
-    if kind is None and input_ids is None:
+    if div is None and input_ids is None:
         return {}
     _check(s_hidden, s_weight, t_hidden, t_weight, mask)
     chunk = max(int(chunk_tokens), 1)
-    if kind is None and liger_available(s_hidden.device):
+    if div is None and liger_available(s_hidden.device):
         return {"ce": _liger_ce(s_hidden, s_weight, input_ids, mask)}
     rows = mask.reshape(-1).nonzero().squeeze(-1).to(s_hidden.device)
     targets = None
@@ -173,12 +175,12 @@ def fused_loss_sums(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_hidden: to
         m, tgt = _shifted_targets(input_ids, mask)  # the last position has no target: -100 there
         tgt = torch.where(m.reshape(-1).bool(), tgt, torch.full_like(tgt, -100))
         targets = tgt.to(s_hidden.device).index_select(0, rows)
-    t_h = _flat(t_hidden).detach() if kind is not None else None
-    t_w = t_weight.detach() if kind is not None else None
-    kd, ce = _FusedHeadLoss.apply(_flat(s_hidden), s_weight, t_h, t_w, rows, targets, kind, float(temperature),
-                                  float(beta), chunk)
+    t_h = _flat(t_hidden).detach() if div is not None else None
+    t_w = t_weight.detach() if div is not None else None
+    kd, ce = _FusedHeadLoss.apply(_flat(s_hidden), s_weight, t_h, t_w, rows, targets, div, float(temperature),
+                                  chunk)
     out = {}
-    if kind is not None:
+    if div is not None:
         out["kd"] = kd
     if input_ids is not None:
         out["ce"] = ce
@@ -192,7 +194,7 @@ def _liger_ce(s_hidden, s_weight, input_ids, mask):  # pragma: no cover - CUDA w
 
 
 def fused_loss_sums_ref(s_hidden, s_weight, t_hidden, t_weight, mask, input_ids=None, kind="forward_kl",
-                        temperature=1.0, beta=0.5, chunk_tokens=1024) -> dict:
+                        temperature=1.0, beta=None, chunk_tokens=1024) -> dict:
     """:func:`fused_loss_sums` the plain way: project to full logits, then the chunked logit losses."""
     s_logits = F.linear(s_hidden, s_weight)
     out = {}
