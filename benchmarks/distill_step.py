@@ -97,7 +97,7 @@ def run_settings(args, prep: dict, out: Path, world: int) -> list[str]:
         "--model", prep["model"], "--layers", args.layers, "--data", prep["data"], "--out", str(out),
         "--steps", str(steps), "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
         "--train.global_batch", str(args.micro_batch * max(map(int, args.ranks.split(",")))),
-        "--model.dtype", args.dtype, "--log.wandb=false", "--log.progress=false", "--checkpoint.export_final=false",
+        "--model.dtype", args.dtype, "--no-wandb", "--log.progress=false", "--checkpoint.export_final=false",
         "--loss.hidden_weight=0.1", "--optim.warmup_steps=0", "--data.mask_prompt=false",
     ]
 

@@ -52,7 +52,7 @@ def run_args(a, train: Path, out: Path, lmbda: float, steps: int) -> list[str]:
     return ["--model", "embedded:smollm2", "--layers", ",".join(map(str, LAYERS)), "--data", str(train),
             "--out", str(out), "--steps", str(steps), "--seq-len", str(a.seq_len), "--micro-batch", "2",
             "--grad-accum", "2", "--lr", "1e-3", "--optim.warmup_steps=2", "--optim.schedule=constant",
-            "--loss.kd=forward_kl", "--loss.hidden=cosine", "--loss.hidden_weight=1.0", "--log.wandb=false",
+            "--loss.kd=forward_kl", "--loss.hidden=cosine", "--loss.hidden_weight=1.0", "--no-wandb",
             "--log.progress=false", "--checkpoint.every=0", "--checkpoint.keep=1", "--checkpoint.export_final=false",
             f"--on_policy.lmbda={lmbda}", f"--on_policy.max_new_tokens={a.max_new_tokens}", "--train.seed=0"]
 

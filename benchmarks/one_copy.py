@@ -58,7 +58,7 @@ def run(base: Path, data: Path, out: Path, placement: str, steps: int, seq_len: 
 
     shutil.rmtree(out, ignore_errors=True)
     args = ["--model", str(base), "--layers", ",".join(map(str, LAYERS)), "--data", str(data), "--out", str(out),
-            "--steps", str(steps), "--seq-len", str(seq_len), "--micro-batch", str(micro), "--log.wandb=false",
+            "--steps", str(steps), "--seq-len", str(seq_len), "--micro-batch", str(micro), "--no-wandb",
             "--log.progress=false", "--loss.hidden_weight=0.5", "--checkpoint.every=1000",
             "--checkpoint.export_final=false", f"--teacher.placement={placement}", f"--model.dtype={dtype}"]
     result = distill(load_launcher("distill").make_config(args))

@@ -68,7 +68,7 @@ def main() -> None:
     common = ["--model", a.model, "--k", str(a.k), "--data", a.data, "--test", a.heldout, "--split", "validation",
               "--seeds", "0", "--steps", str(a.steps),
               "--seq-len", str(a.seq_len), "--micro-batch", str(a.micro_batch), "--lr", str(a.lr),
-              f"--methods={a.method}", f"--eval_every={a.eval_every}", "--distill.log.wandb=false",
+              f"--methods={a.method}", f"--eval_every={a.eval_every}", "--distill.no-wandb",
               "--distill.loss.hidden=mse", "--distill.loss.hidden_weight=0", "--distill.optim.warmup_steps=2"]
     # one teacher pass for every arm (the same data settings as the students' runs)
     rc = tc_cli.main(["--teacher", a.model, "--data", a.data, "--seq-len", str(a.seq_len), "--out", str(cache)])

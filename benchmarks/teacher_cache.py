@@ -58,7 +58,7 @@ def distill_run(out: Path, layers, a, placement: str | None = None, cache: Path 
     shutil.rmtree(out, ignore_errors=True)
     args = ["--model", "embedded:smollm2", "--layers", ",".join(map(str, layers)), "--data", str(DATA),
             "--out", str(out), "--steps", str(a.steps), "--seq-len", str(a.seq_len), "--micro-batch",
-            str(a.micro_batch), "--log.wandb=false", "--log.progress=false", "--loss.hidden_weight=0",
+            str(a.micro_batch), "--no-wandb", "--log.progress=false", "--loss.hidden_weight=0",
             "--checkpoint.export_final=false", "--optim.lr=1e-3"]
     if placement:
         args.append(f"--teacher.placement={placement}")

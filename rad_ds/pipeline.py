@@ -23,6 +23,7 @@ distils the student in ``student/``.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import logging
 import random
@@ -31,24 +32,34 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
+import torch
+
+from rad_ds.core.cli import run_cli
 from rad_ds.core.config import (
     Config,
     ConfigError,
     flatten,
     load_file,
     resolve_shipped,
+    section,
     setting,
 )
 from rad_ds.core.io import write_text_atomic
 from rad_ds.core.outputs import claim
 from rad_ds.core.report import DiagnosisReport
+from rad_ds.core.sections import ModelRef
 from rad_ds.diagnosis.config import DiagnoseConfig
 from rad_ds.distill.config import PLACEMENTS_WITH_REPORT, RunConfig
+from rad_ds.distill.export import export_checkpoint
 from rad_ds.distill.summary import RunSummary
+from rad_ds.distill.trainer import distill
 from rad_ds.eval.config import EvalConfig
 from rad_ds.eval.results import EvalResults, with_interval
+from rad_ds.eval.runner import evaluate
 from rad_ds.surgery.config import ReplaceConfig
+from rad_ds.surgery.run import replace
 
 logger = logging.getLogger(__name__)
 STAGES = ("diagnose", "replace", "distill", "export", "evaluate")
@@ -62,9 +73,13 @@ class StageFailed(ValueError):
 
 @dataclass
 class PipelineConfig(Config):
+    RENAMED: ClassVar[dict[str, str]] = {"gguf_file": "model.gguf_file"}  # the model section; goes next release
+
     out: str | None = setting(None, "the run directory (diagnosis/, student/, distill/, eval/, comparison.md)")
-    model: str = setting("embedded:smollm2", "base model: HF dir, .gguf file or embedded:smollm2")
-    gguf_file: str | None = setting(None, "GGUF file name inside model")
+    model: ModelRef = section(ModelRef, path="embedded:smollm2", help={
+        "path": "base model: HF dir, .gguf file or embedded:smollm2",
+        "dtype": "dtype of the base in every stage (diagnose, replace, distill, evaluate); unset: each section's "
+                 "own"})
     k: int = setting(2, "attention layers to replace (one of diagnose.k)")
     nproc: int = setting(1, "ranks for the distributed stages (diagnose, distill, evaluate) on this node")
     hostfile: str | None = setting(None, "multi-node: a deepspeed hostfile (overrides nproc)")
@@ -90,7 +105,8 @@ class PipelineConfig(Config):
                 setattr(cfg, name, section_cls.load(base, what=f"{where}: {name}.config"))
             for key, value in flatten(section_cls, sec).items():
                 cfg.set(f"{name}.{key}", value, source=where)
-        for key, value in {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}.items():
+        given = {k: v for k, v in (overrides or {}).items() if v is not None}
+        for key, value in {**flatten(cls, data), **given}.items():
             cfg.set(key, value, source=where)
         return cfg.resolve(where)
 
@@ -107,12 +123,14 @@ class PipelineConfig(Config):
             raise ConfigError(f"{where}: k={self.k} must be one of diagnose.k {self.diagnose.k} (the report gives "
                               "the layers)")
         d = self.dirs
-        self.diagnose.model, self.diagnose.gguf_file, self.diagnose.out = self.model, self.gguf_file, str(d["diagnose"])
+        self.model.apply_to(self.diagnose.model)
+        self.diagnose.out = str(d["diagnose"])
         # a stage runs only when done() says its output is missing, so it may replace what is there (moved aside
         # until it finishes, restored if it fails); distillation resumes instead
         self.diagnose.overwrite = True
         r = self.replace
-        r.model, r.gguf_file, r.layers, r.report, r.k = self.model, self.gguf_file, None, str(self.report_path), self.k
+        self.model.apply_to(r.model)
+        r.layers, r.report, r.k = None, str(self.report_path), self.k
         r.out, r.overwrite = str(d["replace"]), True
         t = self.distill
         t.out, t.checkpoint.resume = str(d["distill"]), "auto"
@@ -120,7 +138,7 @@ class PipelineConfig(Config):
         if t.teacher.path is None:
             # self-distillation: distil from the base with the report's layers, the same student replace writes
             # (same init and seed), so the teacher is the student's own frozen stack, held once
-            t.model.path, t.model.gguf_file = self.model, self.gguf_file
+            self.model.apply_to(t.model)
             t.student.layers, t.student.report, t.student.k = None, str(self.report_path), self.k
             if place is not None and place not in PLACEMENTS_WITH_REPORT:
                 t.student.report = None  # this placement chooses without the report
@@ -130,21 +148,22 @@ class PipelineConfig(Config):
                 raise ConfigError(f"{where}: distill.student.placement={place} needs self-distillation in the "
                                   "pipeline (with distill.teacher.path the student is the one replace builds from "
                                   "the report); drop one of the two")
-            t.model.path, t.model.gguf_file = str(d["replace"]), None
+            ModelRef(str(d["replace"]), None, self.model.dtype).apply_to(t.model)
             t.student.layers = t.student.report = t.student.k = t.student.placement = None
         dg = self.diagnose
         if dg.data is None and dg.prompts is None and dg.source in ("auto", "documents", "both") and t.data.path:
             dg.data = t.data.path  # the diagnosis scores masks on the data this run distils on
         e = self.evaluate
-        joined = [self.model, str(d["distill"] / "final")]
+        joined = [self.model.source, str(d["distill"] / "final")]
+        e.dtype = self.model.dtype or e.dtype
         e.models = joined + [m for m in e.models if m not in joined]  # the section may add models (a teacher)
         e.out, e.overwrite = str(d["evaluate"]), True
         if "speed" in e.tasks and e.report is None and not e.skip_layers:
             e.report, e.k = str(self.report_path), self.k
-        for name, section in (("diagnose", self.diagnose), ("replace", self.replace), ("distill", self.distill),
-                              ("evaluate", self.evaluate)):
+        for name, stage in (("diagnose", self.diagnose), ("replace", self.replace), ("distill", self.distill),
+                            ("evaluate", self.evaluate)):
             try:
-                section.validate(inputs_exist=False) if name in ("replace", "evaluate") else section.validate()
+                stage.validate(inputs_exist=False) if name in ("replace", "evaluate") else stage.validate()
             except (ValueError, FileNotFoundError) as err:
                 raise ConfigError(f"{where}: section {name}: {str(err).splitlines()[0]}") from None
         return self
@@ -207,25 +226,17 @@ class Pipeline:
     def run_here(self, stage: str) -> None:
         c = self.cfg
         if stage == "diagnose":
-            from rad_ds.diagnosis.runner import diagnose
+            from rad_ds.diagnosis.runner import diagnose  # deferred: rad --help without optuna (diagnosis.search)
 
             diagnose(c.diagnose)
         elif stage == "replace":
-            from rad_ds.surgery.run import replace
-
             record = replace(c.replace)
             print(f"replaced layers {record.layers} (init={record.init}) -> {c.replace.out}")
         elif stage == "distill":
-            from rad_ds.distill.trainer import distill
-
             distill(c.distill)
         elif stage == "export":
-            from rad_ds.distill.export import export_checkpoint
-
             export_checkpoint(self.dirs["distill"] / "checkpoints", self.dirs["distill"] / "final", overwrite=True)
         else:
-            from rad_ds.eval.runner import evaluate
-
             evaluate(c.evaluate)
 
     def run(self) -> str:
@@ -258,7 +269,7 @@ class Pipeline:
 
     def comparison(self) -> str:
         """Base vs student: the evaluation scores and speed, the replaced layers and the diagnosis."""
-        lines = [f"# RAD: {self.cfg.model} -> hybrid student", ""]
+        lines = [f"# RAD: {self.cfg.model.source} -> hybrid student", ""]
         if self.cfg.report_path.is_file():
             rep = DiagnosisReport.load(self.cfg.report_path)
             sel = rep.selection(self.cfg.k)
@@ -284,10 +295,6 @@ class Pipeline:
 
 def main(argv: list[str] | None = None, doc: str | None = None) -> int:
     """``rad`` / ``launchers/rad.py``: ``--config YAML`` and a few top-level overrides."""
-    import argparse
-
-    from rad_ds.core.cli import run_cli
-
     def run(a):
         ap = argparse.ArgumentParser(description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         ap.add_argument("--config", required=True, help="pipeline YAML (see configs/rad_demo.yaml)")
@@ -336,8 +343,6 @@ def _results_table(res: EvalResults) -> list[str]:
 
 def _end_process_group() -> None:
     """A stage run in this process leaves no process group behind for the next one."""
-    import torch
-
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

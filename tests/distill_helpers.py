@@ -120,7 +120,7 @@ def run_args(tmp_path, base, data, out, steps: int = 6, **settings) -> list[str]
         "--model", str(base), "--layers", "1,2", "--data", str(data), "--out", str(out),
         "--steps", str(steps), "--seq-len", "64", "--micro-batch", "2",
         "--deepspeed", str(ds_config(tmp_path)), "--teacher.deepspeed", str(teacher_ds_config(tmp_path)),
-        "--log.wandb=false", "--log.progress=false", "--optim.lr=3e-3", "--optim.warmup_steps=2",
+        "--wandb=false", "--log.progress=false", "--optim.lr=3e-3", "--optim.warmup_steps=2",
         "--loss.hidden_weight=0.5", "--train.dist_timeout_s=120",
         # the published mapping: the tiny students start far from their teacher, so a few steps visibly learn
         "--student.init=attention",

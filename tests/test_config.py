@@ -63,11 +63,11 @@ def test_shipped_deepspeed_configs_fill(path, world):
 def test_overrides_parse_by_type():
     cfg = RunConfig().apply_overrides([
         "--train.steps=7", "--student.layers", "3,5-6", "--loss.layerwise", "--optim.betas=[0.8, 0.9]",
-        "--teacher.path", "null", "--loss.temperature=2", "--data.max-documents=10", "--log.wandb=false",
+        "--teacher.path", "null", "--loss.temperature=2", "--data.max-documents=10", "--wandb=false",
     ])
     assert cfg.train.steps == 7 and cfg.student.layers == [3, 5, 6] and cfg.loss.layerwise is True
     assert cfg.optim.betas == [0.8, 0.9] and cfg.teacher.path is None and cfg.loss.temperature == 2.0
-    assert cfg.data.max_documents == 10 and cfg.log.wandb is False
+    assert cfg.data.max_documents == 10 and cfg.wandb.enabled is False
     assert parse_overrides(["--a.b", "--c.d=1"]) == [("a.b", "true"), ("c.d", "1")]
 
 

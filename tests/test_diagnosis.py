@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
+from rad_ds.core.sections import WandbConfig
 from rad_ds.diagnosis import (
     AcceptanceEstimator,
     PrefixRunner,
@@ -235,7 +236,7 @@ def test_diagnose_end_to_end_and_replace_from_report(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     rep = diagnose(DiagnoseConfig(model=str(base), out=str(out), k=[1, 2, 3], prompts=str(prompts), trials=12,
                                   max_new_tokens=24, cost_model="weights", recheck_prompts=2, progress=False,
-                                  wandb=True, wandb_run="diag-test", signal="greedy"))
+                                  wandb=WandbConfig(True, run="diag-test"), signal="greedy"))
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # a real (offline) wandb run was logged
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["selections"] == json.loads(json.dumps(rep["selections"]))

@@ -158,7 +158,7 @@ def test_resume_equals_uninterrupted_and_export(base, tmp_path):
 
 def test_export_launcher_matches_in_run_export(base, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    result = _distill(_cfg(tmp_path, base, tmp_path / "run", steps=2, log__wandb="true"))
+    result = _distill(_cfg(tmp_path, base, tmp_path / "run", steps=2, wandb="true"))
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))  # wandb logged offline, into the run dir
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     out = tmp_path / "exp"

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from rad_ds.core.sections import ModelRef
 from rad_ds.eval.arithmetic import ArithmeticTask, evaluate_expression, generate_problems, problem_space
 from rad_ds.eval.passkey import FILLER, PasskeyTask, first_number, render
 from tests.distill_helpers import byte_tokenizer
@@ -253,7 +254,7 @@ def test_study_task_scores_and_results_table(tmp_path):
     assert not TaskScores(tok)  # nothing asked: nothing run
 
     class Cfg:
-        k, seeds, split, model = [2], [0, 1], "test", "tiny"
+        k, seeds, split, model = [2], [0, 1], "test", ModelRef(path="tiny")
 
     def arm(seed, arith, pk):
         point = {"heldout_kl": 0.1, "ppl": 2.0, "top1_agreement": 0.5, "greedy_agreement": 0.5, "greedy_prefix": 1}

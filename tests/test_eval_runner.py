@@ -12,6 +12,7 @@ import pwd
 import pytest
 import torch
 
+from rad_ds.core.sections import WandbConfig
 from rad_ds.eval.answers import extract_answer
 from rad_ds.eval.runner import EvalConfig, evaluate
 from rad_ds.eval.sandbox import SandboxLimits, default_python, sandbox_guards
@@ -163,7 +164,7 @@ def test_wandb_offline_run(models, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     base, _ = models
-    evaluate(_cfg(base, tmp_path / "w", tasks=["gsm8k"], limit=2, max_new_tokens=4, wandb=True, wandb_run="t",
+    evaluate(_cfg(base, tmp_path / "w", tasks=["gsm8k"], limit=2, max_new_tokens=4, wandb=WandbConfig(True, run="t"),
                   data={"gsm8k": str(write_gsm(tmp_path / "q.jsonl"))}))
     runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))

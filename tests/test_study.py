@@ -35,7 +35,7 @@ def _args(d, base, train, held, out, *extra):
             "--seeds", "0,1", "--methods=rad,even,random", "--random_seeds=3", f"--report={d / 'report.json'}",
             "--heldout_rows=4", "--heldout_prompts=3", "--greedy_tokens=6", "--calibration_docs=4",
             f"--distill.deepspeed={ds_config(d)}", f"--distill.teacher.deepspeed={teacher_ds_config(d)}",
-            "--distill.log.wandb=false", "--distill.log.progress=false", "--distill.optim.lr=3e-3",
+            "--distill.wandb=false", "--distill.log.progress=false", "--distill.optim.lr=3e-3",
             "--distill.loss.hidden_weight=0", "--distill.student.init=attention", *extra]
 
 

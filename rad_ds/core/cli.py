@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 # ``logger.info(..., extra={ANY_RANK: True})``: an INFO line shown whichever rank logs it (an event that one process
 # does for all, such as importing the embedded model once); other INFO lines are rank 0's alone
 ANY_RANK = "rad_ds_any_rank"
@@ -23,12 +25,10 @@ def quiet_libraries() -> None:
     """Output a person can read: on a machine without CUDA DeepSpeed is told it runs on the CPU (instead of
     warning so at every import), and transformers' per-file progress bars ("Loading weights", "Writing model
     shards") stay off; their warnings still show."""
-    import torch
-
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # deferred: ~1 s; rad-evaluate, rad-corpus --help skip it
 
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - transformers is a requirement
@@ -74,7 +74,12 @@ def parse_config(cls, argv: list[str] | None, doc: str | None, flags: dict[str, 
     ``--setting value`` / ``--section.setting=value`` for every other setting (dashes = underscores).
     ``--help`` lists every setting with its help and default. Not validated: the stage does that."""
     flags = flags or {}
-    settings = "\n".join(f"  --{k if '.' in k else k.replace('_', '-')}  {h} (default: {d!r})"
+    short = cls.primaries()  # model.path -> model: the section's own name sets its primary field
+
+    def name(k: str) -> str:
+        return f"--{k if '.' in k else k.replace('_', '-')}"
+
+    settings = "\n".join(f"  {name(short[k]) + ', ' if k in short else ''}{name(k)}  {h} (default: {d!r})"
                          for k, h, d in cls.field_help())
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="settings (--name=value or --name value; --config FILE first):\n" + settings,
@@ -100,6 +105,6 @@ def parse_config(cls, argv: list[str] | None, doc: str | None, flags: dict[str, 
             cfg.set(f.key, f.parse(given[name], cfg), source=f"command line {name}")
     missing = [k for k in required if cfg.get(k) in (None, [], {})]
     if missing:
-        names = {f.key: name for name, f in flags.items()}
-        ap.error("missing " + ", ".join(names.get(k, f"--{k.replace('_', '-')}") for k in missing))
+        names = {f.key: flag for flag, f in flags.items()}
+        ap.error("missing " + ", ".join(names.get(k) or name(short.get(k, k)) for k in missing))
     return cfg

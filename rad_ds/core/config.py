@@ -6,7 +6,13 @@ field holds a simple type (str, int, float, bool, a list of those, a ``dict[str,
 tree round-trips through JSON. ``setting(default, help)`` declares a field with its ``--help`` text.
 Errors are ``ConfigError`` (a ValueError: launchers print it as one line) naming the file or flag, the
 setting, what was found and what to do. A renamed setting stays readable under its old name for one release:
-``RENAMED`` maps the old dotted name to the new one, with a deprecation warning naming both.
+``RENAMED`` maps the old dotted name to the new one, with a deprecation warning naming both (a stage config
+nested in another, such as the pipeline's ``distill``, keeps its renames there too).
+
+A section may name a primary field (``PRIMARY = "path"`` on its class): setting the section itself to a value
+sets that field, from the command line, a file or the constructor, so ``--model DIR``, ``model: DIR`` and
+``DiagnoseConfig(model=DIR)`` all set ``model.path``, and ``--wandb`` / ``--no-wandb`` set ``wandb.enabled``.
+``section(cls, **defaults)`` declares a section whose defaults (and help texts) differ per stage.
 """
 
 from __future__ import annotations
@@ -39,12 +45,30 @@ def setting(default, help: str, **kw):
     return field(default=default, metadata={"help": help}, **kw)
 
 
+def section(cls, help: dict[str, str] | None = None, **defaults):
+    """A section field of type ``cls`` with this stage's ``defaults`` and, in ``help``, this stage's help texts of
+    some of its settings (``section(ModelRef, path="embedded:smollm2", help={"path": "the teacher"})``)."""
+    return field(default_factory=lambda: cls(**defaults), metadata={"help_fields": dict(help or {})})
+
+
 class Config:
     """Mixin of a dataclass config tree: (de)serialisation, access by dotted name, overrides, help."""
 
     # old dotted name -> new dotted name: a file or command line that still uses the old name sets the new
     # setting, with a warning (kept for one release, then the entry goes)
     RENAMED: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self):
+        """A value given for a section with a primary field sets that field (``DiagnoseConfig(model="m")``)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.default_factory is dataclasses.MISSING or dataclasses.is_dataclass(value):
+                continue
+            default = f.default_factory()
+            primary = getattr(type(default), "PRIMARY", None)
+            if dataclasses.is_dataclass(default) and primary:
+                setattr(default, primary, value)
+                setattr(self, f.name, default)
 
     # -- (de)serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -70,24 +94,29 @@ class Config:
     # -- access by dotted name -------------------------------------------------------------------
     def set(self, key: str, value: Any, source: str = "override") -> None:
         """Set ``a.b`` to ``value`` (a string from the command line is parsed by the field's type)."""
-        key = self.current_name(key, source)
+        key = _primary_key(self, self.current_name(key, source))
         obj, name, tp = _resolve(self, key, source)
         setattr(obj, name, coerce(value, tp, f"{source}: {key}"))
 
     def get(self, key: str) -> Any:
-        obj, name, _ = _resolve(self, key, "config")
-        return getattr(obj, name)
+        """The setting (or the section) at ``a.b``."""
+        obj = self
+        for part in key.split("."):
+            if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+                _resolve(self, key, "config")  # raises, naming the unknown setting and the close ones
+            obj = getattr(obj, part)
+        return obj
 
     def apply_overrides(self, overrides: list[str], source: str = "command line"):
         """``["--train.steps=10", "--loss.kd", "jsd", "--num-prompts", "4"]`` -> set each; unknown names fail."""
         for key, value in parse_overrides(overrides):
-            self.set(key, value, source=source)
+            self.set(*_negated(self, key, value), source=source)
         return self
 
     @classmethod
     def current_name(cls, key: str, source: str = "config") -> str:
         """``key``, or the name it was renamed to (``RENAMED``), warning that the old name is deprecated."""
-        new = cls.RENAMED.get(key)
+        new = _renamed(cls, key)
         if new is None:
             return key
         msg = f"{source}: {key} is deprecated and will be removed in the next release; it sets {new}, write that"
@@ -104,16 +133,32 @@ class Config:
         """(dotted name, help, default) of every setting, for ``--help``."""
         rows = []
 
+        def walk(obj, prefix, helps):
+            for f in dataclasses.fields(obj):
+                v = getattr(obj, f.name)
+                if dataclasses.is_dataclass(v):
+                    walk(v, f"{prefix}{f.name}.", f.metadata.get("help_fields", {}))
+                else:
+                    rows.append((f"{prefix}{f.name}", helps.get(f.name) or f.metadata.get("help", ""), v))
+
+        walk(cls(), "", {})
+        return rows
+
+    @classmethod
+    def primaries(cls) -> dict[str, str]:
+        """dotted name of each primary field -> its section's name (``{"model.path": "model"}``)."""
+        out = {}
+
         def walk(obj, prefix):
             for f in dataclasses.fields(obj):
                 v = getattr(obj, f.name)
                 if dataclasses.is_dataclass(v):
+                    if getattr(type(v), "PRIMARY", None):
+                        out[f"{prefix}{f.name}.{type(v).PRIMARY}"] = f"{prefix}{f.name}"
                     walk(v, f"{prefix}{f.name}.")
-                else:
-                    rows.append((f"{prefix}{f.name}", f.metadata.get("help", ""), v))
 
         walk(cls(), "")
-        return rows
+        return out
 
     def validate(self):
         """Fail early, naming the field and the fix, on anything that cannot run (subclasses add checks)."""
@@ -179,6 +224,48 @@ def _is_section(root: type, key: str) -> bool:
             return False
         obj = hints[part]
     return dataclasses.is_dataclass(obj)
+
+
+def _renamed(cls: type, key: str) -> str | None:
+    """The new name of ``key`` in ``cls.RENAMED``, or in that of a stage config nested in ``cls``."""
+    if key in cls.RENAMED:
+        return cls.RENAMED[key]
+    head, _, rest = key.partition(".")
+    sub = typing.get_type_hints(cls).get(head) if rest else None
+    if isinstance(sub, type) and issubclass(sub, Config):
+        new = _renamed(sub, rest)
+        return None if new is None else f"{head}.{new}"
+    return None
+
+
+def _primary_key(cfg, key: str) -> str:
+    """``key``, or ``key.<primary>`` when ``key`` names a section with a primary field (``model`` -> ``model.path``)."""
+    obj = cfg
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            return key
+        obj = getattr(obj, part)
+    primary = getattr(type(obj), "PRIMARY", None) if dataclasses.is_dataclass(obj) else None
+    return f"{key}.{primary}" if primary else key
+
+
+def _negated(cfg, key: str, value: str) -> tuple[str, str]:
+    """``--no-x`` / ``--a.no-x`` (a flag) -> ``(x, "false")`` when ``x`` is a true/false setting or a section whose
+    primary field is one (``--no-wandb``, ``--distill.no-wandb``); any other key as it is."""
+    head, dot, tail = key.rpartition(".")
+    if not tail.startswith("no_") or value != "true":
+        return key, value
+    try:
+        _resolve(cfg, key, "")
+        return key, value  # a setting of that name
+    except ConfigError:
+        pass
+    base = _primary_key(cfg, head + dot + tail[3:])
+    try:
+        _, _, tp = _resolve(cfg, base, "")
+    except ConfigError:
+        return key, value
+    return (base, "false") if tp is bool else (key, value)
 
 
 def _resolve(cfg, key: str, source: str):
@@ -337,5 +424,5 @@ def at_least(cfg: Config, keys: tuple[str, ...], low, optional: bool = False) ->
 
 __all__ = [
     "Config", "ConfigError", "at_least", "choice", "coerce", "flatten", "load_file", "parse_overrides",
-    "resolve_shipped", "setting",
+    "resolve_shipped", "section", "setting",
 ]

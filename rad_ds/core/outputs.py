@@ -360,7 +360,7 @@ def claim(path: str | Path, kind: str, *, overwrite: bool = False, resume: bool 
             out = _claim_here(path, kind, overwrite, resume)
         except OutputError as e:
             err = str(e)
-    from .dist import broadcast_object  # torch, only when a claim is made
+    from .dist import broadcast_object  # deferred: torch, only when a claim is made (configs use check())
 
     state, err = broadcast_object((out.state if out else None, err))
     if rank != 0 and err is None:

@@ -10,6 +10,8 @@ import logging
 import sys
 import time
 
+from tqdm.auto import tqdm
+
 logger = logging.getLogger("rad_ds.progress")
 
 
@@ -63,8 +65,6 @@ def progress(total: int | None, desc: str, unit: str = "it", enabled: bool = Tru
     if not enabled:
         return _Off()
     if sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
                     leave=leave)
     return LogProgress(total, desc, unit, initial, every_s)

@@ -30,11 +30,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 
 from rad_ds.core.batching import left_padded, length_sorted_batches, pad_id
 from rad_ds.core.config import ConfigError
@@ -359,8 +361,6 @@ def _build(cfg: CorpusConfig, key: str, tmp: Path, journal_path: Path) -> None:
 
 def _final_number(text: str) -> str | None:
     """The last number of an answer ("The answer is 1,234." -> "1234"), to count correct teacher answers."""
-    import re
-
     nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
     if not nums:
         return None
@@ -370,7 +370,6 @@ def _final_number(text: str) -> str | None:
 
 def _description(cfg, key, stats, dropped, files, n_prompts, gen_seconds, n_generated, seconds) -> dict:
     import reasoning_gym
-    import transformers
 
     names = CorpusConfig.keys()
     totals = {s: {"documents": sum(v[s]["documents"] for v in stats.values()),

@@ -13,7 +13,7 @@ FLAGS = {flag: Flag(key) for flag, key in {
 
 
 def run(argv: list[str] | None = None, doc: str | None = None) -> int:
-    from .corpus import build_corpus
+    from .corpus import build_corpus  # deferred: rad-corpus --help without transformers and the models (~1-3 s)
 
     cfg = parse_config(CorpusConfig, argv, doc or __doc__, FLAGS, required=("out",))
     print(build_corpus(cfg).line())

@@ -7,18 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from rad_ds.core.config import Config, ConfigError, at_least, choice, resolve_shipped, setting
+from rad_ds.core.config import Config, ConfigError, at_least, choice, resolve_shipped, section, setting
 from rad_ds.core.dtypes import NAMES_32_16
+from rad_ds.core.sections import ModelRef
 
 CHAT_ANSWERS = ("teacher", "given")
-
-
-@dataclass
-class CorpusTeacherConfig:
-    path: str = setting("embedded:smollm2", "the model whose greedy answers the corpus holds: HF dir, .gguf or "
-                                            "embedded:smollm2")
-    gguf_file: str | None = setting(None, "GGUF file name inside teacher.path")
-    dtype: str = setting("float32", f"weights and compute dtype: {', '.join(NAMES_32_16)}")
 
 
 @dataclass
@@ -74,7 +67,9 @@ class CorpusConfig(Config):
                                     "test_prompts.jsonl, corpus.json)")
     overwrite: bool = setting(False, "replace an OUT that holds another corpus or other files")
     progress: bool = setting(True, "log each generated batch")
-    teacher: CorpusTeacherConfig = field(default_factory=CorpusTeacherConfig)
+    teacher: ModelRef = section(ModelRef, path="embedded:smollm2", dtype="float32", help={
+        "path": "the model whose greedy answers the corpus holds: HF dir, .gguf or embedded:smollm2",
+        "dtype": f"weights and compute dtype: {', '.join(NAMES_32_16)}"})
     generation: CorpusGenerationConfig = field(default_factory=CorpusGenerationConfig)
     math: CorpusMathConfig = field(default_factory=CorpusMathConfig)
     chat: CorpusChatConfig = field(default_factory=CorpusChatConfig)
@@ -84,6 +79,8 @@ class CorpusConfig(Config):
     def validate(self) -> CorpusConfig:
         if not self.out:
             raise ConfigError("out is not set: give --out DIR (the corpus directory)")
+        if not self.teacher.path:
+            raise ConfigError("teacher.path is not set: give --teacher DIR (or embedded:smollm2)")
         choice("teacher.dtype", self.teacher.dtype, NAMES_32_16)
         choice("chat.answers", self.chat.answers, CHAT_ANSWERS)
         at_least(self, ("generation.max_new_tokens", "generation.batch_size", "code.max_chars"), 1)

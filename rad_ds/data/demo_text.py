@@ -15,6 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+from rad_ds.data.corpus_sources import stdlib_items
+from rad_ds.eval.gsm8k import generated_problems
+
 DEMO_TEXT = Path(__file__).with_name("demo_text.jsonl")
 CODE_FILES, CODE_CHARS, MATH_PROBLEMS = 60, 1500, 140
 SEED = 20261204  # the math problems' seed; rad-evaluate's ppl texts use seed + 7919 = 7919 by default
@@ -22,9 +25,6 @@ EXCLUDE = 512
 
 
 def demo_documents() -> list[str]:
-    from rad_ds.data.corpus_sources import stdlib_items
-    from rad_ds.eval.gsm8k import generated_problems
-
     held = {r["question"] for r in generated_problems(EXCLUDE, 7919)}
     code = [i.text for i in stdlib_items(CODE_FILES, CODE_CHARS, 400, "demo_text")]
     math = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in generated_problems(MATH_PROBLEMS, SEED)

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from rad_ds.core.dtypes import to_dtype
 from rad_ds.core.io import atomic_path, write_json_atomic
@@ -149,8 +151,6 @@ class TeacherCacheStore:
     def write_shard(self, s: int, offsets: np.ndarray, indices: torch.Tensor, logp: torch.Tensor,
                     tail: torch.Tensor) -> None:
         """Shard ``s`` (all its rows), atomically: readers and a resumed writer see it whole or not at all."""
-        from safetensors.torch import save_file
-
         n = len(self.shard_rows(s))
         if len(offsets) != n + 1 or int(offsets[-1]) != indices.size(0):
             raise ValueError(f"shard {s}: {len(offsets) - 1} rows / {int(offsets[-1])} positions given for {n} rows "
@@ -206,8 +206,6 @@ class TeacherCacheStore:
         return fingerprint_id(self.fingerprint)
 
     def _shard(self, s: int) -> dict:
-        from safetensors import safe_open
-
         if s not in self._open:
             f = safe_open(str(self.shard_path(s)), framework="pt")
             self._open[s] = {"file": f, "offsets": f.get_tensor("offsets").numpy()}

@@ -21,6 +21,7 @@ import logging
 import os
 
 import numpy as np
+import tokenizers
 
 from . import chat_mask
 from .packing import Documents
@@ -196,8 +197,7 @@ def map_fingerprint(records, tok, add_eos: bool, mask_prompt: bool, shape, gener
     """What decides the map's output: the source dataset (datasets' own fingerprint of the files and
     any selection), the tokenizer with its chat template (and the library versions that render and
     tokenise), and the settings. ``seq_len`` and packing act after the map, so they are not in it."""
-    import tokenizers
-    import transformers
+    import transformers  # deferred: ~1 s, a version stamp; rad-corpus --help imports this module
 
     blob = json.dumps({
         "source": records.dataset._fingerprint, "tok": tokenizer_fingerprint(tok), "kind": records.kind,

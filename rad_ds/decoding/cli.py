@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from rad_ds.core.cli import run_cli
+from rad_ds.core.layers import layers_string
+from rad_ds.models.conversion import load_model
+
+from .generation import generate_text
 
 
 def parse_args(argv=None, doc=None):
@@ -24,13 +30,6 @@ def parse_args(argv=None, doc=None):
 
 def run(argv=None, doc=None):
     args = parse_args(argv, doc)
-    import torch
-
-    from rad_ds.core.layers import layers_string
-    from rad_ds.models.conversion import load_model
-
-    from .generation import generate_text
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, tok = load_model(args.model, gguf_file=args.gguf_file, dtype=dtype)

@@ -6,13 +6,14 @@ from rad_ds.core.cli import Flag, parse_config, run_cli
 
 from .config import DiagnoseConfig
 
-FLAGS = {"--no-chat": Flag("chat", const=False, help="do not apply the chat template")}
+FLAGS = {"--no-chat": Flag("chat", const=False, help="do not apply the chat template"),
+         "--gguf-file": Flag("model.gguf_file")}
 
 
 def run(argv: list[str] | None = None, doc: str | None = None) -> int:
-    from .runner import diagnose
+    from .runner import diagnose  # deferred: rad-diagnose --help without optuna (diagnosis.search)
 
-    diagnose(parse_config(DiagnoseConfig, argv, doc or __doc__, FLAGS, required=("model", "k", "out")))
+    diagnose(parse_config(DiagnoseConfig, argv, doc or __doc__, FLAGS, required=("model.path", "k", "out")))
     return 0
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from rad_ds.core.config import Config, ConfigError, at_least, choice, resolve_shipped, setting
+from rad_ds.core.config import Config, ConfigError, at_least, choice, resolve_shipped, section, setting
 from rad_ds.core.dtypes import NAMES as DTYPE_NAMES
+from rad_ds.core.sections import ModelRef, WandbConfig
 
 from .signals import SIGNALS
 
@@ -15,11 +17,14 @@ SOURCES = ("auto", "documents", "continuations", "both")
 
 @dataclass
 class DiagnoseConfig(Config):
-    model: str | None = setting(None, "model dir, .gguf file, or embedded:smollm2")
+    # the model and wandb sections; the old names go next release
+    RENAMED: ClassVar[dict[str, str]] = {"gguf_file": "model.gguf_file", "dtype": "model.dtype",
+                                         "wandb_project": "wandb.project", "wandb_run": "wandb.run"}
+
+    model: ModelRef = section(ModelRef, help={"dtype": f"{', '.join(DTYPE_NAMES)} (unset: bf16 on CUDA, fp32 on CPU)"})
     out: str | None = setting(None, "output directory (report.json, redundancy.png, cost_model.json)")
     overwrite: bool = setting(False, "replace a finished diagnosis in out")
     k: list[int] = setting([2, 4, 8], "numbers of attention layers to skip, e.g. 2,4,8")
-    gguf_file: str | None = setting(None, "GGUF file name inside model")
     data: str | None = setting(None, "the user's data (the distillation data: jsonl/parquet/json/txt with a 'messages' "
                                      "or text field): masks are scored on its documents' counted positions, "
                                      "teacher-forced (unset: on continuations of the prompts)")
@@ -59,15 +64,12 @@ class DiagnoseConfig(Config):
                                           "it, TPE and the single-skip top-k)")
     bootstrap: int = setting(1000, "bootstrap resamples over prompts for the score intervals (0: none)")
     recheck_prompts: int = setting(4, "prompts per rank for the real-decoder re-check of the chosen sets (0: skip)")
-    dtype: str | None = setting(None, "fp32, bf16, fp16, fp64, ... (unset: bf16 on CUDA, fp32 on CPU)")
-    wandb: bool = setting(False, "log to wandb (offline unless WANDB_MODE says otherwise)")
-    wandb_project: str = setting("rad-ds", "wandb project")
-    wandb_run: str | None = setting(None, "wandb run name")
+    wandb: WandbConfig = section(WandbConfig)
     progress: bool = setting(True, "tqdm progress bar on rank 0")
 
     def validate(self) -> "DiagnoseConfig":
-        if not self.model:
-            raise ConfigError("model is not set: give --model DIR (or embedded:smollm2)")
+        if not self.model.path:
+            raise ConfigError("model.path is not set: give --model DIR (or embedded:smollm2)")
         if not self.out:
             raise ConfigError("out is not set: give --out DIR (report.json, redundancy.png)")
         if not self.k:
@@ -95,8 +97,8 @@ class DiagnoseConfig(Config):
                                   "file or directory, or a hub dataset name)") from None
         if not self.temperature > 0:
             raise ConfigError(f"temperature = {self.temperature}: give a value > 0 (1.0: the model's own distribution)")
-        if self.dtype is not None:
-            choice("dtype", self.dtype, DTYPE_NAMES)
+        if self.model.dtype is not None:
+            choice("model.dtype", self.model.dtype, DTYPE_NAMES)
         self.k = sorted(set(self.k))
         return self
 

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rad_ds.data.sources import DataError, load_records
+from rad_ds.data.tokenization import tokenize_records
+
 
 @dataclass
 class DocumentWindows:
@@ -42,9 +45,6 @@ def document_windows(path: str, tokenizer, tokens: int, held_out_tokens: int = 0
                      messages_field: str = "messages") -> DocumentWindows:
     """Windows of ``path``'s documents: ``tokens`` counted positions for the search, then ``held_out_tokens`` more
     from other documents (fewer when the data runs out; the caller reports it)."""
-    from rad_ds.data.sources import DataError, load_records
-    from rad_ds.data.tokenization import tokenize_records
-
     if tokenizer is None:
         raise ValueError("the model has no tokenizer; the diagnosis needs one to read data")
     records = load_records(path, fmt, "train", text_field, messages_field)

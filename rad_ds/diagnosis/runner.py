@@ -26,6 +26,7 @@ from rad_ds.decoding.eos import model_eos_ids
 from rad_ds.decoding.prompts import load_prompts
 from rad_ds.decoding.skipping import candidate_layers
 from rad_ds.decoding.spec_decode import SelfSpeculativeDecoder, SpecConfig, plain_decode
+from rad_ds.models.conversion import load_model
 
 from .acceptance import N_STATS, AcceptanceEstimator, AcceptanceStats
 from .chart import draw_chart
@@ -71,13 +72,12 @@ class Diagnosis:
     """One diagnosis run on this rank; ``run()`` returns the report (the same on every rank)."""
 
     def __init__(self, cfg: DiagnoseConfig):
-        from rad_ds.models.conversion import load_model
-
         self.cfg, self.t_start = cfg, time.perf_counter()
         self.rank, self.world = dist.init_from_env()
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        self.model, tok = load_model(cfg.model, gguf_file=cfg.gguf_file, dtype=to_dtype(cfg.dtype, self.device))
+        self.model, tok = load_model(cfg.model.path, gguf_file=cfg.model.gguf_file,
+                                     dtype=to_dtype(cfg.model.dtype, self.device))
         self.model.to(self.device).eval()
         self.cands = candidate_layers(self.model.config)
         if not self.cands:
@@ -87,28 +87,7 @@ class Diagnosis:
             raise ValueError(f"k {bad}: each k must be in [1, {len(self.cands)}] (the model's attention layers)")
         self.eos = sorted(model_eos_ids(tok, self.model))
         self.scored_on = cfg.scored_on
-        # what the masks are scored on: the user's documents (teacher-forced) and/or the model's continuations
-        self.prompts, self.held_prompts, self.windows = [], [], None
-        if self.scored_on in ("continuations", "both"):
-            n_load = cfg.num_prompts + cfg.held_out if cfg.num_prompts > 0 else 0
-            loaded = load_prompts(tok, cfg.prompts, n_load, cfg.seed, cfg.chat, cfg.max_new_tokens,
-                                  self.model.config.max_position_embeddings, what="prompts", data=cfg.data)
-            self.prompts, self.held_prompts = split_held_out(loaded, cfg.num_prompts, cfg.held_out)
-            if len(self.held_prompts) < cfg.held_out:
-                logger.warning("held_out = %d: only %d prompts left after the search's %d (prompts file %s); "
-                               "the report's held_out section scores those", cfg.held_out, len(self.held_prompts),
-                               len(self.prompts), cfg.prompts)
-        if self.scored_on in ("documents", "both"):
-            self.windows = document_windows(cfg.data, tok, cfg.tokens, cfg.held_out_tokens, cfg.seq_len, cfg.seed)
-            got = DocumentWindows.positions(self.windows.held_out)
-            if got < cfg.held_out_tokens:
-                logger.warning("held_out_tokens = %d: only %d positions left in %s after the search's; the report's "
-                               "held_out section scores those", cfg.held_out_tokens, got, cfg.data)
-        # the real decoder's prompts (re-check, measured objective): the search's, else read for it
-        decodes = cfg.recheck_prompts > 0 or cfg.objective == "measured"
-        self.recheck_set = self.prompts or (load_prompts(
-            tok, cfg.prompts, max(cfg.recheck_prompts, 1) * self.world, cfg.seed, cfg.chat, cfg.max_new_tokens,
-            self.model.config.max_position_embeddings, what="prompts", data=cfg.data) if decodes else [])
+        self._read_inputs(tok)
         docs = self.windows.search if self.windows else []
         self.mine = self.prompts[self.rank::self.world]
         self.recheck_mine = self.recheck_set[self.rank::self.world]
@@ -129,9 +108,34 @@ class Diagnosis:
         self.per_prompt: dict[frozenset, torch.Tensor] = {}  # per-prompt totals (n_prompts, 4) of every mask
         self.evaluate = MaskEvaluator(self._stats, objective)
         self.plain_tps: dict = {}  # plain-decoding tokens/s per prompt count (measured once)
-        self.wandb = (start_wandb(cfg.out, cfg.wandb_project, cfg.wandb_run, asdict(cfg), "diagnose")
-                      if cfg.wandb and self.rank == 0 else None)
+        self.wandb = (start_wandb(cfg.out, cfg.wandb.project, cfg.wandb.run, asdict(cfg), "diagnose")
+                      if cfg.wandb.enabled and self.rank == 0 else None)
         self.t_setup = time.perf_counter()
+
+    def _read_inputs(self, tok) -> None:
+        """What the masks are scored on: the user's documents (teacher-forced) and/or the model's continuations;
+        and the real decoder's prompts (re-check, measured objective): the search's, else read for it."""
+        cfg = self.cfg
+        self.prompts, self.held_prompts, self.windows = [], [], None
+        if self.scored_on in ("continuations", "both"):
+            n_load = cfg.num_prompts + cfg.held_out if cfg.num_prompts > 0 else 0
+            loaded = load_prompts(tok, cfg.prompts, n_load, cfg.seed, cfg.chat, cfg.max_new_tokens,
+                                  self.model.config.max_position_embeddings, what="prompts", data=cfg.data)
+            self.prompts, self.held_prompts = split_held_out(loaded, cfg.num_prompts, cfg.held_out)
+            if len(self.held_prompts) < cfg.held_out:
+                logger.warning("held_out = %d: only %d prompts left after the search's %d (prompts file %s); "
+                               "the report's held_out section scores those", cfg.held_out, len(self.held_prompts),
+                               len(self.prompts), cfg.prompts)
+        if self.scored_on in ("documents", "both"):
+            self.windows = document_windows(cfg.data, tok, cfg.tokens, cfg.held_out_tokens, cfg.seq_len, cfg.seed)
+            got = DocumentWindows.positions(self.windows.held_out)
+            if got < cfg.held_out_tokens:
+                logger.warning("held_out_tokens = %d: only %d positions left in %s after the search's; the report's "
+                               "held_out section scores those", cfg.held_out_tokens, got, cfg.data)
+        decodes = cfg.recheck_prompts > 0 or cfg.objective == "measured"
+        self.recheck_set = self.prompts or (load_prompts(
+            tok, cfg.prompts, max(cfg.recheck_prompts, 1) * self.world, cfg.seed, cfg.chat, cfg.max_new_tokens,
+            self.model.config.max_position_embeddings, what="prompts", data=cfg.data) if decodes else [])
 
     # -- objectives -------------------------------------------------------------------------------
     def _stats(self, mask) -> AcceptanceStats:
@@ -243,7 +247,7 @@ class Diagnosis:
         cfg, model, ps = self.cfg, self.model, self.prompts
         now = time.perf_counter()
         return DiagnosisReport({
-            "model": str(cfg.model if cfg.gguf_file is None else f"{cfg.model}/{cfg.gguf_file}"),
+            "model": cfg.model.source,
             "num_hidden_layers": model.config.num_hidden_layers,
             "layer_types": list(model.config.layer_types),
             "prompts": {"source": cfg.prompts or (f"data: {cfg.data}" if cfg.data else

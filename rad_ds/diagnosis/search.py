@@ -9,6 +9,7 @@ computed from integer totals reduced over ranks), so 1 and 2 ranks reach the sam
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -135,8 +136,6 @@ def bo_search(evaluate: MaskEvaluator, candidates: list[int], k: int, n_trials: 
     study = optuna.create_study(direction="maximize", sampler=sampler)
     if warm_start:
         # start from the prior (e.g. single-skip scores) and a few jittered copies of it
-        import random
-
         rng = random.Random(seed)
         lo, hi = min(warm_start.values()), max(warm_start.values())
         scale = (hi - lo) or 1.0

@@ -103,7 +103,7 @@ class GreedySignal:
 
     def totals(self, values: torch.Tensor, draft_len: int, max_new_tokens: int | None = None,
                eos_at_end: bool = False) -> Totals:
-        from .acceptance import replay_rounds
+        from .acceptance import replay_rounds  # deferred: import cycle (acceptance imports signals)
 
         agree = [bool(v) for v in values.tolist()]
         n = len(agree)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from rad_ds.core.config import (  # noqa: F401 - ConfigError, load_file, parse_overrides: part of this API
     Config,
@@ -18,18 +18,24 @@ from rad_ds.core.config import (  # noqa: F401 - ConfigError, load_file, parse_o
     load_file,
     parse_overrides,
     resolve_shipped,
+    section,
     setting,
 )
-from rad_ds.core.dtypes import NAMES_32_16
+from rad_ds.core.dtypes import NAMES_32_16, to_dtype
+from rad_ds.core.sections import ModelRef, WandbConfig
+from rad_ds.distill.divergences import REGISTRY as DIVERGENCES
+from rad_ds.distill.divergences import Divergence
+from rad_ds.distill.divergences import get as get_divergence
 from rad_ds.selection.strategies import METHODS as LAYER_PLACEMENTS
 from rad_ds.selection.strategies import NEEDS_REPORT as PLACEMENTS_WITH_REPORT
 from rad_ds.surgery.init import INIT_MODES
 
-KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tv", "none")
+KD_KINDS = (*DIVERGENCES, "none")  # the built-ins; validate() reads DIVERGENCES, so later registrations count
 HIDDEN_KINDS = ("mse", "cosine", "none")
 VOCAB_MODES = ("strict", "truncate")
 FUSED_MODES = ("auto", "true", "false")
 TRAINABLE = ("mamba", "mamba_mlp", "replaced", "all")
+VOCAB_PARALLEL_MODES = ("auto", "true", "false")
 PACKING = ("greedy", "none")
 LONG_DOCUMENTS = ("split", "truncate")
 PLACEMENTS = ("auto", "shared", "replicated", "zero3")
@@ -40,16 +46,9 @@ _f = setting
 
 
 @dataclass
-class ModelConfig:
-    path: str = _f("embedded:smollm2", "base model (HF dir, .gguf, embedded:smollm2) or a student checkpoint")
-    gguf_file: str | None = _f(None, "GGUF file name inside model.path")
-    dtype: str = _f("float32", f"weights and compute dtype: {', '.join(DTYPES)}")
+class TeacherConfig(ModelRef):
+    """The teacher (``ModelRef``: path, gguf_file, dtype; unset path: the base itself) and where it runs."""
 
-
-@dataclass
-class TeacherConfig:
-    path: str | None = _f(None, "teacher model; default: the base model itself (self-distillation)")
-    gguf_file: str | None = _f(None, "GGUF file name inside teacher.path")
     offload: bool = _f(False, "offload the teacher's ZeRO-3 parameters to CPU memory (teacher.placement zero3)")
     deepspeed: str = _f("ds_configs/zero3_teacher.json", "DeepSpeed config of the teacher engine (placement zero3)")
     placement: str = _f(
@@ -87,6 +86,10 @@ class StudentConfig:
         "replaced (whole replaced layers), all",
     )
     gradient_checkpointing: bool = _f(False, "recompute student activations in backward")
+    vocab_parallel: str = _f(
+        "auto", "split the frozen embedding and LM head by vocabulary rows over the ranks, none gathered whole "
+                "(docs/cluster.md): auto (on with > 1 rank, ZeRO-3 from a safetensors base, the one-copy teacher, "
+                "a frozen embedding and head and the fused loss), true (an error where it cannot be), false")
 
 
 @dataclass
@@ -126,6 +129,8 @@ class LossConfig:
     temperature: float = _f(1.0, "softmax temperature of the logit loss (the loss is scaled by T^2)")
     jsd_beta: float = _f(0.5, "JSD mixture weight: M = beta*teacher + (1-beta)*student")
     skew_alpha: float = _f(0.1, "skew_kl / skew_rkl (DistiLLM): KL(T || a T + (1-a) S) / KL(S || a S + (1-a) T)")
+    kd_params: dict[str, str] = _f({}, "parameters of loss.kd's divergence, NAME=VALUE[,...] (e.g. beta=0.3 for "
+                                       "jsd); a name given here wins over loss.jsd_beta / loss.skew_alpha")
     hidden: str = _f("mse", f"replaced-layer output loss: {', '.join(HIDDEN_KINDS)}")
     hidden_weight: float = _f(0.0, "weight of the replaced-layer loss (0 = off)")
     layerwise: bool = _f(
@@ -141,6 +146,19 @@ class LossConfig:
                     "nor a trainable ZeRO-3-partitioned head), true (on; an error where it cannot be), false")
     vocab: str = _f("strict", "strict: teacher and student vocab sizes must match; truncate: compare the "
                     "tokenizer's tokens when one vocab is a padded version of the other")
+
+    def divergence(self) -> Divergence | None:
+        """``loss.kd`` as a Divergence with its parameters (None when KD is off): ``loss.kd_params`` over the
+        dedicated settings the divergence names in its ``config_keys`` (``loss.jsd_beta``, ``loss.skew_alpha``)."""
+        if self.kd == "none":
+            return None
+        choice("loss.kd", self.kd, (*DIVERGENCES, "none"))
+        params = {name: getattr(self, key) for name, key in DIVERGENCES[self.kd].config_keys.items()}
+        params.update(self.kd_params)
+        try:
+            return get_divergence(self.kd, **params)
+        except ValueError as e:
+            raise ConfigError(f"loss.kd = {self.kd!r} with loss.kd_params = {self.kd_params}: {e}") from None
 
 
 @dataclass
@@ -177,9 +195,6 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    wandb: bool = _f(True, "log to Weights & Biases (offline unless WANDB_MODE says otherwise)")
-    project: str = _f("rad-ds", "wandb project")
-    run_name: str | None = _f(None, "wandb run name (default: the out directory's name)")
     progress: bool = _f(True, "tqdm progress bar on rank 0")
 
 
@@ -197,11 +212,19 @@ class OnPolicyConfig:
 
 @dataclass
 class RunConfig(Config):
+    # wandb settings moved from log to the wandb section every stage shares; the old names go next release
+    RENAMED: ClassVar[dict[str, str]] = {"log.wandb": "wandb.enabled", "log.project": "wandb.project",
+                                         "log.run_name": "wandb.run"}
+
     out: str | None = _f(None, "run directory: checkpoints/, final/, metrics.jsonl")
     overwrite: bool = _f(False, "replace a finished run in out (its checkpoints, final/, metrics) with a new one")
     deepspeed: str = _f("ds_configs/zero3.json", "DeepSpeed config of the student engine")
-    model: ModelConfig = field(default_factory=ModelConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    model: ModelRef = section(ModelRef, path="embedded:smollm2", dtype="float32", help={
+        "path": "base model (HF dir, .gguf, embedded:smollm2) or a student checkpoint",
+        "dtype": f"weights and compute dtype of the student (and of the teacher): {', '.join(DTYPES)}"})
+    teacher: TeacherConfig = section(TeacherConfig, help={
+        "path": "teacher model; default: the base model itself (self-distillation)",
+        "dtype": "the teacher's dtype: unset or model.dtype (the teacher runs in the student's dtype)"})
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -209,18 +232,23 @@ class RunConfig(Config):
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    wandb: WandbConfig = section(WandbConfig, enabled=True, help={"run": "wandb run name (default: the out "
+                                                                         "directory's name)"})
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
     # -- checks ----------------------------------------------------------------------------------
     def validate(self) -> RunConfig:
         """Fail early, naming the field and the fix, on anything that cannot run."""
-        choice("model.dtype", self.model.dtype, DTYPES)
+        self._check_models()
         choice("student.init", self.student.init, INIT_MODES)
         choice("student.trainable", self.student.trainable, TRAINABLE)
+        if isinstance(self.student.vocab_parallel, bool):  # YAML's true/false
+            self.student.vocab_parallel = str(self.student.vocab_parallel).lower()
+        choice("student.vocab_parallel", self.student.vocab_parallel, VOCAB_PARALLEL_MODES)
         choice("data.format", self.data.format, DATA_FORMATS)
         choice("data.packing", self.data.packing, PACKING)
         choice("data.long_documents", self.data.long_documents, LONG_DOCUMENTS)
-        choice("loss.kd", self.loss.kd, KD_KINDS)
+        choice("loss.kd", self.loss.kd, (*DIVERGENCES, "none"))
         choice("loss.hidden", self.loss.hidden, HIDDEN_KINDS)
         choice("loss.vocab", self.loss.vocab, VOCAB_MODES)
         if isinstance(self.loss.fused, bool):  # YAML's true/false
@@ -230,13 +258,6 @@ class RunConfig(Config):
             raise ConfigError("loss.fused=true: a teacher cache's top-k targets take the logits path; set "
                               "loss.fused=auto (or false) with teacher.cache")
         choice("optim.schedule", self.optim.schedule, SCHEDULES)
-        choice("teacher.placement", self.teacher.placement, PLACEMENTS)
-        if self.teacher.offload and self.teacher.placement in ("shared", "replicated"):
-            raise ConfigError(f"teacher.offload needs teacher.placement=zero3 (or auto), not {self.teacher.placement}")
-        if not 0 < self.teacher.replicate_fraction <= 1:
-            raise ConfigError(f"teacher.replicate_fraction = {self.teacher.replicate_fraction} must be in (0, 1]")
-        if self.teacher.device_memory_gb is not None and not self.teacher.device_memory_gb > 0:
-            raise ConfigError(f"teacher.device_memory_gb = {self.teacher.device_memory_gb} must be > 0")
         if not self.out:
             raise ConfigError("out is not set: give --out DIR (the run directory)")
         self.data.check()
@@ -260,6 +281,7 @@ class RunConfig(Config):
             raise ConfigError(f"loss.jsd_beta = {self.loss.jsd_beta} must be in (0, 1)")
         if not 0 < self.loss.skew_alpha < 1:
             raise ConfigError(f"loss.skew_alpha = {self.loss.skew_alpha} must be in (0, 1)")
+        self.loss.divergence()  # the divergence checks its own parameters (loss.kd_params)
         kd_on = self.loss.kd != "none" and self.loss.kd_weight > 0
         hid_on = self.loss.hidden != "none" and self.loss.hidden_weight > 0
         if not (kd_on or hid_on or self.loss.ce_weight > 0):
@@ -292,6 +314,24 @@ class RunConfig(Config):
                 raise ConfigError(f"{key}: {self.get(key)} not found; give a DeepSpeed JSON config (see ds_configs/)")
             self.set(key, str(p))
         return self
+
+    def _check_models(self) -> None:
+        """The model and teacher sections: a base, known dtypes (the teacher runs in the student's), a placement."""
+        if not self.model.path:
+            raise ConfigError("model.path is not set: give --model DIR (or embedded:smollm2)")
+        choice("model.dtype", self.model.dtype, DTYPES)
+        if self.teacher.dtype is not None:
+            choice("teacher.dtype", self.teacher.dtype, DTYPES)
+            if to_dtype(self.teacher.dtype) != to_dtype(self.model.dtype):
+                raise ConfigError(f"teacher.dtype = {self.teacher.dtype}: the teacher runs in model.dtype "
+                                  f"({self.model.dtype}); leave teacher.dtype unset")
+        choice("teacher.placement", self.teacher.placement, PLACEMENTS)
+        if self.teacher.offload and self.teacher.placement in ("shared", "replicated"):
+            raise ConfigError(f"teacher.offload needs teacher.placement=zero3 (or auto), not {self.teacher.placement}")
+        if not 0 < self.teacher.replicate_fraction <= 1:
+            raise ConfigError(f"teacher.replicate_fraction = {self.teacher.replicate_fraction} must be in (0, 1]")
+        if self.teacher.device_memory_gb is not None and not self.teacher.device_memory_gb > 0:
+            raise ConfigError(f"teacher.device_memory_gb = {self.teacher.device_memory_gb} must be > 0")
 
     def _check_student_layers(self) -> None:
         """One source of layers: a list, a report with k, or a placement with k (student.placement needs k, excludes
@@ -363,7 +403,7 @@ def field_help() -> list[tuple[str, str, Any]]:
 
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "LogConfig", "LossConfig", "ModelConfig", "OnPolicyConfig",
+    "CheckpointConfig", "ConfigError", "DataConfig", "LogConfig", "LossConfig", "OnPolicyConfig",
     "OptimConfig", "RunConfig", "StudentConfig", "TeacherConfig", "TrainConfig", "field_help", "load_file",
     "parse_overrides",
 ]

@@ -64,8 +64,8 @@ class Tracker:
         if not enabled:
             return
         self._file = open(self.metrics_path, "a")
-        if run_cfg.log.wandb:
-            self._wandb = start_wandb(out, run_cfg.log.project, run_cfg.log.run_name or Path(out).name,
+        if run_cfg.wandb.enabled:
+            self._wandb = start_wandb(out, run_cfg.wandb.project, run_cfg.wandb.run or Path(out).name,
                                       run_cfg.to_dict(), "distill", resume="allow", id=_wandb_id(out))
         if run_cfg.log.progress:  # a bar on a terminal; without one (Slurm, nohup) a log line every 30 s
             self._bar = progress(total_steps, "distill", "step", initial=start_step)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from rad_ds.core.config import Config, ConfigError, at_least, setting
+from rad_ds.core.config import Config, ConfigError, at_least, section, setting
 from rad_ds.core.dtypes import NAMES_32_16 as DTYPES
+from rad_ds.core.sections import WandbConfig
 
 from .registry import REGISTRY
 
@@ -24,6 +26,10 @@ def expand_tasks(tasks: list[str]) -> list[str]:
 
 @dataclass
 class EvalConfig(Config):
+    # the wandb section; the old names go next release. The models stay a list of paths with one dtype for all:
+    # they are compared side by side, on the same settings
+    RENAMED: ClassVar[dict[str, str]] = {"wandb_project": "wandb.project", "wandb_run": "wandb.run"}
+
     models: list[str] = setting([], "model dirs, .gguf files or embedded:smollm2, side by side (--model, repeatable)")
     out: str | None = setting(None, "output directory (results.json, results.md, samples/)")
     overwrite: bool = setting(False, "replace a finished evaluation in out (its results and samples/)")
@@ -68,9 +74,7 @@ class EvalConfig(Config):
     sandbox_python: str | None = setting(None, "interpreter for generated code (unset: this one, or, as root, a "
                                                 "system python3 that nobody can run, so the programs drop to nobody)")
     sandbox_disk_mb: int = setting(64, "everything a generated program may keep in its directory (a tmpfs)")
-    wandb: bool = setting(False, "log to wandb (offline unless WANDB_MODE says otherwise)")
-    wandb_project: str = setting("rad-ds", "wandb project")
-    wandb_run: str | None = setting(None, "wandb run name")
+    wandb: WandbConfig = section(WandbConfig)
     progress: bool = setting(True, "progress bars (--no-progress: none)")
 
     def validate(self, inputs_exist: bool = True) -> "EvalConfig":

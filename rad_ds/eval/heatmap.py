@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 
 def passkey_heatmap(cells: dict[int, dict[float, dict]], path: str | Path, title: str) -> Path:
     """``cells``: context -> depth -> ``{"score", "n", ...}`` (a score of None: no samples) -> a PNG at ``path``."""
@@ -12,7 +14,6 @@ def passkey_heatmap(cells: dict[int, dict[float, dict]], path: str | Path, title
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     contexts = sorted(cells)
     depths = sorted({d for c in contexts for d in cells[c]})

@@ -26,6 +26,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from .heatmap import passkey_heatmap
+from .results import safe_name
 from .tasks import GenerationTask, Sample, accuracy, accuracy_interval
 
 DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -190,9 +192,6 @@ class PasskeyTask(GenerationTask):
         return out
 
     def figures(self, out: Path, label: str, rows: list[dict], write: bool = True) -> list[Path]:
-        from .heatmap import passkey_heatmap
-        from .results import safe_name
-
         cells = {int(c): {float(d): v for d, v in r["details"]["depths"].items()}
                  for r in rows if r.get("context") is not None for c in [r["context"]]}
         if not cells:

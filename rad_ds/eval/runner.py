@@ -13,7 +13,7 @@ import datetime
 import gc
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,12 +24,14 @@ from rad_ds.core.dtypes import dtype_name, to_dtype
 from rad_ds.core.layers import layers_string
 from rad_ds.core.outputs import claim
 from rad_ds.core.progress import progress
+from rad_ds.decoding.prompts import encode, rows_from_file
+from rad_ds.models.conversion import load_model
 
 from .batching import gather, generate_batch, my_batches
 from .config import TASKS, EvalConfig
 from .perplexity import load_texts, timed_window_nll, windows
 from .perplexity import summarize as ppl_summary
-from .registry import REGISTRY
+from .registry import KINDS, REGISTRY
 from .results import WandbLog, markdown, write_results, write_samples
 from .sandbox import SandboxLimits, default_python, sandbox_guards, sandbox_uid
 from .speed import SkipMask, SpeedTask, mask_from_report
@@ -53,8 +55,6 @@ def _labels(models: list[str]) -> list[str]:
 
 
 def _encode(tok, sample, chat: bool) -> torch.Tensor:
-    from rad_ds.decoding.prompts import encode
-
     return encode(tok, "chat", sample.messages) if chat else encode(tok, "text", sample.text, chat=False)
 
 
@@ -160,8 +160,6 @@ def load_task_data(cfg: EvalConfig) -> dict:
             out[name] = (None, load_texts(data, cfg.limit, cfg.seed))
         elif spec.kind == "speed":
             if data:
-                from rad_ds.decoding.prompts import rows_from_file
-
                 rows_from_file(data, what="--data speed")  # fail now on an unusable file
             out[name] = (None, None)
         else:
@@ -181,9 +179,66 @@ def evaluate(cfg: EvalConfig) -> dict:
     return results
 
 
-def _evaluate(cfg: EvalConfig, rank: int, world: int, t_start: float) -> dict:
-    from rad_ds.models.conversion import load_model
+@dataclass
+class _ModelRun:
+    """One loaded model and what its tasks' runners need."""
+    cfg: EvalConfig
+    rank: int
+    world: int
+    out: Path
+    sandbox: SandboxLimits
+    speed: SpeedTask
+    label: str
+    model: object
+    tok: object
+    chat: bool
 
+
+def _run_generation(m: _ModelRun, name: str, task, samples) -> list[dict]:
+    new, records = run_generation_task(m.model, m.tok, task, samples, m.cfg, m.chat, m.rank, m.world, m.sandbox,
+                                       m.label)
+    task.figures(m.out, m.label, new, write=m.rank == 0)
+    if m.rank == 0:
+        write_samples(m.out, m.label, name, records)
+    return new
+
+
+def _run_ppl(m: _ModelRun, name: str, task, texts) -> list[dict]:
+    return [run_ppl(m.model, m.tok, texts, m.cfg, m.rank, m.world, m.label, m.cfg.data.get(name))]
+
+
+def _run_speed(m: _ModelRun, name: str, task, payload) -> None:
+    """Timed after the model loop, round-robin over the models (``SpeedTask`` holds this one): no rows now."""
+    m.speed.add(m.label, m.model, m.tok, m.chat)
+
+
+# the runner of each task kind (``registry.KINDS``): (model run, task name, task, its data) -> rows, or None
+KIND_RUNNERS = {"generation": _run_generation, "ppl": _run_ppl, "speed": _run_speed}
+if set(KIND_RUNNERS) != set(KINDS):
+    raise RuntimeError(f"eval runner: task kinds {sorted(set(KINDS) ^ set(KIND_RUNNERS))} lack a runner or a kind")
+
+
+def _checked_guards(cfg: EvalConfig, sandbox: SandboxLimits, rank: int) -> list[str]:
+    """The sandbox guards this machine gives (none without a code task), with a warning when they are few."""
+    code_tasks = [t for t in cfg.tasks if REGISTRY[t].is_code]
+    guards = sandbox_guards(sandbox) if code_tasks else []
+    if code_tasks and rank == 0 and not {"landlock-fs", "netns"} <= set(guards):
+        logger.warning("the sandbox runs with %s only (no Landlock or network namespace on this machine): "
+                       "generated code is contained by rlimits and Python-level hooks", ", ".join(guards))
+    return guards
+
+
+def _add_rows(rows: list[dict], log: WandbLog, new: list[dict], label: str, name: str, wall: float,
+              rank: int) -> None:
+    for i, row in enumerate(new):  # further rows (passkey's per context) share the first one's time
+        row = {"model": label, **row, "wall_seconds": wall if i == 0 else None}
+        rows.append(row)
+        log.row(row)
+        if rank == 0:
+            logger.info("%s %s: %s = %.4f (n=%d)", label, name, row["metric"], row["score"], row["n"])
+
+
+def _evaluate(cfg: EvalConfig, rank: int, world: int, t_start: float) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = to_dtype(cfg.dtype, device)
@@ -193,12 +248,8 @@ def _evaluate(cfg: EvalConfig, rank: int, world: int, t_start: float) -> dict:
     data = load_task_data(cfg)
     sandbox = SandboxLimits(timeout_s=cfg.timeout, memory_mb=cfg.sandbox_memory_mb, workers=cfg.sandbox_workers,
                             python=cfg.sandbox_python, disk_mb=cfg.sandbox_disk_mb)
-    code_tasks = [t for t in cfg.tasks if REGISTRY[t].is_code]
-    guards = sandbox_guards(sandbox) if code_tasks else []
-    if code_tasks and rank == 0 and not {"landlock-fs", "netns"} <= set(guards):
-        logger.warning("the sandbox runs with %s only (no Landlock or network namespace on this machine): "
-                       "generated code is contained by rlimits and Python-level hooks", ", ".join(guards))
-    log = WandbLog(cfg.wandb and rank == 0, cfg.wandb_project, cfg.wandb_run, out, asdict(cfg))
+    guards = _checked_guards(cfg, sandbox, rank)
+    log = WandbLog(cfg.wandb.enabled and rank == 0, cfg.wandb.project, cfg.wandb.run, out, asdict(cfg))
     labels = _labels(cfg.models)
     rows, models = [], {}
     speed = SpeedTask(cfg, mask, rank, world)
@@ -211,30 +262,14 @@ def _evaluate(cfg: EvalConfig, rank: int, world: int, t_start: float) -> dict:
         models[label] = {"path": path, "layers": layers_string(model.config),
                          "parameters": sum(p.numel() for p in model.parameters()),
                          "dtype": dtype_name(dtype), "chat_template": chat}
+        run = _ModelRun(cfg, rank, world, out, sandbox, speed, label, model, tok, chat)
         for name in cfg.tasks:
             task, payload = data[name]
-            kind = REGISTRY[name].kind
             t0 = time.perf_counter()
-            if kind == "generation":
-                new, records = run_generation_task(model, tok, task, payload, cfg, chat, rank, world, sandbox, label)
-                task.figures(out, label, new, write=rank == 0)
-                if rank == 0:
-                    write_samples(out, label, name, records)
-            elif kind == "ppl":
-                new = [run_ppl(model, tok, payload, cfg, rank, world, label, cfg.data.get("ppl"))]
-            elif kind == "speed":  # timed below, round-robin over the models (SpeedTask holds this one)
-                speed.add(label, model, tok, chat)
-                continue
-            else:
-                raise ValueError(f"task {name}: no runner for it")
-            wall = time.perf_counter() - t0
-            for i, row in enumerate(new):  # further rows (passkey's per context) share the first one's time
-                row = {"model": label, **row, "wall_seconds": wall if i == 0 else None}
-                rows.append(row)
-                log.row(row)
-                if rank == 0:
-                    logger.info("%s %s: %s = %.4f (n=%d)", label, name, row["metric"], row["score"], row["n"])
-        del model
+            new = KIND_RUNNERS[REGISTRY[name].kind](run, name, task, payload)
+            if new is not None:
+                _add_rows(rows, log, new, label, name, time.perf_counter() - t0, rank)
+        del model, run
         gc.collect()
     for row in speed.finish():
         rows.append(row)
@@ -256,6 +291,5 @@ def _evaluate(cfg: EvalConfig, rank: int, world: int, t_start: float) -> dict:
         log.finish(results)
     dist.barrier()
     return results
-
 
 __all__ = ["EvalConfig", "TASKS", "evaluate", "load_task_data"]

@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 
 from rad_ds.core import dist
 from rad_ds.core.intervals import median_interval
+from rad_ds.core.report import DiagnosisReport
 from rad_ds.decoding.eos import model_eos_ids
+from rad_ds.decoding.prompts import load_prompts
 from rad_ds.decoding.skipping import check_mask
 from rad_ds.decoding.spec_decode import SelfSpeculativeDecoder, SpecConfig, plain_decode
 
@@ -50,8 +52,6 @@ class SkipMask:
 
 def mask_from_report(path: str, k: int) -> SkipMask:
     """The draft mask of a diagnosis report's selection for ``k``."""
-    from rad_ds.core.report import DiagnosisReport
-
     report = DiagnosisReport.load(path, "--report")
     return SkipMask(report.selection(k).layers, f"{report.path} k={k}")
 
@@ -200,8 +200,6 @@ class SpeedTask:
 
     def add(self, label: str, model, tok, chat: bool) -> None:
         """The model's speed prompts (this rank's share); held for ``finish`` or, not interleaved, timed now."""
-        from rad_ds.decoding.prompts import load_prompts
-
         cfg = self.cfg
         max_new = cfg.max_new_tokens or 64
         prompts = load_prompts(tok, cfg.data.get("speed"), cfg.speed_prompts, cfg.seed, chat, max_new,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from rad_ds.core.intervals import wilson_interval
+
 
 @dataclass
 class Sample:
@@ -72,8 +74,6 @@ def accuracy(records: list[dict]) -> tuple[float, float]:
 
 def accuracy_interval(records: list[dict]) -> list[float] | None:
     """The accuracy's 95% Wilson interval ``[lo, hi]`` (None without records)."""
-    from rad_ds.core.intervals import wilson_interval
-
     if not records:
         return None
     return list(wilson_interval(sum(bool(r["correct"]) for r in records), len(records)))

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 def __getattr__(name):
     if name in ("run_study", "Study"):
-        from . import run
+        from . import run  # deferred: lazy attribute (PEP 562), so rad-placement --help skips optuna, the stages
 
         return getattr(run, name)
     if name == "StudyConfig":
-        from .config import StudyConfig
+        from .config import StudyConfig  # deferred: lazy attribute (PEP 562), as above
 
         return StudyConfig
     raise AttributeError(name)

@@ -9,7 +9,7 @@ from .config import StudyConfig
 
 # the study's own flags, and the distillation's short flags routed into its distill section
 FLAGS = {
-    "--model": Flag("model"), "--k": Flag("k"), "--out": Flag("out"), "--report": Flag("report"),
+    "--model": Flag("model.path"), "--k": Flag("k"), "--out": Flag("out"), "--report": Flag("report"),
     "--test": Flag("test"), "--heldout": Flag("heldout"), "--seeds": Flag("seeds"),
     **{flag: Flag("distill." + f.key) for flag, f in DISTILL_FLAGS.items()
        if flag in ("--data", "--steps", "--seq-len", "--micro-batch", "--grad-accum", "--lr")},
@@ -17,7 +17,7 @@ FLAGS = {
 
 
 def run(argv: list[str] | None = None, doc: str | None = None) -> int:
-    from .run import run_study
+    from .run import run_study  # deferred: rad-placement --help without optuna (diagnosis.search)
 
     cfg = parse_config(StudyConfig, argv, doc or __doc__, FLAGS)
     results = run_study(cfg)

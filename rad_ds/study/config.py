@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from rad_ds.core.config import Config, ConfigError, at_least, choice, resolve_shipped, setting
+from rad_ds.core.config import Config, ConfigError, at_least, choice, resolve_shipped, section, setting
+from rad_ds.core.sections import ModelRef
 from rad_ds.diagnosis.config import DiagnoseConfig
 from rad_ds.distill.config import RunConfig
 from rad_ds.eval.passkey import PasskeyTask
@@ -25,8 +26,10 @@ class StudyConfig(Config):
     out: str | None = setting(None, "study directory: diagnosis/, teacher_cache/, placements.json, arms/, "
                                     "results.json, "
                                     "results.md, curves.png")
-    model: str = setting("embedded:smollm2", "base model (the teacher of every student): HF dir, .gguf, "
-                                             "embedded:smollm2")
+    model: ModelRef = section(ModelRef, path="embedded:smollm2", help={
+        "path": "base model (the teacher of every student): HF dir, .gguf, embedded:smollm2",
+        "dtype": "dtype of the base in the study's diagnosis, teacher cache and distillations (unset: "
+                 "diagnose.model.dtype and distill.model.dtype)"})
     k: list[int] = setting([4, 8], "numbers of attention layers a student replaces (one set of students per k)")
     seeds: list[int] = setting([0, 1, 2], "training seeds: each method's student is distilled once per seed; seed s "
                                           "gives every method the same data order (paired comparisons)")
@@ -68,6 +71,8 @@ class StudyConfig(Config):
     def validate(self) -> StudyConfig:
         if not self.out:
             raise ConfigError("out is not set: give --out DIR (the study directory)")
+        if not self.model.path:
+            raise ConfigError("model.path is not set: give --model DIR (or embedded:smollm2)")
         if not self.methods:
             raise ConfigError("methods is empty: give e.g. --methods rad,even,random")
         try:

@@ -134,8 +134,8 @@ class StudyResults:
         note = NOTE if cfg.split == "test" else ("validation split: the study was used to choose a setting; its "
                                                  "numbers are not a test result")
 
-        return cls({"split": cfg.split, "note": note, "provenance": provenance(), "model": cfg.model, "seeds": seeds,
-                    "budget": budget,
+        return cls({"split": cfg.split, "note": note, "provenance": provenance(), "model": cfg.model.source,
+                    "seeds": seeds, "budget": budget,
                     "k": per_k, "paired": paired, "summary": summary, "distinct_runs": distinct_runs,
                     "study_seconds": wall["seconds"], "study_seconds_this_invocation": wall["this_invocation_seconds"],
                     "invocations": wall["invocations"]})

@@ -111,7 +111,8 @@ class Study:
         if (d / DiagnosisReport.FILE).is_file() and timing.is_file():
             return str(d / DiagnosisReport.FILE), json.loads(timing.read_text())["seconds"]
         dc = copy.deepcopy(cfg.diagnose)
-        dc.model, dc.out, dc.k = cfg.model, str(d), sorted({*dc.k, *cfg.k}) if dc.k else list(cfg.k)
+        cfg.model.apply_to(dc.model)
+        dc.out, dc.k = str(d), sorted({*dc.k, *cfg.k}) if dc.k else list(cfg.k)
         dc.overwrite = True  # not done by the study's measure (no timing): a report there is replaced
         if not dc.prompts and not dc.data:
             train = str(resolve_shipped(cfg.distill.data.path))
@@ -139,11 +140,11 @@ class Study:
                 continue
             strategy = get_strategy(method, "methods")
             if (strategy.needs_weights or strategy.needs_calibration) and model is None:
-                model, tok = load_model(cfg.model)  # its tokenizer makes the calibration tokens
+                model, tok = load_model(cfg.model.path, gguf_file=cfg.model.gguf_file)  # its tokenizer: calibration
                 calib = calibration_tokens(cfg.distill.data.path, tok, n=cfg.calibration_docs,
                                            max_tokens=cfg.distill.data.seq_len)
             seed = draw if draw is not None else int(cfg.distill.student.placement_seed)
-            choice = choose_layers(method, k, model if model is not None else cfg.model, report=report,
+            choice = choose_layers(method, k, model if model is not None else cfg.model.path, report=report,
                                    calibration=calib, seed=seed).record()
             if strategy.needs_report:  # their cost is the report's own (its search / single-skip
                 choice["diagnosis_seconds"] = diag_s  # part); the diagnosis' wall time, all of it, beside it
@@ -172,7 +173,8 @@ class Study:
             return str(d), json.loads(timing.read_text())["seconds"]
         tc = TeacherCacheConfig()
         tc.out, tc.k, tc.temperature = str(d), cfg.cache_k, cfg.distill.loss.temperature
-        tc.teacher.path, tc.teacher.dtype = cfg.model, cfg.distill.model.dtype
+        tc.teacher.path, tc.teacher.gguf_file = cfg.model.path, cfg.model.gguf_file
+        tc.teacher.dtype = cfg.model.dtype or cfg.distill.model.dtype
         tc.data = copy.deepcopy(cfg.distill.data)
         tc.progress = cfg.distill.log.progress
         t0 = time.perf_counter()
@@ -187,7 +189,7 @@ class Study:
         cfg = self.cfg
         rc = RunConfig.from_dict(cfg.distill.to_dict())
         rc.out = str(self.out / "arms" / arm.run_name)
-        rc.model.path = cfg.model
+        cfg.model.apply_to(rc.model)
         rc.train.seed = arm.seed
         rc.student.layers = arm.layers
         rc.teacher.cache = cache
@@ -214,7 +216,7 @@ class Study:
     def heldout(self) -> HeldOut:
         """The teacher's side of the test data (once): its log-probabilities and greedy continuations."""
         cfg = self.cfg
-        teacher, tok = load_model(cfg.model)
+        teacher, tok = load_model(cfg.model.path, gguf_file=cfg.model.gguf_file)
         packed = scored_rows(cfg.distill.data, cfg.test, tok, cfg.heldout_rows)
         prompts = []
         if cfg.heldout_prompts and cfg.prompts:

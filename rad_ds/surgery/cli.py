@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from rad_ds.core.cli import parse_config, run_cli
+from rad_ds.core.cli import Flag, parse_config, run_cli
 
 from .config import ReplaceConfig
+
+FLAGS = {"--gguf-file": Flag("model.gguf_file")}
 
 
 def run(argv: list[str] | None = None, doc: str | None = None) -> int:
     from .run import replace
 
-    cfg = parse_config(ReplaceConfig, argv, doc or __doc__, required=("model", "out"))
+    cfg = parse_config(ReplaceConfig, argv, doc or __doc__, FLAGS, required=("model.path", "out"))
     record = replace(cfg)
     print(f"replaced layers {record.layers} (init={record.init}) -> {cfg.out}")
     return 0
@@ -20,4 +22,4 @@ def main(argv: list[str] | None = None, doc: str | None = None) -> int:
     return run_cli(lambda a: run(a, doc), argv)
 
 
-__all__ = ["main", "run"]
+__all__ = ["FLAGS", "main", "run"]

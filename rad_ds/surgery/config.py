@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from rad_ds.core.config import Config, ConfigError, choice, setting
+from rad_ds.core.config import Config, ConfigError, choice, section, setting
+from rad_ds.core.dtypes import NAMES_32_16
 from rad_ds.core.outputs import check
+from rad_ds.core.sections import ModelRef
 
 from .init import INIT_MODES
 
 
 @dataclass
 class ReplaceConfig(Config):
-    model: str | None = setting(None, "base model: HF dir (Llama/Qwen2/Mistral/SmolLM or rad_hybrid), .gguf, "
-                                      "or embedded:smollm2")
-    gguf_file: str | None = setting(None, "GGUF file name inside model")
+    RENAMED: ClassVar[dict[str, str]] = {"gguf_file": "model.gguf_file"}  # the model section; goes next release
+
+    model: ModelRef = section(ModelRef, dtype="float32", help={
+        "path": "base model: HF dir (Llama/Qwen2/Mistral/SmolLM or rad_hybrid), .gguf, or embedded:smollm2",
+        "dtype": f"dtype the base is loaded in and the student written in: {', '.join(NAMES_32_16)}"})
     layers: list[int] | None = setting(None, "attention layers to replace, e.g. 3,7,11 or 4-6")
     report: str | None = setting(None, "a diagnosis report.json to take the layers from; use with k")
     k: int | None = setting(None, "with report: how many layers (a k the report holds)")
@@ -29,8 +34,9 @@ class ReplaceConfig(Config):
 
     def validate(self, inputs_exist: bool = True) -> "ReplaceConfig":
         """``inputs_exist=False``: the report is written by an earlier stage (the pipeline checks it later)."""
-        if not self.model:
-            raise ConfigError("model is not set: give --model DIR (or embedded:smollm2)")
+        if not self.model.path:
+            raise ConfigError("model.path is not set: give --model DIR (or embedded:smollm2)")
+        choice("model.dtype", self.model.dtype, NAMES_32_16)
         if not self.out:
             raise ConfigError("out is not set: give --out DIR (the student checkpoint)")
         if (self.layers is None) == (self.report is None):

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import torch
 
+from rad_ds.core.dtypes import dtype_name, to_dtype
+from rad_ds.core.sections import ModelRef
+
 from .config import ReplaceConfig
 from .replace import (
     ReplacementRecord,
@@ -15,21 +18,22 @@ from .replace import (
 )
 
 
-def replace(cfg: ReplaceConfig, dtype: torch.dtype = torch.float32) -> ReplacementRecord:
+def replace(cfg: ReplaceConfig, dtype: torch.dtype | None = None) -> ReplacementRecord:
     """Write the student checkpoint of ``cfg`` to ``cfg.out`` (safetensors, config with ``replaced_layers``,
-    tokenizer, model code, ``replacement.json``). Every check runs before anything is written; the
-    directory appears complete or not at all."""
+    tokenizer, model code, ``replacement.json``) in ``dtype`` (default: ``cfg.model.dtype``). Every check runs
+    before anything is written; the directory appears complete or not at all."""
     from rad_ds.models.conversion import load_model, save_model
 
     cfg.validate()
-    model, tok = load_model(cfg.model, gguf_file=cfg.gguf_file, dtype=dtype)
+    dtype = dtype if dtype is not None else to_dtype(cfg.model.dtype)
+    model, tok = load_model(cfg.model.path, gguf_file=cfg.model.gguf_file, dtype=dtype)
     layers, selection = cfg.layers, {}
     if cfg.report is not None:
         layers, selection = layers_from_report(cfg.report, int(cfg.k), model.config)
     check_layers(model.config, layers, allow_all=cfg.allow_all)
     record = replace_attention(model, layers, init=cfg.init, allow_all=cfg.allow_all, seed=cfg.seed,
                                selection=selection)
-    record.source = str(cfg.model) if cfg.gguf_file is None else f"{cfg.model}/{cfg.gguf_file}"
+    record.source = cfg.model.source
     model.config.replaced_layers = record.to_dict()
     save_model(model, tok, Path(cfg.out), extra_files={"replacement.json": record.to_dict()})
     return record
@@ -38,9 +42,9 @@ def replace(cfg: ReplaceConfig, dtype: torch.dtype = torch.float32) -> Replaceme
 def build_student(model_path: str, out_dir, layers=None, report=None, k=None, gguf_file=None, init="attention",
                   allow_all=False, seed=0, overwrite=False, dtype: torch.dtype = torch.float32) -> ReplacementRecord:
     """``replace`` with its settings as arguments (the library call of earlier releases)."""
-    cfg = ReplaceConfig(model=model_path, gguf_file=gguf_file, layers=layers, report=None if report is None
-                        else str(report), k=k, out=str(out_dir), init=init, allow_all=allow_all, seed=seed,
-                        overwrite=overwrite)
+    cfg = ReplaceConfig(model=ModelRef(model_path, gguf_file, dtype_name(dtype)), layers=layers,
+                        report=None if report is None else str(report), k=k, out=str(out_dir), init=init,
+                        allow_all=allow_all, seed=seed, overwrite=overwrite)
     return replace(cfg, dtype)
 
 

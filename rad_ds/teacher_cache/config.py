@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rad_ds.core.config import Config, ConfigError, at_least, choice, resolve_shipped, setting
+from rad_ds.core.config import Config, ConfigError, at_least, choice, resolve_shipped, section, setting
 from rad_ds.core.dtypes import NAMES_32_16
+from rad_ds.core.sections import ModelRef
 from rad_ds.data.teacher_store import VALUE_DTYPES
 from rad_ds.distill.config import DataConfig
 
@@ -15,11 +16,9 @@ PLACEMENTS = ("replicated", "zero3")
 
 
 @dataclass
-class CacheTeacherConfig:
-    path: str = setting("embedded:smollm2", "teacher model: HF dir, .gguf or embedded:smollm2 (for "
-                                            "self-distillation: the base model)")
-    gguf_file: str | None = setting(None, "GGUF file name inside teacher.path")
-    dtype: str = setting("float32", f"teacher weights and compute dtype: {', '.join(NAMES_32_16)}")
+class CacheTeacherConfig(ModelRef):
+    """The teacher (``ModelRef``: path, gguf_file, dtype) and where it runs."""
+
     placement: str = setting("replicated", "replicated: a whole teacher per rank (no communication); zero3: "
                                            "partitioned over the ranks (a ZeRO-3 inference engine, teacher.deepspeed)")
     deepspeed: str = setting("ds_configs/zero3_teacher.json", "DeepSpeed config of the zero3 teacher engine")
@@ -29,7 +28,9 @@ class CacheTeacherConfig:
 @dataclass
 class TeacherCacheConfig(Config):
     out: str | None = setting(None, "cache directory (manifest.json + shards/); a killed build resumes into it")
-    teacher: CacheTeacherConfig = field(default_factory=CacheTeacherConfig)
+    teacher: CacheTeacherConfig = section(CacheTeacherConfig, path="embedded:smollm2", dtype="float32", help={
+        "path": "teacher model: HF dir, .gguf or embedded:smollm2 (for self-distillation: the base model)",
+        "dtype": f"teacher weights and compute dtype: {', '.join(NAMES_32_16)}"})
     data: DataConfig = field(default_factory=DataConfig)
     k: int = setting(64, "teacher tokens kept per position (the rest of the mass is one tail bucket)")
     temperature: float = setting(1.0, "softmax temperature of the stored distribution; runs reading the cache "
@@ -44,6 +45,8 @@ class TeacherCacheConfig(Config):
         if not self.out:
             raise ConfigError("out is not set: give --out DIR (the cache directory)")
         self.data.check()  # the data the distillation runs will read, with the same settings
+        if not self.teacher.path:
+            raise ConfigError("teacher.path is not set: give --teacher DIR (or embedded:smollm2)")
         choice("teacher.dtype", self.teacher.dtype, NAMES_32_16)
         choice("teacher.placement", self.teacher.placement, PLACEMENTS)
         choice("values_dtype", self.values_dtype, VALUE_DTYPES)

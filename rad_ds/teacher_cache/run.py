@@ -25,7 +25,13 @@ from rad_ds.core.progress import progress
 from rad_ds.data import load_packed, tokenizer_fingerprint
 from rad_ds.data.loader import data_fingerprint
 from rad_ds.data.teacher_store import TeacherCacheError, TeacherCacheStore, bytes_per_position
+from rad_ds.distill.build import streamable_source, teacher_identity
+from rad_ds.distill.engines import BatchPlan, fill_ds_config, load_ds_config, teacher_engine
 from rad_ds.distill.faults import fault_point
+from rad_ds.distill.fused import fused_teacher_topk
+from rad_ds.distill.heads import FinalHidden, gathered, head_param
+from rad_ds.models.conversion import load_config, load_model, load_tokenizer, model_location
+from rad_ds.models.partitioned import build_partitioned
 
 from .config import TeacherCacheConfig
 
@@ -67,8 +73,6 @@ def build_teacher_cache(cfg: TeacherCacheConfig) -> CacheSummary:
 
 
 def _fingerprint(cfg, config, tok, packed) -> dict:
-    from rad_ds.distill.build import teacher_identity
-
     return {
         **teacher_identity(cfg.teacher.path, cfg.teacher.gguf_file, config),
         "teacher": str(cfg.teacher.path), "teacher_dtype": cfg.teacher.dtype,
@@ -85,8 +89,6 @@ class _CacheBuild:
         self.out = Path(cfg.out)
 
     def run(self) -> CacheSummary:
-        from rad_ds.models.conversion import load_config, load_tokenizer, model_location
-
         cfg = self.cfg
         t0 = time.perf_counter()
         config = load_config(cfg.teacher.path, cfg.teacher.gguf_file)
@@ -129,17 +131,11 @@ class _CacheBuild:
 
     def _teacher(self, config):
         """The teacher on this rank: whole (replicated) or a ZeRO-3 inference engine (collective)."""
-        from rad_ds.models.conversion import load_model
-
         cfg, dtype = self.cfg, to_dtype(self.cfg.teacher.dtype)
         if cfg.teacher.placement == "replicated":
             model, _ = load_model(cfg.teacher.path, gguf_file=cfg.teacher.gguf_file, dtype=dtype)
             model.eval().requires_grad_(False)
             return model
-        from rad_ds.distill.build import streamable_source
-        from rad_ds.distill.engines import BatchPlan, fill_ds_config, load_ds_config, teacher_engine
-        from rad_ds.models.partitioned import build_partitioned
-
         t_ds = fill_ds_config(load_ds_config(cfg.teacher.deepspeed), BatchPlan(cfg.micro_batch, 1, self.world),
                               cfg.teacher.dtype, cfg.teacher.deepspeed, offload_params=cfg.teacher.offload,
                               optimizer=False, model_config=config)
@@ -184,9 +180,6 @@ class _CacheBuild:
 
         The LM head runs only on counted positions, ``TOPK_CHUNK_TOKENS`` at a time (fused.py): no
         ``tokens x vocab`` logits for the whole micro-batch (8 GB of float32 at 4 x 4096 x 128256)."""
-        from rad_ds.distill.fused import fused_teacher_topk
-        from rad_ds.distill.heads import FinalHidden, gathered, head_param
-
         p = self.packed
         ids = torch.from_numpy(p.input_ids[rows].astype(np.int64))
         pos = torch.from_numpy(p.position_ids[rows].astype(np.int64))

@@ -39,13 +39,13 @@ def mc_dataset(mc_file=None, **_):
 
 def cot_exemplars() -> list[dict]:
     """The 8 chain-of-thought exemplars of Wei et al. (2022), the same as rad-ds's own GSM8K task."""
-    from rad_ds.eval.gsm8k import COT_EXEMPLARS
+    from rad_ds.eval.gsm8k import COT_EXEMPLARS  # deferred: lm_eval loads this file by path; mc needs no rad_ds
 
     return [{"question": q, "target": a} for q, a in COT_EXEMPLARS]
 
 
 def gsm_process_results(doc: dict, results: list[str]) -> dict:
     """Exact match of the final number, extracted as rad-ds does (``#### N``, ``The answer is N``, ...)."""
-    from rad_ds.eval.answers import is_correct
+    from rad_ds.eval.answers import is_correct  # deferred: lm_eval loads this file by path; mc needs no rad_ds
 
     return {"exact_match": float(is_correct(results[0], doc["answer"]))}
