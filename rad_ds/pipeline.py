@@ -1,7 +1,7 @@
 """The whole RAD pipeline from one YAML: diagnose -> replace -> distill -> export -> evaluate.
 
 ``PipelineConfig`` is made of the stage configs themselves (``diagnose: DiagnoseConfig``, ``replace:
-ReplaceConfig``, ``distill: RunConfig``, ``evaluate: EvalConfig``) plus what joins them (``out``, ``model``,
+ReplaceConfig``, ``distill: DistillConfig``, ``evaluate: EvalConfig``) plus what joins them (``out``, ``model``,
 ``k``, ``nproc``, ``hostfile``); it is loaded and validated whole, so a typo in any section fails in
 seconds, before any stage runs. The paths that connect the stages (the report, the student, the
 checkpoints) are filled in by the pipeline. A section may name a base file with ``config:`` (a run config
@@ -51,19 +51,19 @@ from rad_ds.core.outputs import claim
 from rad_ds.core.report import DiagnosisReport
 from rad_ds.core.sections import ModelRef
 from rad_ds.diagnosis.config import DiagnoseConfig
-from rad_ds.distill.config import PLACEMENTS_WITH_REPORT, RunConfig
+from rad_ds.distill.config import PLACEMENTS_WITH_REPORT, DistillConfig
 from rad_ds.distill.export import export_checkpoint
 from rad_ds.distill.summary import RunSummary
 from rad_ds.distill.trainer import distill
 from rad_ds.eval.config import EvalConfig
 from rad_ds.eval.results import EvalResults, with_interval
-from rad_ds.eval.runner import evaluate
+from rad_ds.eval.run import evaluate
 from rad_ds.surgery.config import ReplaceConfig
 from rad_ds.surgery.run import replace
 
 logger = logging.getLogger(__name__)
 STAGES = ("diagnose", "replace", "distill", "export", "evaluate")
-SECTIONS = {"diagnose": DiagnoseConfig, "replace": ReplaceConfig, "distill": RunConfig, "evaluate": EvalConfig}
+SECTIONS = {"diagnose": DiagnoseConfig, "replace": ReplaceConfig, "distill": DistillConfig, "evaluate": EvalConfig}
 MODULES = {"diagnose": "rad_ds.diagnosis", "distill": "rad_ds.distill", "evaluate": "rad_ds.eval"}
 
 
@@ -86,7 +86,7 @@ class PipelineConfig(Config):
     stages: list[str] = setting(list(STAGES), f"stages to run, of {', '.join(STAGES)}")
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
     replace: ReplaceConfig = field(default_factory=ReplaceConfig)
-    distill: RunConfig = field(default_factory=RunConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
     @classmethod
@@ -226,7 +226,7 @@ class Pipeline:
     def run_here(self, stage: str) -> None:
         c = self.cfg
         if stage == "diagnose":
-            from rad_ds.diagnosis.runner import diagnose  # deferred: rad --help without optuna (diagnosis.search)
+            from rad_ds.diagnosis.run import diagnose  # deferred: rad --help without optuna (diagnosis.search)
 
             diagnose(c.diagnose)
         elif stage == "replace":

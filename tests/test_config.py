@@ -9,25 +9,25 @@ from pathlib import Path
 
 import pytest
 
-from rad_ds.distill.config import ConfigError, RunConfig, field_help, parse_overrides
+from rad_ds.distill.config import ConfigError, DistillConfig, field_help, parse_overrides
 from rad_ds.distill.engines import BatchPlan, fill_ds_config, load_ds_config, plan_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 def _is_run_config(path: Path) -> bool:
     """configs/ also holds pipeline configs (launchers/rad.py, tested with the pipeline): a run config's
-    top-level keys are all sections or fields of RunConfig."""
+    top-level keys are all sections or fields of DistillConfig."""
     import yaml
 
     keys = set(yaml.safe_load(path.read_text()) or {})
-    return keys <= {f.name for f in dataclasses.fields(RunConfig)}
+    return keys <= {f.name for f in dataclasses.fields(DistillConfig)}
 
 
 CONFIGS = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if _is_run_config(p)]
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 
 
-def _valid(**over) -> RunConfig:
-    cfg = RunConfig()
+def _valid(**over) -> DistillConfig:
+    cfg = DistillConfig()
     cfg.out, cfg.data.path, cfg.student.layers = "runs/x", str(ROOT / "rad_ds" / "data" / "demo_chat.jsonl"), [1]
     for k, v in over.items():
         cfg.set(k.replace("__", "."), v)
@@ -37,11 +37,11 @@ def _valid(**over) -> RunConfig:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_run_configs_load_and_validate(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # shipped paths (ds_configs/, rad_ds/data/) resolve from anywhere
-    cfg = RunConfig.load(path)
+    cfg = DistillConfig.load(path)
     cfg.out = str(tmp_path / "out")
     cfg.validate()
     assert Path(cfg.deepspeed).is_file() and Path(cfg.data.path).is_file()
-    again = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    again = DistillConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
 
 
@@ -61,7 +61,7 @@ def test_shipped_deepspeed_configs_fill(path, world):
 
 
 def test_overrides_parse_by_type():
-    cfg = RunConfig().apply_overrides([
+    cfg = DistillConfig().apply_overrides([
         "--train.steps=7", "--student.layers", "3,5-6", "--loss.layerwise", "--optim.betas=[0.8, 0.9]",
         "--teacher.path", "null", "--loss.temperature=2", "--data.max-documents=10", "--wandb=false",
     ])
@@ -82,29 +82,29 @@ def test_overrides_parse_by_type():
 ])
 def test_override_errors_name_the_setting(args, message):
     with pytest.raises(ConfigError, match=message.replace("?", r"\?").replace("(", r"\(")):
-        RunConfig().apply_overrides(args)
+        DistillConfig().apply_overrides(args)
 
 
 def test_yaml_and_json_files(tmp_path):
     y = tmp_path / "r.yaml"
     y.write_text("train:\n  steps: 12\nstudent:\n  layers: [2, 4]\nout: runs/y\n")
-    cfg = RunConfig.load(y)
+    cfg = DistillConfig.load(y)
     assert cfg.train.steps == 12 and cfg.student.layers == [2, 4] and cfg.out == "runs/y"
     j = tmp_path / "r.json"
     cfg.save(j)
-    assert RunConfig.load(j) == cfg
+    assert DistillConfig.load(j) == cfg
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  steps: [1\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML"):
-        RunConfig.load(bad)
+        DistillConfig.load(bad)
     bad.write_text("train:\n  stepz: 3\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown setting 'train.stepz'"):
-        RunConfig.load(bad)
+        DistillConfig.load(bad)
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="bad.yaml: the top level must be a mapping"):
-        RunConfig.load(bad)
+        DistillConfig.load(bad)
     with pytest.raises(ConfigError, match="file not found"):
-        RunConfig.load(tmp_path / "missing.yaml")
+        DistillConfig.load(tmp_path / "missing.yaml")
 
 
 @pytest.mark.parametrize("over, message", [

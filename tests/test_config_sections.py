@@ -18,7 +18,7 @@ from rad_ds.core.config import ConfigError, load_file
 from rad_ds.core.sections import ModelRef, WandbConfig
 from rad_ds.data.corpus_config import CorpusConfig
 from rad_ds.diagnosis.config import DiagnoseConfig
-from rad_ds.distill.config import RunConfig
+from rad_ds.distill.config import DistillConfig
 from rad_ds.eval.config import EvalConfig
 from rad_ds.pipeline import PipelineConfig
 from rad_ds.study.config import StudyConfig
@@ -29,13 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # every stage config with its model reference (the corpus and the teacher cache name theirs teacher); the
 # evaluation compares a list of models side by side (``models``), so it has none
-MODEL_SECTIONS = [(ReplaceConfig, "model"), (DiagnoseConfig, "model"), (RunConfig, "model"), (RunConfig, "teacher"),
+MODEL_SECTIONS = [(ReplaceConfig, "model"), (DiagnoseConfig, "model"), (DistillConfig, "model"), (DistillConfig, "teacher"),
                   (StudyConfig, "model"), (PipelineConfig, "model"), (TeacherCacheConfig, "teacher"),
                   (CorpusConfig, "teacher")]
 # the stages that log to wandb; in the study and the pipeline it is their stage sections' own
-WANDB_SECTIONS = [(DiagnoseConfig, "wandb"), (RunConfig, "wandb"), (EvalConfig, "wandb"),
+WANDB_SECTIONS = [(DiagnoseConfig, "wandb"), (DistillConfig, "wandb"), (EvalConfig, "wandb"),
                   (StudyConfig, "distill.wandb"), (PipelineConfig, "diagnose.wandb"), (PipelineConfig, "evaluate.wandb")]
-STAGES = [ReplaceConfig, DiagnoseConfig, RunConfig, EvalConfig, StudyConfig, PipelineConfig, TeacherCacheConfig,
+STAGES = [ReplaceConfig, DiagnoseConfig, DistillConfig, EvalConfig, StudyConfig, PipelineConfig, TeacherCacheConfig,
           CorpusConfig]
 
 # old name -> new name, and a value, per config (the CHANGELOG's list)
@@ -47,9 +47,9 @@ RENAMES = [
     (DiagnoseConfig, "wandb_run", "wandb.run", "r"),
     (EvalConfig, "wandb_project", "wandb.project", "p"),
     (EvalConfig, "wandb_run", "wandb.run", "r"),
-    (RunConfig, "log.wandb", "wandb.enabled", False),
-    (RunConfig, "log.project", "wandb.project", "p"),
-    (RunConfig, "log.run_name", "wandb.run", "r"),
+    (DistillConfig, "log.wandb", "wandb.enabled", False),
+    (DistillConfig, "log.project", "wandb.project", "p"),
+    (DistillConfig, "log.run_name", "wandb.run", "r"),
     (PipelineConfig, "gguf_file", "model.gguf_file", "m.gguf"),
     (PipelineConfig, "diagnose.dtype", "diagnose.model.dtype", "bf16"),  # a stage's renames hold inside the pipeline
     (PipelineConfig, "distill.log.wandb", "distill.wandb.enabled", False),
@@ -112,19 +112,19 @@ def _nested(key: str, value) -> dict:
 
 def test_wandb_defaults_and_constructor():
     """distillation logs by default (as before), the other stages do not; a constructor value sets the primary."""
-    assert RunConfig().wandb.enabled and not DiagnoseConfig().wandb.enabled and not EvalConfig().wandb.enabled
-    assert RunConfig().wandb.project == DiagnoseConfig().wandb.project == "rad-ds"
+    assert DistillConfig().wandb.enabled and not DiagnoseConfig().wandb.enabled and not EvalConfig().wandb.enabled
+    assert DistillConfig().wandb.project == DiagnoseConfig().wandb.project == "rad-ds"
     assert DiagnoseConfig(model="m", wandb=True).model.path == "m" and DiagnoseConfig(wandb=True).wandb.enabled
     assert ReplaceConfig(model="m").model.dtype == "float32"  # the stage's own default stays
 
 
 def test_a_section_without_a_primary_still_needs_a_field():
     with pytest.raises(ConfigError, match=r"'train' is a section; set one of its fields"):
-        RunConfig().apply_overrides(["--train", "3"])
+        DistillConfig().apply_overrides(["--train", "3"])
     with pytest.raises(ConfigError, match="unknown setting 'no_such'"):
-        RunConfig().apply_overrides(["--no-such"])
+        DistillConfig().apply_overrides(["--no-such"])
     with pytest.raises(ConfigError, match="unknown setting 'no_out'"):  # --no- only negates true/false settings
-        RunConfig().apply_overrides(["--no-out"])
+        DistillConfig().apply_overrides(["--no-out"])
 
 
 @pytest.mark.parametrize("cls,old,new,value", RENAMES, ids=[f"{r[0].__name__}-{r[1]}" for r in RENAMES])
@@ -179,7 +179,7 @@ def test_required_model_is_named_by_its_short_flag(capsys):
 
 
 def test_teacher_dtype_follows_the_model():
-    cfg = RunConfig()
+    cfg = DistillConfig()
     cfg.teacher.dtype = "bfloat16"
     with pytest.raises(ConfigError, match="teacher.dtype = bfloat16: the teacher runs in model.dtype"):
         cfg.validate()
@@ -203,13 +203,13 @@ SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
 def test_shipped_configs_use_no_old_name(path, no_warnings):
     data = yaml.safe_load(path.read_text()) or {}
     cls = (PipelineConfig if "evaluate" in data or "replace" in data else StudyConfig if "methods" in data
-           else CorpusConfig if "math" in data or "split" in data else RunConfig)
+           else CorpusConfig if "math" in data or "split" in data else DistillConfig)
     if cls is PipelineConfig:  # each section over its base file, as PipelineConfig.load reads it (no validation)
         for name in ("diagnose", "replace", "distill", "evaluate"):
             sec = dict(data.pop(name, None) or {})
             base = sec.pop("config", None)
             if base is not None:
-                RunConfig.load(ROOT / base)
+                DistillConfig.load(ROOT / base)
             PipelineConfig.from_dict({name: sec})
         PipelineConfig.from_dict(data)
     else:

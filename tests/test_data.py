@@ -415,10 +415,10 @@ def test_split_truncated_and_dropped_documents_are_counted_in_the_log(tmp_path, 
 
 
 def test_config_checks_the_new_data_settings():
-    from rad_ds.distill.config import ConfigError, RunConfig
+    from rad_ds.distill.config import ConfigError, DistillConfig
 
     def cfg(**data):
-        c = RunConfig()
+        c = DistillConfig()
         c.out, c.data.path, c.student.layers = "runs/x", str(ROOT / "rad_ds" / "data" / "demo_chat.jsonl"), [1]
         for k, v in data.items():
             setattr(c.data, k, v)

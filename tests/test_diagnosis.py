@@ -219,7 +219,7 @@ PLANTED_SCALES = [0.1 if i in PLANTED else 1.0 for i in range(6)]
 def test_diagnose_end_to_end_and_replace_from_report(tmp_path, monkeypatch):
     """The whole stage in-process on a tiny model with planted redundant layers, a tokenizer and a jsonl of
     prompts: it finds the planted layers, and a student is built from its report."""
-    from rad_ds.diagnosis.runner import DiagnoseConfig, diagnose
+    from rad_ds.diagnosis.run import DiagnoseConfig, diagnose
     from rad_ds.surgery import build_student
     from tests.model_factories import tiny_tokenizer
 
@@ -260,7 +260,7 @@ def test_diagnose_end_to_end_and_replace_from_report(tmp_path, monkeypatch):
 
 def test_measured_objective_runs_the_real_decoder(tmp_path):
     """--objective measured (paper-faithful): each trial is scored by the real decoder's wall clock."""
-    from rad_ds.diagnosis.runner import DiagnoseConfig, diagnose
+    from rad_ds.diagnosis.run import DiagnoseConfig, diagnose
     from tests.model_factories import save_tiny_with_tokenizer
 
     base, _ = save_tiny_with_tokenizer(tmp_path, num_hidden_layers=4)

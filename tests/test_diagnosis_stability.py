@@ -182,7 +182,7 @@ def test_default_objective_does_not_depend_on_timings(tiny, monkeypatch):
     """Two runs whose (fake) timings differ: the default objective gives the same scores and layers; the
     measured cost model, fed the same timings, does not (so the check has power)."""
     import rad_ds.diagnosis.cost as cost
-    from rad_ds.diagnosis.runner import diagnose
+    from rad_ds.diagnosis.run import diagnose
 
     tmp = tiny[0]
     fakes = iter([CostModel("measured", 0.01, 0.9, 1.0), CostModel("measured", 0.15, 0.0, 0.2)] * 2)
@@ -205,7 +205,7 @@ def test_default_objective_does_not_depend_on_timings(tiny, monkeypatch):
 
 def test_held_out_prompts_are_disjoint_and_scored_like_an_independent_estimator(tiny):
     from rad_ds.diagnosis.chart import draw_chart
-    from rad_ds.diagnosis.runner import Diagnosis
+    from rad_ds.diagnosis.run import Diagnosis
 
     tmp = tiny[0]
     cfg = _cfg(tiny, tmp / "held").validate()

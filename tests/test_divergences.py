@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rad_ds.distill.config import ConfigError, LossConfig, RunConfig
+from rad_ds.distill.config import ConfigError, LossConfig, DistillConfig
 from rad_ds.distill.divergences import REGISTRY, Divergence, get, register, resolve, unregister
 from rad_ds.distill.fused import fused_loss_sums, fused_loss_sums_ref
 from rad_ds.distill.losses import KD_KINDS, kd_loss_sum, kd_loss_sum_ref, sparse_kd_loss_sum, teacher_topk
@@ -169,8 +169,8 @@ def alpha_div():
     unregister("alpha_div")
 
 
-def _run_config(**over) -> RunConfig:
-    cfg = RunConfig()
+def _run_config(**over) -> DistillConfig:
+    cfg = DistillConfig()
     cfg.out, cfg.data.path, cfg.student.layers = "runs/x", str(ROOT / "rad_ds" / "data" / "demo_chat.jsonl"), [1]
     for k, v in over.items():
         cfg.set(k.replace("__", "."), v)

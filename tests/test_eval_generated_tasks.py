@@ -200,7 +200,7 @@ def test_arithmetic_and_passkey_through_the_runner(tmp_path):
     """Both tasks for a base and a student: the rows' keys and scores against the samples files, passkey rows per
     context with the one that does not fit the model skipped, the heat maps written."""
     from rad_ds.eval.answers import extract_answer
-    from rad_ds.eval.runner import EvalConfig, evaluate
+    from rad_ds.eval.run import EvalConfig, evaluate
 
     base, student = save_models(tmp_path)  # max_position_embeddings 512
     cfg = EvalConfig(models=[str(base), str(student)], out=str(tmp_path / "ev"), tasks=["arithmetic", "passkey"],

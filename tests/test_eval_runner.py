@@ -14,7 +14,7 @@ import torch
 
 from rad_ds.core.sections import WandbConfig
 from rad_ds.eval.answers import extract_answer
-from rad_ds.eval.runner import EvalConfig, evaluate
+from rad_ds.eval.run import EvalConfig, evaluate
 from rad_ds.eval.sandbox import SandboxLimits, default_python, sandbox_guards
 from tests.eval_helpers import save_models, strip_timings, write_gsm, write_texts
 from tests.test_eval_sandbox import _nobody_can_run

@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from rad_ds.eval.runner import EvalConfig, evaluate
+from rad_ds.eval.run import EvalConfig, evaluate
 from rad_ds.eval.speed import SpeedModel, paired_ratio, summarize
 from tests.eval_helpers import save_models
 

@@ -266,9 +266,9 @@ def test_layerwise_first_stage_stays_off_policy(base, tmp_path):
     """With the two-stage recipe (loss.stage1_steps), the layer-wise first stage feeds the student's replaced
     layers the teacher's inputs: those steps stay off-policy, on-policy steps start after them (two engines,
     where the feed is a hook on the student's layers that generation must not meet)."""
-    from rad_ds.distill.config import RunConfig
+    from rad_ds.distill.config import DistillConfig
 
-    if "loss.stage1_steps" not in RunConfig.keys():
+    if "loss.stage1_steps" not in DistillConfig.keys():
         pytest.skip("no two-stage recipe (loss.stage1_steps) in this checkout")
     d, b, data = base
     rows = _distill(L.make_config(_args(d, b, data, tmp_path / "run", 4, "--loss.stage1_steps=2",

@@ -11,7 +11,7 @@ FLAGS = {"--no-chat": Flag("chat", const=False, help="do not apply the chat temp
 
 
 def run(argv: list[str] | None = None, doc: str | None = None) -> int:
-    from .runner import diagnose  # deferred: rad-diagnose --help without optuna (diagnosis.search)
+    from .run import diagnose  # deferred: rad-diagnose --help without optuna (diagnosis.search)
 
     diagnose(parse_config(DiagnoseConfig, argv, doc or __doc__, FLAGS, required=("model.path", "k", "out")))
     return 0

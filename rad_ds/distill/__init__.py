@@ -1,6 +1,6 @@
 """Distillation on DeepSpeed: teacher and student engines, losses, the loop, checkpoints, export.
 
-``distill(RunConfig)`` runs (or resumes) a run on every rank; ``export_checkpoint`` turns a checkpoint
+``distill(DistillConfig)`` runs (or resumes) a run on every rank; ``export_checkpoint`` turns a checkpoint
 into an HF directory. Submodules import DeepSpeed lazily, so ``rad_ds.distill.losses`` stays cheap.
 """
 

@@ -7,7 +7,7 @@ import sys
 
 from rad_ds.core.cli import Flag, parse_config, run_cli
 
-from .config import RunConfig
+from .config import DistillConfig
 
 # friendly flag -> dotted setting
 FLAGS = {flag: Flag(key) for flag, key in {
@@ -20,9 +20,9 @@ FLAGS = {flag: Flag(key) for flag, key in {
 }.items()}
 
 
-def make_config(argv: list[str] | None = None, doc: str | None = None) -> RunConfig:
+def make_config(argv: list[str] | None = None, doc: str | None = None) -> DistillConfig:
     """The run config of a command line: ``--config FILE``, then the flags above, then ``--section.field=value``."""
-    return parse_config(RunConfig, argv, doc or __doc__, FLAGS)
+    return parse_config(DistillConfig, argv, doc or __doc__, FLAGS)
 
 
 def _summary_line(s: dict) -> str:

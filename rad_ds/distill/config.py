@@ -1,4 +1,4 @@
-"""``RunConfig``: the distillation stage's settings, a typed tree on ``rad_ds.core.config`` (YAML/JSON,
+"""``DistillConfig``: the distillation stage's settings, a typed tree on ``rad_ds.core.config`` (YAML/JSON,
 dotted overrides such as ``--train.steps=200``, ``--help`` from field docs, ``validate()``), stored in every
 checkpoint. DeepSpeed's own settings stay in DeepSpeed's JSON format (``deepspeed`` names the file);
 the values rad-ds derives (batch sizes, clipping, precision) are filled into its ``"auto"`` entries.
@@ -6,6 +6,7 @@ the values rad-ds derives (batch sizes, clipping, precision) are filled into its
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -211,7 +212,7 @@ class OnPolicyConfig:
 
 
 @dataclass
-class RunConfig(Config):
+class DistillConfig(Config):
     # wandb settings moved from log to the wandb section every stage shares; the old names go next release
     RENAMED: ClassVar[dict[str, str]] = {"log.wandb": "wandb.enabled", "log.project": "wandb.project",
                                          "log.run_name": "wandb.run"}
@@ -237,31 +238,38 @@ class RunConfig(Config):
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
     # -- checks ----------------------------------------------------------------------------------
-    def validate(self) -> RunConfig:
+    def validate(self) -> DistillConfig:
         """Fail early, naming the field and the fix, on anything that cannot run."""
         self._check_models()
-        choice("student.init", self.student.init, INIT_MODES)
-        choice("student.trainable", self.student.trainable, TRAINABLE)
-        if isinstance(self.student.vocab_parallel, bool):  # YAML's true/false
-            self.student.vocab_parallel = str(self.student.vocab_parallel).lower()
-        choice("student.vocab_parallel", self.student.vocab_parallel, VOCAB_PARALLEL_MODES)
-        choice("data.format", self.data.format, DATA_FORMATS)
-        choice("data.packing", self.data.packing, PACKING)
-        choice("data.long_documents", self.data.long_documents, LONG_DOCUMENTS)
-        choice("loss.kd", self.loss.kd, (*DIVERGENCES, "none"))
-        choice("loss.hidden", self.loss.hidden, HIDDEN_KINDS)
-        choice("loss.vocab", self.loss.vocab, VOCAB_MODES)
-        if isinstance(self.loss.fused, bool):  # YAML's true/false
-            self.loss.fused = str(self.loss.fused).lower()
-        choice("loss.fused", self.loss.fused, FUSED_MODES)
-        if self.loss.fused == "true" and self.teacher.cache:
-            raise ConfigError("loss.fused=true: a teacher cache's top-k targets take the logits path; set "
-                              "loss.fused=auto (or false) with teacher.cache")
-        choice("optim.schedule", self.optim.schedule, SCHEDULES)
+        self._check_choices()
         if not self.out:
             raise ConfigError("out is not set: give --out DIR (the run directory)")
         self.data.check()
         self._check_student_layers()
+        self._check_numbers()
+        hid_on = self._check_losses()
+        self._check_on_policy()
+        self._check_cache(hid_on)
+        self._check_files()
+        return self
+
+    def _check_choices(self) -> None:
+        """Every setting that takes one of a list of names (YAML's true/false read as their names)."""
+        for key in ("student.vocab_parallel", "loss.fused"):
+            if isinstance(self.get(key), bool):
+                self.set(key, str(self.get(key)).lower())
+        for key, names in (("student.init", INIT_MODES), ("student.trainable", TRAINABLE),
+                           ("student.vocab_parallel", VOCAB_PARALLEL_MODES), ("data.format", DATA_FORMATS),
+                           ("data.packing", PACKING), ("data.long_documents", LONG_DOCUMENTS),
+                           ("loss.kd", (*DIVERGENCES, "none")), ("loss.hidden", HIDDEN_KINDS),
+                           ("loss.vocab", VOCAB_MODES), ("loss.fused", FUSED_MODES), ("optim.schedule", SCHEDULES)):
+            choice(key, self.get(key), names)
+        if self.loss.fused == "true" and self.teacher.cache:
+            raise ConfigError("loss.fused=true: a teacher cache's top-k targets take the logits path; set "
+                              "loss.fused=auto (or false) with teacher.cache")
+
+    def _check_numbers(self) -> None:
+        """Counts, rates and weights in their ranges."""
         at_least(self, ("data.seq_len", "train.steps", "train.micro_batch", "loss.chunk_tokens",
                         "train.dist_timeout_s"), 1)
         at_least(self, ("train.grad_accum", "train.global_batch", "train.stop_after", "data.num_proc"), 1,
@@ -281,6 +289,10 @@ class RunConfig(Config):
             raise ConfigError(f"loss.jsd_beta = {self.loss.jsd_beta} must be in (0, 1)")
         if not 0 < self.loss.skew_alpha < 1:
             raise ConfigError(f"loss.skew_alpha = {self.loss.skew_alpha} must be in (0, 1)")
+
+    def _check_losses(self) -> bool:
+        """At least one loss term on, and the terms' combinations that can run; returns whether the
+        replaced-layer loss is on."""
         self.loss.divergence()  # the divergence checks its own parameters (loss.kd_params)
         kd_on = self.loss.kd != "none" and self.loss.kd_weight > 0
         hid_on = self.loss.hidden != "none" and self.loss.hidden_weight > 0
@@ -301,8 +313,10 @@ class RunConfig(Config):
                 "loss.layerwise trains each replaced layer on its own output: set loss.hidden_weight > 0 "
                 "(and loss.hidden mse or cosine)"
             )
-        self._check_on_policy()
-        self._check_cache(hid_on)
+        return hid_on
+
+    def _check_files(self) -> None:
+        """The checkpoint to resume from and the DeepSpeed configs exist (the shipped ones found from anywhere)."""
         if self.checkpoint.resume not in (None, "auto", "none") and not Path(self.checkpoint.resume).exists():
             raise ConfigError(
                 f"checkpoint.resume: {self.checkpoint.resume} does not exist; give 'auto' or a checkpoint "
@@ -313,7 +327,6 @@ class RunConfig(Config):
             if not p.is_file():
                 raise ConfigError(f"{key}: {self.get(key)} not found; give a DeepSpeed JSON config (see ds_configs/)")
             self.set(key, str(p))
-        return self
 
     def _check_models(self) -> None:
         """The model and teacher sections: a base, known dtypes (the teacher runs in the student's), a placement."""
@@ -399,11 +412,19 @@ class RunConfig(Config):
 
 def field_help() -> list[tuple[str, str, Any]]:
     """(dotted name, help, default) of every run setting, for ``--help``."""
-    return RunConfig.field_help()
+    return DistillConfig.field_help()
+
+
+def __getattr__(name: str):
+    if name == "RunConfig":  # the stage config's former name, kept for one release
+        warnings.warn("rad_ds.distill.config.RunConfig is deprecated and will be removed in the next release; "
+                      "it is DistillConfig, import that", DeprecationWarning, stacklevel=2)
+        return DistillConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "LogConfig", "LossConfig", "OnPolicyConfig",
-    "OptimConfig", "RunConfig", "StudentConfig", "TeacherConfig", "TrainConfig", "field_help", "load_file",
+    "OptimConfig", "DistillConfig", "StudentConfig", "TeacherConfig", "TrainConfig", "field_help", "load_file",
     "parse_overrides",
 ]

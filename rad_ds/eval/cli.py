@@ -16,7 +16,7 @@ FLAGS = {
 
 
 def run(argv: list[str] | None = None, doc: str | None = None) -> int:
-    from .runner import evaluate  # deferred: rad-evaluate --help without transformers and the models (~1-3 s)
+    from .run import evaluate  # deferred: rad-evaluate --help without transformers and the models (~1-3 s)
 
     evaluate(parse_config(EvalConfig, argv, doc or __doc__, FLAGS, required=("models", "out")))
     return 0

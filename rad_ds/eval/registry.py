@@ -3,8 +3,8 @@ help, ``all``, the sandbox check and the runner's dispatch all read it, so a new
 ``GenerationTask`` subclass plus one line here.
 
 ``kind`` says which runner takes the task (``runner.KIND_RUNNERS``, one per kind): ``generation`` (greedy
-generation scored per sample: ``runner.run_generation_task`` with the task's ``GenerationTask``), ``ppl``
-(``runner.run_ppl``) or ``speed`` (``speed.SpeedTask``).
+generation scored per sample: ``run.run_generation_task`` with the task's ``GenerationTask``), ``ppl``
+(``run.run_ppl``) or ``speed`` (``speed.SpeedTask``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """``StudyConfig``: a placement study's settings: one base model, the k values, the placement methods to compare,
-the training seeds, the test data, and the one distillation recipe every student gets (a ``RunConfig``: same data,
+the training seeds, the test data, and the one distillation recipe every student gets (a ``DistillConfig``: same data,
 steps, tokens and learning-rate schedule for all; training seed s gives every method the same data order)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import ClassVar
 from rad_ds.core.config import Config, ConfigError, at_least, choice, resolve_shipped, section, setting
 from rad_ds.core.sections import ModelRef
 from rad_ds.diagnosis.config import DiagnoseConfig
-from rad_ds.distill.config import RunConfig
+from rad_ds.distill.config import DistillConfig
 from rad_ds.eval.passkey import PasskeyTask
 from rad_ds.selection.choice import SelectionError
 from rad_ds.selection.registry import METHODS, get_strategy
@@ -66,7 +66,7 @@ class StudyConfig(Config):
                                         "train_prompts (the model's continuations of the training chats' prompts) or "
                                         "builtin (continuations of the diagnosis' math + code mix)")
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
-    distill: RunConfig = field(default_factory=RunConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self) -> StudyConfig:
         if not self.out:
@@ -110,7 +110,7 @@ class StudyConfig(Config):
         if self.distill.student.layers is not None or self.distill.student.report is not None:
             raise ConfigError("distill.student.layers/report are chosen per method by the study: leave them unset")
         # every student's run config must be valid as it will run (out and layers filled in per arm)
-        probe = RunConfig.from_dict(self.distill.to_dict())
+        probe = DistillConfig.from_dict(self.distill.to_dict())
         probe.out, probe.student.layers = str(Path(self.out) / "arms" / "probe"), [0]
         probe.teacher.cache = None
         probe.validate()

@@ -34,7 +34,7 @@ from rad_ds.data import build_packed
 from rad_ds.eval.arithmetic import ArithmeticTask
 from rad_ds.eval.config import EvalConfig
 from rad_ds.eval.passkey import PasskeyTask
-from rad_ds.eval.runner import run_generation_task
+from rad_ds.eval.run import run_generation_task
 
 
 def scored_rows(data_cfg, path: str, tokenizer, rows: int):

@@ -40,9 +40,9 @@ from rad_ds.core.records import read_records
 from rad_ds.core.report import DiagnosisReport
 from rad_ds.data.teacher_store import TeacherCacheStore
 from rad_ds.decoding.prompts import encode, load_prompts, prompt_turns
-from rad_ds.diagnosis.runner import diagnose
+from rad_ds.diagnosis.run import diagnose
 from rad_ds.distill import distill
-from rad_ds.distill.config import RunConfig
+from rad_ds.distill.config import DistillConfig
 from rad_ds.distill.export import consolidated_state_dict
 from rad_ds.distill.summary import RunSummary
 from rad_ds.models.conversion import load_model
@@ -185,9 +185,9 @@ class Study:
 
     # -- 3. distil -------------------------------------------------------------------------------------------
 
-    def run_config(self, arm: Arm, cache: str | None) -> RunConfig:
+    def run_config(self, arm: Arm, cache: str | None) -> DistillConfig:
         cfg = self.cfg
-        rc = RunConfig.from_dict(cfg.distill.to_dict())
+        rc = DistillConfig.from_dict(cfg.distill.to_dict())
         rc.out = str(self.out / "arms" / arm.run_name)
         cfg.model.apply_to(rc.model)
         rc.train.seed = arm.seed
@@ -246,7 +246,7 @@ class Study:
         return {"arithmetic_samples": c.arithmetic_samples, "passkey_contexts": list(c.passkey_contexts),
                 "passkey_depths": list(c.passkey_depths), "passkey_samples": c.passkey_samples, "seed": c.task_seed}
 
-    def _student(self, rc: RunConfig):
+    def _student(self, rc: DistillConfig):
         student = copy.deepcopy(self.teacher)
         replace_attention(student, rc.student.layers, init=rc.student.init, seed=rc.student.seed)
         return student.eval()
