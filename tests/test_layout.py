@@ -137,3 +137,57 @@ def test_imports_at_the_top():
         bad += [f"{rel}:{line} {src.strip()}" for line, mods, src in _in_function_imports(p)
                 if not mods <= HEAVY_OPTIONAL and "# deferred:" not in src]
     assert bad == [], "move to the top of the file, or say why not with '# deferred: <reason>':\n" + "\n".join(bad)
+
+
+# -- extension points: each name list lives in its registry ------------------------------------------------------
+
+def _registries() -> dict[str, tuple[str, set[str]]]:
+    """registry -> (where it lives, the names it holds): the four extension points of docs/extending.md."""
+    from rad_ds.distill.divergences import REGISTRY as DIVERGENCES
+    from rad_ds.eval.registry import REGISTRY as TASKS
+    from rad_ds.models.families import REGISTRY as FAMILIES
+    from rad_ds.selection.registry import STRATEGIES
+
+    return {"KD divergence": ("rad_ds/distill/divergences/", set(DIVERGENCES)),
+            "evaluation task": ("rad_ds/eval/registry.py", set(TASKS)),
+            "model family": ("rad_ds/models/families/", set(FAMILIES)),
+            "placement strategy": ("rad_ds/selection/registry.py", set(STRATEGIES))}
+
+
+def _string_collections(path: Path):
+    """(line, strings) of each tuple / list / set literal of two or more strings, except a ``setting(...)``
+    default (a default value names its choices by necessity, and the check reads the registry)."""
+    tree = ast.parse(path.read_text())
+    defaults = {id(a) for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setting"
+                for a in n.args[:1]}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and id(node) not in defaults:
+            strs = {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+            if len(strs) >= 2:
+                yield node.lineno, strs
+
+
+def test_no_name_list_outside_its_registry():
+    """Two or more names of one registry written together elsewhere are a second copy of that registry."""
+    found = []
+    for what, (home, names) in _registries().items():
+        for p in sorted(PKG.rglob("*.py")):
+            rel = p.relative_to(ROOT).as_posix()
+            if not rel.startswith(home):
+                found += [f"{rel}:{line} lists {sorted(strs & names)}: read the {what} registry instead"
+                          for line, strs in _string_collections(p) if len(strs & names) >= 2]
+    assert found == []
+
+
+def test_the_name_list_check_can_fail(tmp_path):
+    (tmp_path / "x.py").write_text('KINDS = ("forward_kl", "jsd")\nA = setting(["rad", "even"], "h")\n')
+    assert [s for _, s in _string_collections(tmp_path / "x.py")] == [{"forward_kl", "jsd"}]
+
+
+def test_tests_index_lists_every_test_file_and_package():
+    """tests/README.md maps every package of rad_ds/ to the files that test it."""
+    index = (ROOT / "tests" / "README.md").read_text()
+    missing = [p.name for p in sorted((ROOT / "tests").glob("test_*.py")) if f"`{p.name}`" not in index]
+    packages = [p.name for p in sorted(PKG.iterdir()) if p.is_dir() and (p / "__init__.py").exists()]
+    no_section = [n for n in packages if f"## `rad_ds/{n}/`" not in index]
+    assert (missing, no_section) == ([], [])

@@ -124,6 +124,8 @@ def _greedy_continuations(teacher, tokenizer, prompts: list[torch.Tensor], n: in
 class TaskScores:
     """Arithmetic and passkey accuracy of a model (the study's final students, and the teacher once)."""
 
+    NAMES = (ArithmeticTask.name, PasskeyTask.name)  # the tasks it scores, in the results table's order
+
     def __init__(self, tokenizer, arithmetic_samples: int = 0, passkey_contexts=(), passkey_depths=(),
                  passkey_samples: int = 0, seed: int = 0, batch_size: int = 16):
         self.tok, self.chat = tokenizer, bool(getattr(tokenizer, "chat_template", None))

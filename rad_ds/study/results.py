@@ -36,10 +36,12 @@ from rad_ds.core.io import write_json_atomic, write_text_atomic
 from rad_ds.core.provenance import provenance
 from rad_ds.selection.registry import STRATEGIES, names
 
+from .heldout import TaskScores
+
 METRICS = ("heldout_kl", "ppl", "top1_agreement", "greedy_agreement", "greedy_prefix")
 REPORTED = {"heldout_kl": "test_kl", "ppl": "ppl", "top1_agreement": "top1_agreement",
             "greedy_agreement": "greedy_agreement", "greedy_prefix": "greedy_prefix"}
-TASK_METRICS = ("arithmetic", "passkey")  # generation tasks, scored on the final student only (heldout.TaskScores)
+TASK_METRICS = TaskScores.NAMES  # generation tasks, scored on the final student only
 NOTE = ("test split: the numbers are reported, never used to choose layers, settings or defaults (those were chosen "
         "on the validation split or the training data)")
 
