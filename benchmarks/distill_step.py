@@ -1,5 +1,5 @@
 """Throughput and memory of a distillation step: the DeepSpeed trainer (ZeRO-3; in self-distillation its default
-one-copy teacher, the teacher placement each run used is recorded) on 1 and 2 ranks against the plain
+one-copy teacher, the teacher location each run used is recorded) on 1 and 2 ranks against the plain
 single-process PyTorch loop doing the same work (``rad_ds.distill.reference``: a teacher model and a student
 model, teacher forward + student forward/backward + AdamW, no DeepSpeed).
 

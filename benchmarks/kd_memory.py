@@ -160,12 +160,9 @@ def _specs(text: str, chunk: int):
     return out
 
 
-def main():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from rad_ds.core.provenance import RENDER_HELP, provenance, render_only, write_results
+def _parser() -> argparse.ArgumentParser:
+    from rad_ds.core.provenance import RENDER_HELP
 
-    if render_only(render, "benchmarks/results/kd_memory_cpu.json"):
-        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--chunk", type=int, default=1024, help="chunk_tokens where a spec gives none (the config default)")
@@ -189,7 +186,16 @@ def main():
     ap.add_argument("--variant", default="chunked", help=argparse.SUPPRESS)
     ap.add_argument("--loss", default="forward_kl", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", type=int, default=4096, help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    return ap
+
+
+def main():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from rad_ds.core.provenance import provenance, render_only, write_results
+
+    if render_only(render, "benchmarks/results/kd_memory_cpu.json"):
+        return
+    a = _parser().parse_args()
     if a.child:
         print(json.dumps(child(a)))
         return
@@ -262,6 +268,17 @@ def render(res: dict) -> str:
         md.append(f"| {p['loss']} | {p['tokens']} | {p['chunk_tokens']} | **{p['memory_ratio']:.3f}** | "
                   f"{p['grad_floor_ratio']:.3f} | {p['memory_ratio_beyond_grad']:.3f} | {p['held_ratio']:.4f} | "
                   f"{p['time_ratio']:.3f} | {p['value_rel_diff']:.1e} |")
+    md += _reading(res)
+    md += ["", provenance_line(res["provenance"])]
+    if res.get("fused"):
+        md += [""] + render_fused(res["fused"], res)
+        if "provenance" in res["fused"]:  # measured by a run of its own, merged into this file
+            md += ["", provenance_line(res["fused"]["provenance"])]
+    return "\n".join(md) + "\n"
+
+
+def _reading(res: dict) -> list[str]:
+    """The first section's reading, from its rows and ratios."""
     ratios = [p["memory_ratio"] for p in res["ratios"]]
     beyond = [p["memory_ratio_beyond_grad"] for p in res["ratios"]]
     held = [p["held_ratio"] for p in res["ratios"]]
@@ -269,7 +286,7 @@ def render(res: dict) -> str:
     ex = next(r for r in res["rows"] if r["variant"] == "chunked")
     buf = ex["chunk_tokens"] * res["vocab"] * 4 / GIB
     target = "is not met" if max(ratios) > 0.2 else "is met"
-    md += [
+    md = [
         "", "## Reading", "",
         (f"- **Peak new / old: {min(ratios):.2f} to {max(ratios):.2f}; the target <= 0.2 {target} on this "
         "measure.** Both peaks contain the logits' gradient (4 bytes x tokens x vocab here), which is the floor "
@@ -300,12 +317,7 @@ def render(res: dict) -> str:
                       f"inputs (its {o['tokens']}-token peak scaled, plus {r['inputs_gib']:.1f} GiB of logits) on a "
                       f"machine of {res['ram_gib']:.0f} GiB shared with other work, so the comparison is made at "
                       "fewer tokens (see the first table).")
-    md += ["", provenance_line(res["provenance"])]
-    if res.get("fused"):
-        md += [""] + render_fused(res["fused"], res)
-        if "provenance" in res["fused"]:  # measured by a run of its own, merged into this file
-            md += ["", provenance_line(res["fused"]["provenance"])]
-    return "\n".join(md) + "\n"
+    return md
 
 
 def render_fused(fused: dict, res: dict) -> list[str]:

@@ -130,7 +130,7 @@ class HeldOut:
 def _run_class(heldout_path: Path, a, budget: int | None):
     """The trainer's run, plus the held-out set, a count of the positions with a logit loss, and a stop at the step
     whose token count lies closest to ``budget`` (when given)."""
-    from rad_ds.distill.trainer import DistillRun
+    from rad_ds.distill.run import DistillRun
 
     class Run(DistillRun):
         def setup(self):
@@ -214,7 +214,7 @@ def distill_run(cfg, heldout_path: Path, a, budget: int | None):
     from rad_ds.core.dist import init_distributed, release_env
     from rad_ds.core.io import ProvisionalDir
     from rad_ds.core.outputs import claim
-    from rad_ds.distill.trainer import _quiet
+    from rad_ds.distill.run import _quiet
 
     Run = _run_class(heldout_path, a, budget)
     cfg.validate()

@@ -1,9 +1,9 @@
 """One-copy self-distillation vs a separate teacher engine: parameter memory and step time.
 
 The same student, data, steps and seed distilled twice in this process (DeepSpeed ZeRO-3 over a gloo
-group of one): ``teacher.placement=shared`` (the teacher is the student's own stack with the original
+group of one): ``teacher.location=shared`` (the teacher is the student's own stack with the original
 attention at the replaced layers; the layers below the first replaced one run once for both) against
-``teacher.placement=zero3`` (a second, separate engine holding the base again: what every peer toolkit
+``teacher.location=zero3`` (a second, separate engine holding the base again: what every peer toolkit
 does). A SmolLM2-shaped model (hidden 576, 9/3 heads, MLP 1536) of 12 layers with layers 8 and 10 replaced
 (the first replaced layer at 2/3 of the depth), with SmolLM2's vocabulary (49152) and a small one (8192).
 Parameter memory = the elements both engines hold; step time = median over the steps after the first.
@@ -60,12 +60,12 @@ def run(base: Path, data: Path, out: Path, placement: str, steps: int, seq_len: 
     args = ["--model", str(base), "--layers", ",".join(map(str, LAYERS)), "--data", str(data), "--out", str(out),
             "--steps", str(steps), "--seq-len", str(seq_len), "--micro-batch", str(micro), "--no-wandb",
             "--log.progress=false", "--loss.hidden_weight=0.5", "--checkpoint.every=1000",
-            "--checkpoint.export_final=false", f"--teacher.placement={placement}", f"--model.dtype={dtype}"]
+            "--checkpoint.export_final=false", f"--teacher.location={placement}", f"--model.dtype={dtype}"]
     result = distill(load_launcher("distill").make_config(args))
     mod = result.engine.module
     held = sum(getattr(p, "ds_numel", p.numel()) for p in mod.parameters())
     if placement != "shared":
-        from rad_ds.distill.placement import param_count
+        from rad_ds.distill.teacher_location import param_count
         from rad_ds.models.conversion import load_config
 
         held += param_count(load_config(base))  # the teacher engine's copy

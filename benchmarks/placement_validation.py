@@ -151,7 +151,7 @@ def main():
     args = _parser().parse_args()
 
     from rad_ds.core.provenance import provenance
-    from rad_ds.distill.config import DataConfig
+    from rad_ds.data.config import DataConfig
     from rad_ds.models.conversion import load_model
     from rad_ds.study.heldout import HeldOut, scored_rows
 

@@ -61,7 +61,7 @@ def distill_run(out: Path, layers, a, placement: str | None = None, cache: Path 
             str(a.micro_batch), "--no-wandb", "--log.progress=false", "--loss.hidden_weight=0",
             "--checkpoint.export_final=false", "--optim.lr=1e-3"]
     if placement:
-        args.append(f"--teacher.placement={placement}")
+        args.append(f"--teacher.location={placement}")
     if cache:
         args.append(f"--teacher.cache={cache}")
     wall = _launch("distill.py", args)

@@ -12,7 +12,7 @@ Single process:
 
 A teacher no rank can hold (ZeRO-3 inference engine over all ranks; multi-node with a hostfile):
     deepspeed --hostfile hostfile launchers/teacher_cache.py --teacher /models/llama-70b --data chat.jsonl \\
-        --teacher.placement zero3 --deepspeed ds_configs/zero3_teacher.json --out /shared/cache-70b
+        --teacher.location zero3 --deepspeed ds_configs/zero3_teacher.json --out /shared/cache-70b
 
 Then distil from it (same data settings; loss.temperature = the cache's temperature):
     python launchers/distill.py --model embedded:smollm2 --layers 20,25 --data chat.jsonl --seq-len 512 \\

@@ -17,7 +17,7 @@ Layout under ``out``: ``diagnosis/`` (report.json, redundancy.png), ``student/``
 ``distill/`` (checkpoints/, final/, metrics.jsonl, summary.json), ``eval/`` (results.json, results.md),
 ``configs/`` (each stage's resolved config), ``pipeline.json``, ``comparison.md``. In self-distillation the
 distill stage starts from the base and the report's layers (the student ``replace`` writes, same init and
-seed), so its teacher is the student's own frozen stack (``teacher.placement=shared``); a separate teacher
+seed), so its teacher is the student's own frozen stack (``teacher.location=shared``); a separate teacher
 distils the student in ``student/``.
 """
 
@@ -54,7 +54,7 @@ from rad_ds.diagnosis.config import DiagnoseConfig
 from rad_ds.distill.config import PLACEMENTS_WITH_REPORT, DistillConfig
 from rad_ds.distill.export import export_checkpoint
 from rad_ds.distill.summary import RunSummary
-from rad_ds.distill.trainer import distill
+from rad_ds.distill.run import distill
 from rad_ds.eval.config import EvalConfig
 from rad_ds.eval.results import EvalResults, with_interval
 from rad_ds.eval.run import evaluate

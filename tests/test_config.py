@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rad_ds.distill.config import ConfigError, DistillConfig, field_help, parse_overrides
-from rad_ds.distill.engines import BatchPlan, fill_ds_config, load_ds_config, plan_batch
+from rad_ds.engine.engines import BatchPlan, fill_ds_config, load_ds_config, plan_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 def _is_run_config(path: Path) -> bool:

@@ -214,3 +214,13 @@ def test_shipped_configs_use_no_old_name(path, no_warnings):
         PipelineConfig.from_dict(data)
     else:
         cls.load(path)
+
+
+@pytest.mark.parametrize("cls", [DistillConfig, TeacherCacheConfig])
+def test_teacher_placement_is_now_teacher_location(cls, caplog):
+    """``teacher.placement`` (where the teacher runs) was renamed ``teacher.location`` so that "placement" means only
+    which layers become Mamba2; the old key still sets the new one for a release, with one warning naming both."""
+    cfg = cls()
+    with pytest.warns(DeprecationWarning, match="teacher.placement is deprecated.*teacher.location"):
+        cfg.apply_overrides(["--teacher.placement=zero3"])
+    assert cfg.teacher.location == "zero3" and not hasattr(cfg.teacher, "placement")

@@ -144,7 +144,7 @@ def test_teacher_answers_equal_transformers_greedy_generate(built):
 def test_records_load_through_rad_ds_data(built, tmp_path, monkeypatch):
     from rad_ds.data import build_packed
     from rad_ds.decoding.prompts import load_prompts
-    from rad_ds.distill.config import DataConfig
+    from rad_ds.data.config import DataConfig
     from tests.distill_helpers import byte_tokenizer
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))

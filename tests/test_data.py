@@ -28,7 +28,7 @@ from rad_ds.data import (
     pack_documents,
     tokenize_records,
 )
-from rad_ds.distill.config import DataConfig
+from rad_ds.data.config import DataConfig
 from tests.data_reference import reference_best_fit, reference_chat_doc, reference_rows
 from tests.distill_helpers import CHATML, ROOT, byte_tokenizer, write_chat_jsonl, write_text_jsonl
 
@@ -528,7 +528,7 @@ sys.path.insert(0, {root!r})
 import numpy as np
 import rad_ds.core.shared_cache as S
 import rad_ds.data.loader as L
-from rad_ds.distill.config import DataConfig
+from rad_ds.data.config import DataConfig
 from tests.distill_helpers import byte_tokenizer
 
 hand = Path(sys.argv[3])

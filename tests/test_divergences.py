@@ -14,7 +14,8 @@ import torch
 from rad_ds.distill.config import ConfigError, LossConfig, DistillConfig
 from rad_ds.distill.divergences import REGISTRY, Divergence, get, register, resolve, unregister
 from rad_ds.distill.fused import fused_loss_sums, fused_loss_sums_ref
-from rad_ds.distill.losses import KD_KINDS, kd_loss_sum, kd_loss_sum_ref, sparse_kd_loss_sum, teacher_topk
+from rad_ds.distill.losses import KD_KINDS, kd_loss_sum, kd_loss_sum_ref, sparse_kd_loss_sum
+from rad_ds.engine.topk import teacher_topk
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = {"rtol": 1e-10, "atol": 1e-12}

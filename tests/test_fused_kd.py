@@ -1,7 +1,7 @@
 """The fused LM head + loss (rad_ds/distill/fused.py) against the logits path: float64 losses and gradients of
 the student's hidden states and head weight for every divergence and CE, temperatures 1 and 2, partial masks,
 tied and untied heads; nothing of size tokens x vocab saved or produced; the teacher cache's chunked top-k;
-and the trainer with loss.fused on == off in every teacher placement."""
+and the trainer with loss.fused on == off in every teacher location."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rad_ds.distill.fused import fused_loss_sums, fused_loss_sums_ref, fused_teacher_topk
-from rad_ds.distill.losses import KD_KINDS, teacher_topk
+from rad_ds.distill.fused import fused_loss_sums, fused_loss_sums_ref
+from rad_ds.distill.losses import KD_KINDS
+from rad_ds.engine.topk import fused_teacher_topk, teacher_topk
 
 B, L, H, V = 2, 9, 8, 67  # V prime, so no (tokens x vocab) tensor has another tensor's size by chance
 BETA = 0.3
@@ -163,12 +164,12 @@ def base(tmp_path_factory):
 
 PLACEMENTS = {
     # one-copy self-distillation: the teacher stream inside the student engine; JSD + CE at T=2
-    "shared": ["--teacher.placement=shared", "--loss.kd=jsd", "--loss.ce_weight=0.3", "--loss.temperature=2"],
+    "shared": ["--teacher.location=shared", "--loss.kd=jsd", "--loss.ce_weight=0.3", "--loss.temperature=2"],
     # a separate ZeRO-3 teacher engine (a larger teacher, so no replaced-layer loss): reverse KL
-    "zero3": ["--teacher.placement=zero3", "--loss.kd=reverse_kl", "--teacher.path={big}",
+    "zero3": ["--teacher.location=zero3", "--loss.kd=reverse_kl", "--teacher.path={big}",
               "--loss.hidden_weight=0"],
     # a whole teacher on the rank (the base), the student's MLPs training too; skew KL + CE + hidden MSE
-    "replicated": ["--teacher.placement=replicated", "--loss.kd=skew_kl", "--loss.ce_weight=0.5",
+    "replicated": ["--teacher.location=replicated", "--loss.kd=skew_kl", "--loss.ce_weight=0.5",
                    "--student.trainable=mamba_mlp"],
 }
 
@@ -239,7 +240,7 @@ def test_teacher_cache_topk_from_hidden_states(family):
     build = object.__new__(cache_run._CacheBuild)
     build.packed = SimpleNamespace(input_ids=ids, position_ids=pos, target=target)
     build.teacher = model
-    build.cfg = SimpleNamespace(teacher=SimpleNamespace(placement="replicated"), temperature=2.0)
+    build.cfg = SimpleNamespace(teacher=SimpleNamespace(location="replicated"), temperature=2.0)
     build.store = SimpleNamespace(k=7)
     old = cache_run.TOPK_CHUNK_TOKENS
     cache_run.TOPK_CHUNK_TOKENS = 4  # several chunks

@@ -24,7 +24,7 @@ def test_zero3_construction_and_one_copy_on_cuda(cuda, tmp_path, dtype):
     base = save_base(tmp_path, num_hidden_layers=5)
     data = write_text_jsonl(tmp_path / "text.jsonl", n=48)
     args = run_args(tmp_path, base, data, None, steps=3) + ["--layers", "2,4", f"--model.dtype={dtype}"]
-    two = _distill(L.make_config([*args, "--out", str(tmp_path / "two"), "--teacher.placement=zero3"]))
+    two = _distill(L.make_config([*args, "--out", str(tmp_path / "two"), "--teacher.location=zero3"]))
     one = _distill(L.make_config([*args, "--out", str(tmp_path / "one")]))
     assert one.summary["teacher_placement"] == "shared" and two.summary["teacher_placement"] == "zero3"
     assert next(one.engine.module.parameters()).device.type == "cuda"

@@ -368,7 +368,7 @@ def test_the_run_config_mixture_weight_reaches_the_loss(kind, key):
     from types import SimpleNamespace
 
     from rad_ds.distill.config import LossConfig
-    from rad_ds.distill.trainer import LossComputer
+    from rad_ds.distill.run import LossComputer
 
     s, t, mask = _logits(torch.float32, seed=3)
     cfg = LossConfig(kd=kind, hidden_weight=0.0, **{key: 0.27})
@@ -399,7 +399,8 @@ def _bucket_reference(s, t, kind, temperature, k):
 
 @pytest.mark.parametrize("kind", KD_KINDS)
 def test_sparse_kd_with_k_equal_to_vocab_is_the_dense_loss(kind):
-    from rad_ds.distill.losses import sparse_kd_loss_sum, teacher_topk
+    from rad_ds.distill.losses import sparse_kd_loss_sum
+    from rad_ds.engine.topk import teacher_topk
 
     s, t, mask = _logits(torch.float64, shape=(2, 5, 24), seed=5)
     idx, top, tail = teacher_topk(t, 24, 1.7)
@@ -416,7 +417,8 @@ def test_sparse_kd_with_k_equal_to_vocab_is_the_dense_loss(kind):
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "tv"])
 @pytest.mark.parametrize("k", [1, 4, 9])
 def test_sparse_kd_with_small_k_is_the_bucket_divergence(kind, k):
-    from rad_ds.distill.losses import sparse_kd_loss_sum, teacher_topk
+    from rad_ds.distill.losses import sparse_kd_loss_sum
+    from rad_ds.engine.topk import teacher_topk
 
     s, t, mask = _logits(torch.float64, shape=(2, 6, 32), seed=6)
     idx, top, tail = teacher_topk(t, k, 2.0)
@@ -435,7 +437,8 @@ def test_sparse_kd_with_small_k_is_the_bucket_divergence(kind, k):
 def test_sparse_reverse_kl_stays_finite_where_the_top_k_teacher_has_no_mass():
     """The student's favourite token is outside the teacher's top-k (the teacher gives it almost nothing):
     renormalised top-k reverse KL would be infinite; with the tail bucket loss and gradient stay finite."""
-    from rad_ds.distill.losses import sparse_kd_loss_sum, teacher_topk
+    from rad_ds.distill.losses import sparse_kd_loss_sum
+    from rad_ds.engine.topk import teacher_topk
 
     t = torch.full((1, 1, 16), -50.0)
     t[..., :4] = torch.tensor([2.0, 1.0, 0.5, 0.0])

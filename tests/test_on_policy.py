@@ -209,7 +209,7 @@ def _oracle_step_one(cfg):
 
     cfg.validate()
     torch.manual_seed(cfg.train.seed)
-    models = build_models(cfg, placement="replicated")
+    models = build_models(cfg, location="replicated")
     student, teacher = models.student.eval(), models.teacher.eval()
     eos = model_eos_ids(models.tokenizer, student)
     op, lc = cfg.on_policy, cfg.loss
@@ -253,7 +253,7 @@ def test_on_policy_step_equals_independent_oracle(base, tmp_path, placement, kd,
     d, b, data = base
     args = _args(d, b, data, tmp_path / "run", 1, "--loss.hidden_weight=0", f"--loss.kd={kd}",
                  "--on_policy.lmbda=1", f"--on_policy.temperature={temperature}", "--on_policy.max_new_tokens=6",
-                 f"--teacher.placement={placement}")
+                 f"--teacher.location={placement}")
     row = _distill(L.make_config(args)).losses[0]
     want, n_gen, lengths = _oracle_step_one(L.make_config(args))
     assert min(lengths) < 6 and 6 in lengths  # completions that end on EOS and ones cut at max_new_tokens
@@ -273,7 +273,7 @@ def test_layerwise_first_stage_stays_off_policy(base, tmp_path):
     d, b, data = base
     rows = _distill(L.make_config(_args(d, b, data, tmp_path / "run", 4, "--loss.stage1_steps=2",
                                         "--on_policy.lmbda=1", "--on_policy.max_new_tokens=4",
-                                        "--teacher.placement=zero3"))).losses
+                                        "--teacher.location=zero3"))).losses
     assert [r["onpolicy"] for r in rows] == [0, 0, 1, 1]
     assert all(r["gen_tokens"] > 0 for r in rows[2:])
 

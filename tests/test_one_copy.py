@@ -1,7 +1,7 @@
 """One-copy self-distillation and ZeRO-3 construction, against the two-engine path.
 
-The oracle of ``teacher.placement=shared`` (the teacher is the student's own stack with the original
-attention at the replaced layers) is the two-engine run (``teacher.placement=zero3``: a separate teacher
+The oracle of ``teacher.location=shared`` (the teacher is the student's own stack with the original
+attention at the replaced layers) is the two-engine run (``teacher.location=zero3``: a separate teacher
 engine): losses, gradient norms and final weights equal to 1e-6 in fp32, on 1 process and on 2 ranks, across
 a resume. The ZeRO-3 construction (models created partitioned, filled tensor by tensor from safetensors) is
 checked on 2 ranks against the whole-model build, value by value, with the whole-model loaders disabled.
@@ -64,7 +64,7 @@ def test_one_copy_equals_two_engines_with_resume(base, tmp_path, extra):
     def cfg(out, *more):
         return L.make_config([*args, "--out", str(out), *more])
 
-    two = _distill(cfg(tmp_path / "two", "--teacher.placement=zero3"))
+    two = _distill(cfg(tmp_path / "two", "--teacher.location=zero3"))
     assert two.summary["teacher_placement"] == "zero3"
     # one copy, interrupted after 3 steps and resumed: the same steps as the uninterrupted two-engine run
     first = _distill(cfg(tmp_path / "one", "--train.stop_after=3"))
@@ -87,8 +87,11 @@ def test_one_copy_equals_two_engines_with_resume(base, tmp_path, extra):
 def test_one_copy_two_ranks_resumed_equals_two_engines_one_process(base, tmp_path):
     d, b, text = base
     ref_rows, ref_final = one_process_run(six_step_args(d, b, text, tmp_path / "ref", "--layers", "2,4",
-                                                        "--teacher.placement=zero3"))
-    args = six_step_args(d, b, text, tmp_path / "two", "--layers", "2,4", "--teacher.placement=shared")
+                                                        "--teacher.location=zero3"))
+    # the whole (gathered) head, as the reference has: this pins one copy == two engines bit for bit;
+    # tests/test_vocab_parallel.py pins the vocab-parallel head against it
+    args = six_step_args(d, b, text, tmp_path / "two", "--layers", "2,4", "--teacher.location=shared",
+                         "--student.vocab_parallel=false")
     torchrun = [python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 launcher("distill.py")]
     r = run([*torchrun, *args, "--train.stop_after=4"], timeout=300)
@@ -108,7 +111,7 @@ import torch
 import rad_ds.models.conversion as conversion
 from rad_ds.core.dist import init_distributed
 from rad_ds.distill.build import build_models
-from rad_ds.distill.engines import fill_ds_config, load_ds_config, plan_batch
+from rad_ds.engine.engines import fill_ds_config, load_ds_config, plan_batch
 from tests.test_distill import L
 
 cfg = L.make_config(json.loads(sys.argv[1]))
@@ -122,10 +125,10 @@ def refuse(*a, **k):
     raise AssertionError("a whole model was loaded")
 conversion.load_model = refuse
 shared = build_models(cfg, s_ds, t_ds, info.world, info.world)
-cfg.teacher.placement = "zero3"
+cfg.teacher.location = "zero3"
 two = build_models(cfg, s_ds, t_ds, info.world, info.world)
 conversion.load_model = whole
-plain = build_models(cfg, placement="replicated")
+plain = build_models(cfg, location="replicated")
 import deepspeed
 want = {**plain.student.state_dict(), **{"T." + k: v for k, v in plain.teacher.state_dict().items()}}
 for i in plain.replaced_layers:
@@ -142,7 +145,7 @@ for name, p in named:
 diff = {k: float((got[k] - want[k]).abs().max()) for k in got}
 if info.rank == 0:
     print("RESULT " + json.dumps({"diff": diff, "whole": whole_params, "n": len(got),
-                                  "placements": [shared.placement.kind, two.placement.kind],
+                                  "placements": [shared.location.kind, two.location.kind],
                                   "partitioned": [shared.partitioned, two.partitioned]}))
 '''
 
@@ -178,13 +181,13 @@ def test_up_front_checks_fail_before_any_weights_load(base, tmp_path, capsys, mo
     monkeypatch.setattr(conversion, "load_model", refuse)
     cases = [
         (["--teacher", wide], "has hidden size 96 and the student 64; set loss.hidden_weight=0"),
-        (["--teacher", big, "--teacher.placement=replicated", "--teacher.device_memory_gb=0.0001"],
-         "teacher.placement=replicated: the teacher's weights take"),
-        (["--teacher", big, "--teacher.placement=zero3", "--teacher.device_memory_gb=0.0001"],
+        (["--teacher", big, "--teacher.location=replicated", "--teacher.device_memory_gb=0.0001"],
+         "teacher.location=replicated: the teacher's weights take"),
+        (["--teacher", big, "--teacher.location=zero3", "--teacher.device_memory_gb=0.0001"],
          "add teacher.offload=true"),
-        (["--teacher.placement=zero3", "--teacher.deepspeed", stage2], "has zero_optimization.stage 2"),
-        (["--teacher", big, "--teacher.placement=shared"], "teacher.placement=shared needs self-distillation"),
-        (["--teacher.offload=true", "--teacher.placement=replicated"], "teacher.offload needs teacher.placement=zero3"),
+        (["--teacher.location=zero3", "--teacher.deepspeed", stage2], "has zero_optimization.stage 2"),
+        (["--teacher", big, "--teacher.location=shared"], "teacher.location=shared needs self-distillation"),
+        (["--teacher.offload=true", "--teacher.location=replicated"], "teacher.offload needs teacher.location=zero3"),
     ]
     for extra, message in cases:
         rc, line = _cli(good + [str(x) for x in extra], capsys)
@@ -193,7 +196,7 @@ def test_up_front_checks_fail_before_any_weights_load(base, tmp_path, capsys, mo
 
 
 def test_auto_placement_by_size(base, tmp_path):
-    from rad_ds.distill.placement import param_count, resolve_placement
+    from rad_ds.distill.teacher_location import param_count, resolve_location
     from rad_ds.models.conversion import load_config
 
     d, b, text = base
@@ -205,7 +208,7 @@ def test_auto_placement_by_size(base, tmp_path):
     def kind(gb, world=2):
         cfg = L.make_config(run_args(tmp_path, b, text, tmp_path / "o") + ["--teacher", str(big),
                                                                            f"--teacher.device_memory_gb={gb}"])
-        return resolve_placement(cfg, False, tcfg, stage3, world, world)
+        return resolve_location(cfg, False, tcfg, stage3, world, world)
 
     fits = kind(nbytes * 4.01 / 2**30)  # a quarter of the device or less: replicated
     assert fits.kind == "replicated" and fits.per_rank_bytes == nbytes

@@ -95,7 +95,7 @@ def test_resume_across_the_boundary_and_two_engines(base, tmp_path):
     _distill(_cfg(tmp_path, base, tmp_path / "resumed", **{"train.stop_after": N1 - 1, "checkpoint.every": 1}))
     _distill(_cfg(tmp_path, base, tmp_path / "resumed", **{"checkpoint.resume": "auto", "checkpoint.every": 1}))
     resumed = metrics(tmp_path / "resumed")
-    two = _distill(_cfg(tmp_path, base, tmp_path / "two", **{"teacher.placement": "zero3"})).losses
+    two = _distill(_cfg(tmp_path, base, tmp_path / "two", **{"teacher.location": "zero3"})).losses
     for a, r, t in zip(straight, resumed, two, strict=True):
         for key in ("loss", "grad_norm", "lr"):
             assert r[key] == pytest.approx(a[key], rel=1e-6), (a["step"], key)

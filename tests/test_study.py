@@ -93,7 +93,7 @@ def test_heldout_metrics_against_a_direct_computation(setup):
     equal a direct computation over the packed held-out rows."""
     from rad_ds.data import build_packed
     from rad_ds.decoding.prompts import encode
-    from rad_ds.distill.config import DataConfig
+    from rad_ds.data.config import DataConfig
     from rad_ds.distill.losses import token_divergence
     from rad_ds.models.conversion import load_model
     from rad_ds.study.heldout import HeldOut

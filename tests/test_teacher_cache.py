@@ -119,7 +119,7 @@ def test_small_k_loss_equals_direct_sparse_objective(base, tmp_path):
     ref_cfg = _run_cfg(tmp_path, b, data, tmp_path / "ref")
     ref_cfg.validate()
     torch.manual_seed(ref_cfg.train.seed)
-    models = build_models(ref_cfg, placement="replicated")
+    models = build_models(ref_cfg, location="replicated")
     loader = DistillLoader(build_packed(ref_cfg.data, models.tokenizer), 2, 1, 0, 1, ref_cfg.train.seed, True)
     mb = loader.next_step().micro[0]
     with torch.no_grad():
@@ -206,7 +206,7 @@ def test_two_rank_zero3_build_and_cached_run_match_one_process(base, tmp_path):
     _build(b, data, tmp_path / "one", k=16, values_dtype="float32", temperature=2.0)
     torchrun = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     args = _cache_args(b, data, tmp_path / "two", 16, values_dtype="float32", temperature=2.0,
-                       **{"teacher.placement": "zero3", "teacher.deepspeed": teacher_ds_config(tmp_path)})
+                       **{"teacher.location": "zero3", "teacher.deepspeed": teacher_ds_config(tmp_path)})
     p = run([*torchrun, launcher("teacher_cache.py"), *args])
     assert p.returncode == 0, p.stderr[-3000:]
     got, want = _shards(tmp_path / "two"), _shards(tmp_path / "one")

@@ -282,7 +282,7 @@ def _loss_inputs(dtype=torch.float64, seed=0):
 def _trainer_loss(inputs, rows, n_target, n_token, settings=SETTINGS):
     """The trainer's LossComputer on ``rows`` of the inputs, normalised by the given (global) counts."""
     from rad_ds.distill.config import LossConfig
-    from rad_ds.distill.trainer import LossComputer
+    from rad_ds.distill.run import LossComputer
 
     ids, target, token, s_logits, t_logits, s_hid, t_hid = inputs
     cfg = LossConfig(kd="forward_kl", temperature=settings.temperature, kd_weight=settings.kd_weight, hidden="mse",

@@ -26,4 +26,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-__all__ = ["DTYPES", "NAMES", "NAMES_32_16", "dtype_name", "to_dtype"]
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """What a loss over ``x`` computes in: float32 for half-precision inputs, float64 for float64 (gradcheck)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+__all__ = ["DTYPES", "NAMES", "NAMES_32_16", "compute_dtype", "dtype_name", "to_dtype"]

@@ -10,8 +10,6 @@ weights) is stored in every checkpoint so that a resume with another model or se
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,11 +20,14 @@ import torch
 from rad_ds.core.dtypes import to_dtype
 from rad_ds.data.teacher_store import TeacherCacheStore
 from rad_ds.distill.config import ConfigError
+from rad_ds.engine.identity import config_hash, source_weights_hash, streamable_source, teacher_identity, weights_hash
 from rad_ds.models.partitioned import zero3_enabled
+from rad_ds.models.vocab_parallel import VocabShard, shard_vocab
 
 from .one_copy import SelfDistillModel
 from .optim import set_trainable
-from .placement import Placement, resolve_placement
+from .teacher_location import TeacherLocation, resolve_location
+from .vocab_parallel import resolve_vocab_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +35,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Models:
-    student: torch.nn.Module  # RadHybridForCausalLM, or SelfDistillModel (placement shared: the teacher inside)
-    teacher: torch.nn.Module | None  # None with placement shared
+    student: torch.nn.Module  # RadHybridForCausalLM, or SelfDistillModel (location shared: the teacher inside)
+    teacher: torch.nn.Module | None  # None with location shared
     tokenizer: object
     replaced_layers: list[int]
     teacher_path: str
     vocab_limit: int | None  # compare logits [:vocab_limit] (loss.vocab=truncate), None = all
     fingerprint: dict = field(default_factory=dict)
     selection: dict = field(default_factory=dict)
-    placement: Placement | None = None
+    location: TeacherLocation | None = None
     partitioned: bool = False  # the student was created partitioned (ZeRO-3 construction)
     frozen_from_base: bool = False  # the base is safetensors: checkpoints leave the frozen weights to it
+    vocab_shard: VocabShard | None = None  # student.vocab_parallel: this rank's rows of the embedding and head
 
 
 @dataclass
@@ -60,43 +62,6 @@ class Sources:
     selection: dict
     tokenizer: object
     teacher_tokenizer: object
-
-
-def _hash_values(values: torch.Tensor) -> str:
-    return hashlib.sha1(values.reshape(-1)[: 1 << 20].float().numpy().tobytes()).hexdigest()[:16]
-
-
-def _weights_hash(model) -> str:
-    """sha1 of the first million embedding values: tells two checkpoints of one architecture apart."""
-    return _hash_values(model.get_input_embeddings().weight.detach())
-
-
-def source_weights_hash(source, config, dtype) -> str:
-    """``_weights_hash`` of the model ``source`` loads as, read from the file (nothing gathered)."""
-    rows = -(-(1 << 20) // config.hidden_size)
-    return _hash_values(source.rows("model.embed_tokens.weight", 0, rows).to(dtype))
-
-
-def teacher_identity(path, gguf_file, config) -> dict:
-    """What tells one teacher from another without loading it (a teacher cache records it, a run with that cache
-    checks it): its architecture hash and, for a safetensors model, the hash of its first embedding values in
-    float32 (for a GGUF/.bin model, its location)."""
-    from rad_ds.models.conversion import model_location
-
-    source = streamable_source(path, gguf_file)
-    if source is not None:
-        weights = source_weights_hash(source, config, torch.float32)
-    else:
-        directory, gguf = model_location(path, gguf_file)
-        weights = "file:" + str(Path(directory).resolve() / (gguf or ""))
-    return {"teacher_config": _config_hash(config), "teacher_weights": weights}
-
-
-def _config_hash(config) -> str:
-    d = config.to_dict()
-    keep = {k: d.get(k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                  "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")}
-    return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _vocab_check(s_config, t_config, tok, teacher_tok, mode: str, teacher_path: str) -> int | None:
@@ -179,17 +144,17 @@ def read_sources(cfg) -> Sources:
 
 
 def build_models(cfg, s_ds: dict | None = None, t_ds: dict | None = None, world: int = 1, local_world: int = 1,
-                 placement: str | None = None, sources: Sources | None = None) -> Models:
+                 location: str | None = None, sources: Sources | None = None) -> Models:
     """Student and teacher of a run. ``s_ds``/``t_ds``: the filled DeepSpeed configs; under ZeRO-3 the models
-    are created partitioned and loaded tensor by tensor (safetensors sources); ``placement`` overrides
-    ``teacher.placement`` (the plain reference loop asks for ``replicated``). Collective under ZeRO-3."""
+    are created partitioned and loaded tensor by tensor (safetensors sources); ``location`` overrides
+    ``teacher.location`` (the plain reference loop asks for ``replicated``). Collective under ZeRO-3."""
     src = sources or read_sources(cfg)
     if cfg.teacher.cache is not None and not cfg.loss.stage1_steps:
-        place = Placement("cache", 0, 0)  # the teacher signal is read from disk: no teacher model at all
-    elif placement is not None:
-        place = Placement(placement, 0, 0)
+        place = TeacherLocation("cache", 0, 0)  # the teacher signal is read from disk: no teacher model at all
+    elif location is not None:
+        place = TeacherLocation(location, 0, 0)
     else:
-        place = resolve_placement(cfg, src.self_distill, src.teacher_config,
+        place = resolve_location(cfg, src.self_distill, src.teacher_config,
                                   t_ds or {"zero_optimization": {"stage": 3}}, world, local_world)
     if cfg.teacher.cache is not None and place.kind != "cache" and place.kind != "shared":
         raise ConfigError("loss.stage1_steps > 0 with teacher.cache needs self-distillation (the teacher's layer "
@@ -214,19 +179,41 @@ def build_models(cfg, s_ds: dict | None = None, t_ds: dict | None = None, world:
     fingerprint = {
         "student_layer_types": list(student.config.layer_types),
         "replaced_layers": replaced,
-        "student_config": _config_hash(student.config),
+        "student_config": config_hash(student.config),
         "student_weights": s_hash,
-        "teacher_config": _config_hash(src.teacher_config),
+        "teacher_config": config_hash(src.teacher_config),
         "teacher_weights": t_hash,
         "trainable": cfg.student.trainable,
         "one_copy": place.kind == "shared",
         "teacher_cache": TeacherCacheStore.open(cfg.teacher.cache).id if cfg.teacher.cache else None,
     }
     set_trainable(student, cfg.student.trainable, replaced)
+    shard = _vocab_parallel(cfg, student, place, s_partitioned, world, vocab_limit, base_source, dtype)
     if place.kind == "shared":
         student = SelfDistillModel(student, attention)
     return Models(student, teacher, src.tokenizer, replaced, src.teacher_path, vocab_limit, fingerprint,
-                  src.selection, place, partitioned=s_partitioned, frozen_from_base=base_source is not None)
+                  src.selection, place, partitioned=s_partitioned, frozen_from_base=base_source is not None,
+                  vocab_shard=shard)
+
+
+def _vocab_parallel(cfg, student, place, partitioned, world, vocab_limit, source, dtype) -> VocabShard | None:
+    """``student.vocab_parallel`` resolved (rad_ds/distill/vocab_parallel.py) and, when on, the student's embedding
+    and LM head swapped for this rank's vocabulary rows, read from the base's files."""
+    ends = (student.get_input_embeddings(), student.get_output_embeddings())
+    frozen = not any(p.requires_grad for m in ends for p in m.parameters())
+    on, why = resolve_vocab_parallel(cfg.student.vocab_parallel, world=world, partitioned=partitioned,
+                                     shared=place.kind == "shared", frozen=frozen, fused=cfg.loss.fused,
+                                     cache=cfg.teacher.cache is not None, vocab_limit=vocab_limit)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    if not on:
+        if world > 1 and rank == 0 and cfg.student.vocab_parallel == "auto":
+            logger.info("student.vocab_parallel=auto: off (%s)", why)
+        return None
+    shard = shard_vocab(student, source, rank, world, dtype)
+    if rank == 0:
+        logger.info("vocab-parallel embedding and LM head: %d vocabulary rows per rank of %d, never gathered whole",
+                    shard.per, shard.vocab)
+    return shard
 
 
 def teacher_gguf(cfg, src: Sources) -> str | None:
@@ -234,15 +221,6 @@ def teacher_gguf(cfg, src: Sources) -> str | None:
     if cfg.teacher.path is not None:
         return cfg.teacher.gguf_file
     return cfg.model.gguf_file if src.self_distill else None
-
-
-def streamable_source(path, gguf_file):
-    """The safetensors source of a model path, or ``None`` (GGUF, .bin: loaded whole, then partitioned)."""
-    from rad_ds.models.conversion import model_location
-    from rad_ds.models.weights import WeightSource
-
-    directory, gguf = model_location(path, gguf_file)
-    return None if gguf else WeightSource.find(directory)
 
 
 def _build_student(cfg, src: Sources, s_ds, source, dtype, keep_attention: bool, copy_teacher: bool):
@@ -274,7 +252,7 @@ def _build_student(cfg, src: Sources, s_ds, source, dtype, keep_attention: bool,
                                    selection=src.selection)
         record.source = cfg.model.path
         base.config.replaced_layers = record.to_dict()
-    return base, attention, teacher_copy, _weights_hash(base)
+    return base, attention, teacher_copy, weights_hash(base)
 
 
 def _build_teacher(cfg, src: Sources, t_ds, source, dtype, partitioned: bool, teacher_copy):
@@ -288,7 +266,7 @@ def _build_teacher(cfg, src: Sources, t_ds, source, dtype, partitioned: bool, te
     teacher = teacher_copy
     if teacher is None:
         teacher, _ = load_model(src.teacher_path, gguf_file=cfg.teacher.gguf_file, dtype=dtype)
-    return teacher, _weights_hash(teacher)
+    return teacher, weights_hash(teacher)
 
 
 def check_fingerprint(saved: dict, current: dict, tag_dir) -> None:
@@ -297,7 +275,7 @@ def check_fingerprint(saved: dict, current: dict, tag_dir) -> None:
         "replaced_layers": "replaced layers", "student_layer_types": "student layer types",
         "student_config": "student architecture", "student_weights": "base model weights",
         "teacher_config": "teacher architecture", "teacher_weights": "teacher weights",
-        "trainable": "student.trainable", "one_copy": "one-copy self-distillation (teacher.placement=shared)",
+        "trainable": "student.trainable", "one_copy": "one-copy self-distillation (teacher.location=shared)",
         "teacher_cache": "teacher.cache",
     }
     diffs = [k for k in names if k in saved and saved[k] != current.get(k)]
@@ -310,5 +288,4 @@ def check_fingerprint(saved: dict, current: dict, tag_dir) -> None:
         )
 
 
-__all__ = ["Models", "Sources", "build_models", "check_fingerprint", "read_sources", "source_weights_hash",
-           "streamable_source", "teacher_gguf", "teacher_identity"]
+__all__ = ["Models", "Sources", "build_models", "check_fingerprint", "read_sources", "teacher_gguf"]

@@ -1,7 +1,7 @@
 """What the distillation loop does around its steps, one callback each: stop on NaN/inf, fault injection,
 metrics tracking, checkpoint cadence.
 
-The loop (``trainer.DistillRun``) calls every registered callback's hooks in registration order:
+The loop (``run.DistillRun``) calls every registered callback's hooks in registration order:
 
     on_step_start(step)                  before the step's first micro-batch
     on_loss(step, sums) -> sums          per micro-batch, the loss sums before backward (may replace them)
@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 from . import checkpoint as ckpt
-from .faults import fault_point, inject_nan
+from rad_ds.engine.faults import fault_point, inject_nan
 from .tracking import Tracker
 
 

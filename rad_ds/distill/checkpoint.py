@@ -36,7 +36,7 @@ import torch
 from rad_ds.core.dist import broadcast_object
 from rad_ds.core.io import write_text_atomic
 
-from .faults import fault_point
+from rad_ds.engine.faults import fault_point
 
 logger = logging.getLogger(__name__)
 

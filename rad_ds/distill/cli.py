@@ -39,7 +39,7 @@ def run(argv: list[str] | None = None, doc: str | None = None) -> int:
     import torch
 
     from .checkpoint import NonFiniteError
-    from .trainer import distill
+    from .run import distill
 
     cfg = make_config(argv, doc)
     try:

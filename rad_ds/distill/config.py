@@ -24,6 +24,7 @@ from rad_ds.core.config import (  # noqa: F401 - ConfigError, load_file, parse_o
 )
 from rad_ds.core.dtypes import NAMES_32_16, to_dtype
 from rad_ds.core.sections import ModelRef, WandbConfig
+from rad_ds.data.config import DATA_FORMATS, LONG_DOCUMENTS, PACKING, DataConfig
 from rad_ds.distill.divergences import REGISTRY as DIVERGENCES
 from rad_ds.distill.divergences import Divergence
 from rad_ds.distill.divergences import get as get_divergence
@@ -37,10 +38,7 @@ VOCAB_MODES = ("strict", "truncate")
 FUSED_MODES = ("auto", "true", "false")
 TRAINABLE = ("mamba", "mamba_mlp", "replaced", "all")
 VOCAB_PARALLEL_MODES = ("auto", "true", "false")
-PACKING = ("greedy", "none")
-LONG_DOCUMENTS = ("split", "truncate")
-PLACEMENTS = ("auto", "shared", "replicated", "zero3")
-DATA_FORMATS = ("auto", "json", "parquet", "text", "hub")
+LOCATIONS = ("auto", "shared", "replicated", "zero3")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = NAMES_32_16
 _f = setting
@@ -50,18 +48,18 @@ _f = setting
 class TeacherConfig(ModelRef):
     """The teacher (``ModelRef``: path, gguf_file, dtype; unset path: the base itself) and where it runs."""
 
-    offload: bool = _f(False, "offload the teacher's ZeRO-3 parameters to CPU memory (teacher.placement zero3)")
-    deepspeed: str = _f("ds_configs/zero3_teacher.json", "DeepSpeed config of the teacher engine (placement zero3)")
-    placement: str = _f(
+    offload: bool = _f(False, "offload the teacher's ZeRO-3 parameters to CPU memory (teacher.location zero3)")
+    deepspeed: str = _f("ds_configs/zero3_teacher.json", "DeepSpeed config of the teacher engine (location zero3)")
+    location: str = _f(
         "auto",
         "shared: self-distillation with one copy of the frozen weights, inside the student engine; replicated: "
         "a whole frozen teacher per rank (no communication); zero3: a ZeRO-3 inference engine partitioned over "
         "the ranks (with teacher.offload: in CPU memory); auto: shared for self-distillation, else replicated "
         "when the teacher takes at most teacher.replicate_fraction of a device, else zero3",
     )
-    replicate_fraction: float = _f(0.25, "placement auto: replicate a teacher up to this fraction of device memory")
+    replicate_fraction: float = _f(0.25, "location auto: replicate a teacher up to this fraction of device memory")
     device_memory_gb: float | None = _f(
-        None, "memory per rank the placement check assumes (default: the GPU's, or host RAM / local ranks)")
+        None, "memory per rank the location check assumes (default: the GPU's, or host RAM / local ranks)")
     cache: str | None = _f(
         None, "a teacher cache directory (launchers/teacher_cache.py): the teacher signal (top-k + tail per "
               "position) is read from it, no teacher runs; needs the cache's data, data.seq_len and temperature")
@@ -91,36 +89,6 @@ class StudentConfig:
         "auto", "split the frozen embedding and LM head by vocabulary rows over the ranks, none gathered whole "
                 "(docs/cluster.md): auto (on with > 1 rank, ZeRO-3 from a safetensors base, the one-copy teacher, "
                 "a frozen embedding and head and the fused loss), true (an error where it cannot be), false")
-
-
-@dataclass
-class DataConfig:
-    path: str | None = _f(None, "jsonl/json/parquet/txt file, a directory of them, or a hub dataset name")
-    format: str = _f("auto", f"{', '.join(DATA_FORMATS)} (auto: from the file suffix)")
-    split: str = _f("train", "split of a hub dataset")
-    text_field: str = _f("text", "field holding plain text")
-    messages_field: str = _f("messages", "field holding chat messages [{role, content}, ...]")
-    seq_len: int = _f(512, "tokens per packed sequence")
-    packing: str = _f("greedy", "greedy: whole documents best-fit into rows; none: one document per row")
-    mask_prompt: bool = _f(True, "chat data: logit losses only on assistant tokens")
-    add_eos: bool = _f(True, "append EOS to plain-text documents")
-    max_documents: int | None = _f(None, "use at most this many documents")
-    min_tokens: int = _f(2, "drop documents with fewer tokens (after templating)")
-    shuffle: bool = _f(True, "shuffle rows each epoch (seeded by train.seed and the epoch)")
-    long_documents: str = _f("split", "documents longer than data.seq_len: split (into seq_len pieces, each a "
-                                      "document of its own) or truncate (keep the first seq_len tokens)")
-    num_proc: int | None = _f(None, "processes that tokenise the data (default: min(cpu count, 8), at most one "
-                                    "per 1000 records; 1: no multiprocessing)")
-
-    def check(self) -> None:
-        """The data settings every consumer of packed rows needs (a run, a teacher cache): a path, resolved
-        when it names a shipped file, and rows of at least two tokens."""
-        if not self.path:
-            raise ConfigError("data.path is not set: give --data FILE (jsonl/parquet/txt) or a hub dataset name")
-        if resolve_shipped(self.path).exists():
-            self.path = str(resolve_shipped(self.path))
-        if self.seq_len < 2:
-            raise ConfigError(f"data.seq_len = {self.seq_len} must be >= 2 (a token and its successor)")
 
 
 @dataclass
@@ -215,7 +183,7 @@ class OnPolicyConfig:
 class DistillConfig(Config):
     # wandb settings moved from log to the wandb section every stage shares; the old names go next release
     RENAMED: ClassVar[dict[str, str]] = {"log.wandb": "wandb.enabled", "log.project": "wandb.project",
-                                         "log.run_name": "wandb.run"}
+                                         "log.run_name": "wandb.run", "teacher.placement": "teacher.location"}
 
     out: str | None = _f(None, "run directory: checkpoints/, final/, metrics.jsonl")
     overwrite: bool = _f(False, "replace a finished run in out (its checkpoints, final/, metrics) with a new one")
@@ -329,7 +297,7 @@ class DistillConfig(Config):
             self.set(key, str(p))
 
     def _check_models(self) -> None:
-        """The model and teacher sections: a base, known dtypes (the teacher runs in the student's), a placement."""
+        """The model and teacher sections: a base, known dtypes (the teacher runs in the student's), a location."""
         if not self.model.path:
             raise ConfigError("model.path is not set: give --model DIR (or embedded:smollm2)")
         choice("model.dtype", self.model.dtype, DTYPES)
@@ -338,9 +306,9 @@ class DistillConfig(Config):
             if to_dtype(self.teacher.dtype) != to_dtype(self.model.dtype):
                 raise ConfigError(f"teacher.dtype = {self.teacher.dtype}: the teacher runs in model.dtype "
                                   f"({self.model.dtype}); leave teacher.dtype unset")
-        choice("teacher.placement", self.teacher.placement, PLACEMENTS)
-        if self.teacher.offload and self.teacher.placement in ("shared", "replicated"):
-            raise ConfigError(f"teacher.offload needs teacher.placement=zero3 (or auto), not {self.teacher.placement}")
+        choice("teacher.location", self.teacher.location, LOCATIONS)
+        if self.teacher.offload and self.teacher.location in ("shared", "replicated"):
+            raise ConfigError(f"teacher.offload needs teacher.location=zero3 (or auto), not {self.teacher.location}")
         if not 0 < self.teacher.replicate_fraction <= 1:
             raise ConfigError(f"teacher.replicate_fraction = {self.teacher.replicate_fraction} must be in (0, 1]")
         if self.teacher.device_memory_gb is not None and not self.teacher.device_memory_gb > 0:
@@ -405,9 +373,9 @@ class DistillConfig(Config):
         if hidden_on or self.loss.layerwise:
             raise ConfigError("teacher.cache holds the teacher's logits only: set loss.hidden_weight=0 and "
                               "loss.layerwise=false, or drop teacher.cache to run the teacher online")
-        if self.teacher.placement != "auto" or self.teacher.offload:
-            raise ConfigError(f"teacher.cache replaces the teacher engine: drop teacher.placement="
-                              f"{self.teacher.placement} / teacher.offload")
+        if self.teacher.location != "auto" or self.teacher.offload:
+            raise ConfigError(f"teacher.cache replaces the teacher engine: drop teacher.location="
+                              f"{self.teacher.location} / teacher.offload")
 
 
 def field_help() -> list[tuple[str, str, Any]]:

@@ -123,7 +123,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
     from rad_ds.models import RadHybridConfig
     from rad_ds.models.conversion import load_tokenizer, write_model_files, write_model_metadata
 
-    from .faults import fault_point
+    from rad_ds.engine.faults import fault_point
 
     out = _check_out(out_dir, overwrite)
     tag_dir = resolve_checkpoint(checkpoint)

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from rad_ds.core.dtypes import compute_dtype
+
 from .divergences import Divergence, resolve
 from .losses import (
-    _compute_dtype,
     _divergence_grad_rows,
     _divergence_rows,
     _shifted_targets,
@@ -58,7 +59,7 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, rows, targets, div, temperature, chunk):
-        dtype = _compute_dtype(s_hidden)
+        dtype = compute_dtype(s_hidden)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         kd_on, ce_on = div is not None, targets is not None
         zero = torch.zeros((), dtype=dtype, device=s_hidden.device)
@@ -206,18 +207,4 @@ def fused_loss_sums_ref(s_hidden, s_weight, t_hidden, t_weight, mask, input_ids=
     return out
 
 
-@torch.no_grad()
-def fused_teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature: float = 1.0,
-                       chunk_tokens: int = 1024):
-    """:func:`~rad_ds.distill.losses.teacher_topk` of ``hidden @ weight^T`` (rows ``(N, H)``), projected and
-    reduced chunk by chunk: ``(N, k)`` indices and log-probabilities and ``(N,)`` tail log-mass, with only
-    ``chunk_tokens x V`` logits alive at a time."""
-    from .losses import teacher_topk
-
-    parts = [teacher_topk(F.linear(h, weight), k, temperature) for h in hidden.split(max(int(chunk_tokens), 1))]
-    if not parts:
-        return teacher_topk(F.linear(hidden, weight), k, temperature)
-    return tuple(torch.cat(xs) for xs in zip(*parts))
-
-
-__all__ = ["fused_loss_sums", "fused_loss_sums_ref", "fused_teacher_topk", "liger_available"]
+__all__ = ["fused_loss_sums", "fused_loss_sums_ref", "liger_available"]

@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from rad_ds.core.dtypes import compute_dtype
+from rad_ds.engine.topk import tail_logmass
+
 from .divergences import REGISTRY, Divergence, resolve
 
 KD_KINDS = tuple(REGISTRY)  # the built-in divergences; REGISTRY itself also holds any registered later
@@ -59,10 +62,6 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 # ``grad_rows``. The row constants and both logsumexps come from the forward, a few floats per row. The
 # per-chunk helpers own their (chunk, V) buffers and the divergences work in place on them: forward_kl and
 # reverse_kl hold two float32 (chunk, V) buffers at a time, jsd three; all die when the helper returns.
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 logits (gradcheck)
 
 
 def _log_softmax_rows(flat, rows, temperature, dtype, lse=None):
@@ -101,7 +100,7 @@ class _ChunkedDivergence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, rows, div, temperature, chunk):
-        dtype = _compute_dtype(student)
+        dtype = compute_dtype(student)
         total = torch.zeros((), dtype=dtype, device=student.device)
         saved = []  # (lse_student, lse_teacher, row constant) per chunk
         with torch.autocast(student.device.type, enabled=False):
@@ -121,7 +120,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         div, temperature, chunk = ctx.cfg
         if not ctx.needs_input_grad[0]:
             return (None,) * 6
-        dtype = _compute_dtype(student)
+        dtype = compute_dtype(student)
         grad = torch.zeros(student.shape, dtype=student.dtype, device=student.device)
         scale = grad_out.to(dtype) * temperature
         with torch.autocast(student.device.type, enabled=False):
@@ -138,7 +137,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, rows, targets, chunk):
-        dtype = _compute_dtype(logits)
+        dtype = compute_dtype(logits)
         total = torch.zeros((), dtype=dtype, device=logits.device)
         lses = []
         with torch.autocast(logits.device.type, enabled=False):
@@ -158,7 +157,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         logits, rows, targets, lse = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        dtype = _compute_dtype(logits)
+        dtype = compute_dtype(logits)
         grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
         with torch.autocast(logits.device.type, enabled=False):
             for r, y, ls in zip(rows.split(ctx.chunk), targets.split(ctx.chunk), lse.split(ctx.chunk)):
@@ -233,21 +232,6 @@ def ce_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tenso
 # top-k teacher lacks (the instability verl reports): the tail bucket keeps it finite, with no renormalisation.
 
 
-def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0):
-    """``(indices, log-probabilities, tail log-mass)`` of the ``k`` most likely tokens of softmax(logits / T):
-    shapes ``(..., k)``, ``(..., k)``, ``(...)``; the tail is -inf when ``k`` covers the vocabulary."""
-    logp = F.log_softmax(teacher_logits.to(_compute_dtype(teacher_logits)) / temperature, dim=-1)
-    top, idx = logp.topk(min(k, logp.size(-1)), dim=-1)
-    return idx, top, _tail(logp, idx)
-
-
-def _tail(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """log of the mass of ``logp`` outside ``idx`` (exact: a logsumexp over the other tokens)."""
-    if idx.size(-1) >= logp.size(-1):
-        return torch.full(logp.shape[:-1], float("-inf"), dtype=logp.dtype, device=logp.device)
-    return logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
-
-
 def bucket_divergence(s: torch.Tensor, t: torch.Tensor, kind: str | Divergence,
                       beta: float | None = None) -> torch.Tensor:
     """Divergence ``kind`` (as in :func:`token_divergence`) between two distributions given as
@@ -256,9 +240,9 @@ def bucket_divergence(s: torch.Tensor, t: torch.Tensor, kind: str | Divergence,
 
 
 def _sparse_chunk(student, rows, idx, top, tail, div, temperature):
-    dtype = _compute_dtype(student)
+    dtype = compute_dtype(student)
     s = F.log_softmax(student.index_select(0, rows).to(dtype) / temperature, dim=-1)
-    s_b = torch.cat([s.gather(-1, idx), _tail(s, idx)[..., None]], dim=-1)
+    s_b = torch.cat([s.gather(-1, idx), tail_logmass(s, idx)[..., None]], dim=-1)
     t_b = torch.cat([top.to(dtype), tail.to(dtype)[..., None]], dim=-1)
     return div.bucket(s_b, t_b).sum()
 
@@ -337,5 +321,5 @@ def mean_kd_loss(student_logits, teacher_logits, mask=None, **kw) -> torch.Tenso
 
 __all__ = [
     "KD_KINDS", "bucket_divergence", "ce_loss_sum", "ce_loss_sum_ref", "hidden_loss_sum", "kd_loss_sum",
-    "kd_loss_sum_ref", "mean_kd_loss", "sparse_kd_loss_sum", "teacher_topk", "token_divergence",
+    "kd_loss_sum_ref", "mean_kd_loss", "sparse_kd_loss_sum", "token_divergence",
 ]

@@ -6,6 +6,7 @@ opens the MLPs of the replaced layers, whole replaced layers, or everything for 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -85,4 +86,47 @@ def build_scheduler(optimizer, optim_cfg, total_steps: int) -> torch.optim.lr_sc
     )
 
 
-__all__ = ["build_optimizer", "build_scheduler", "lr_factor", "param_groups", "set_trainable", "trainable_prefixes"]
+# -- the training engine --------------------------------------------------------------------------
+
+
+def _fill_optimizer_block(cfg: dict, optim_cfg, total_steps: int) -> None:
+    """A user's own ``optimizer`` / ``scheduler`` blocks: fill their ``"auto"`` params from the run config."""
+    if "optimizer" in cfg:
+        params = cfg["optimizer"].setdefault("params", {})
+        auto = {"lr": optim_cfg.lr, "betas": list(optim_cfg.betas), "eps": optim_cfg.eps,
+                "weight_decay": optim_cfg.weight_decay}
+        for k, v in auto.items():
+            if params.get(k) == "auto":
+                params[k] = v
+        if not torch.cuda.is_available() and cfg["optimizer"].get("type", "").lower() in ("adam", "adamw"):
+            params.setdefault("torch_adam", True)  # FusedAdam needs a CUDA build
+    if "scheduler" in cfg:
+        params = cfg["scheduler"].setdefault("params", {})
+        for k, v in {"total_num_steps": total_steps, "warmup_num_steps": optim_cfg.warmup_steps,
+                     "warmup_max_lr": optim_cfg.lr}.items():
+            if params.get(k) == "auto":
+                params[k] = v
+
+
+def student_engine(model, ds_cfg: dict, optim_cfg, total_steps: int):
+    """The training engine; the optimizer sees only ``requires_grad`` parameters."""
+    import deepspeed
+
+    cfg = copy.deepcopy(ds_cfg)
+    _fill_optimizer_block(cfg, optim_cfg, total_steps)
+    optimizer = scheduler = None
+    if "optimizer" not in cfg:
+        optimizer = build_optimizer(model, optim_cfg)
+        if "scheduler" not in cfg:
+            scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=params if optimizer is None else None, optimizer=optimizer,
+        lr_scheduler=scheduler, config=cfg,
+    )
+    engine.train()
+    return engine
+
+
+__all__ = ["build_optimizer", "build_scheduler", "lr_factor", "param_groups", "set_trainable", "student_engine",
+           "trainable_prefixes"]

@@ -1,7 +1,7 @@
 """The distillation step as the plain PyTorch loop a user would write (one process, no DeepSpeed): the
 baseline the trainer's speed is measured against (``benchmarks/distill_step.py``) and, in
 ``tests/test_distill.py``, the check of the trainer's DeepSpeed plumbing (ZeRO partitioning, engines,
-micro-batching, teacher placement).
+micro-batching, teacher location).
 
 It is not an independent oracle: it reuses the trainer's ``build_models``, ``LossComputer`` (the losses and
 their normalisation), loader, ``build_optimizer`` / ``param_groups``, ``build_scheduler`` / ``lr_factor``
@@ -19,10 +19,10 @@ import torch
 from rad_ds.data import DistillLoader, build_packed
 
 from .build import build_models
-from .engines import plan_batch
+from rad_ds.engine.engines import plan_batch
 from .optim import build_optimizer, build_scheduler
 from .taps import LayerTaps, tap_outputs
-from .trainer import LossComputer
+from .run import LossComputer
 
 
 class ReferenceDistiller:
@@ -32,7 +32,7 @@ class ReferenceDistiller:
         cfg.validate()
         torch.manual_seed(cfg.train.seed)
         self.cfg = cfg
-        models = build_models(cfg, placement="replicated")  # two plain models: the baseline of every placement
+        models = build_models(cfg, location="replicated")  # two plain models: the baseline of every placement
         self.models = models
         self.device = torch.device(device)
         self.student, self.teacher = models.student.to(self.device).train(), models.teacher.to(self.device).eval()

@@ -2,7 +2,7 @@
 ``random``, ``cosine``, ``kl_probe``; the table is ``registry.STRATEGIES``), each returning a ``Choice`` with its
 cost of choosing (docs/selection.md).
 
-Not to be confused with ``rad_ds.distill.placement``, which decides where the *teacher* lives."""
+Not to be confused with ``rad_ds.distill.teacher_location``, which decides where the *teacher* lives."""
 
 from .calibration import calibration_tokens
 from .choice import Choice, Inputs, SelectionError

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rad_ds.core.cli import Flag, parse_config, run_cli
-from rad_ds.distill.cli import FLAGS as DISTILL_FLAGS
+from rad_ds.distill import FLAGS as DISTILL_FLAGS
 
 from .config import StudyConfig
 

@@ -11,7 +11,7 @@ from typing import ClassVar
 from rad_ds.core.config import Config, ConfigError, at_least, choice, resolve_shipped, section, setting
 from rad_ds.core.sections import ModelRef
 from rad_ds.diagnosis.config import DiagnoseConfig
-from rad_ds.distill.config import DistillConfig
+from rad_ds.distill import DistillConfig
 from rad_ds.eval.passkey import PasskeyTask
 from rad_ds.selection.choice import SelectionError
 from rad_ds.selection.registry import METHODS, get_strategy

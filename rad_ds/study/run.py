@@ -41,10 +41,7 @@ from rad_ds.core.report import DiagnosisReport
 from rad_ds.data.teacher_store import TeacherCacheStore
 from rad_ds.decoding.prompts import encode, load_prompts, prompt_turns
 from rad_ds.diagnosis.run import diagnose
-from rad_ds.distill import distill
-from rad_ds.distill.config import DistillConfig
-from rad_ds.distill.export import consolidated_state_dict
-from rad_ds.distill.summary import RunSummary
+from rad_ds.distill import DistillConfig, RunSummary, consolidated_state_dict, distill
 from rad_ds.models.conversion import load_model
 from rad_ds.selection import calibration_tokens, choose_layers, get_strategy
 from rad_ds.surgery import replace_attention

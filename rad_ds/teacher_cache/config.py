@@ -5,21 +5,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from rad_ds.core.config import Config, ConfigError, at_least, choice, resolve_shipped, section, setting
 from rad_ds.core.dtypes import NAMES_32_16
 from rad_ds.core.sections import ModelRef
+from rad_ds.data.config import DataConfig
 from rad_ds.data.teacher_store import VALUE_DTYPES
-from rad_ds.distill.config import DataConfig
 
-PLACEMENTS = ("replicated", "zero3")
+LOCATIONS = ("replicated", "zero3")
 
 
 @dataclass
 class CacheTeacherConfig(ModelRef):
     """The teacher (``ModelRef``: path, gguf_file, dtype) and where it runs."""
 
-    placement: str = setting("replicated", "replicated: a whole teacher per rank (no communication); zero3: "
+    location: str = setting("replicated", "replicated: a whole teacher per rank (no communication); zero3: "
                                            "partitioned over the ranks (a ZeRO-3 inference engine, teacher.deepspeed)")
     deepspeed: str = setting("ds_configs/zero3_teacher.json", "DeepSpeed config of the zero3 teacher engine")
     offload: bool = setting(False, "zero3: keep the teacher's partitions in CPU memory")
@@ -27,6 +28,8 @@ class CacheTeacherConfig(ModelRef):
 
 @dataclass
 class TeacherCacheConfig(Config):
+    RENAMED: ClassVar[dict[str, str]] = {"teacher.placement": "teacher.location"}
+
     out: str | None = setting(None, "cache directory (manifest.json + shards/); a killed build resumes into it")
     teacher: CacheTeacherConfig = section(CacheTeacherConfig, path="embedded:smollm2", dtype="float32", help={
         "path": "teacher model: HF dir, .gguf or embedded:smollm2 (for self-distillation: the base model)",
@@ -48,14 +51,14 @@ class TeacherCacheConfig(Config):
         if not self.teacher.path:
             raise ConfigError("teacher.path is not set: give --teacher DIR (or embedded:smollm2)")
         choice("teacher.dtype", self.teacher.dtype, NAMES_32_16)
-        choice("teacher.placement", self.teacher.placement, PLACEMENTS)
+        choice("teacher.location", self.teacher.location, LOCATIONS)
         choice("values_dtype", self.values_dtype, VALUE_DTYPES)
         at_least(self, ("k", "micro_batch", "rows_per_shard", "dist_timeout_s", "data.seq_len"), 1)
         if not self.temperature > 0:
             raise ConfigError(f"temperature = {self.temperature} must be > 0")
-        if self.teacher.offload and self.teacher.placement != "zero3":
-            raise ConfigError("teacher.offload needs teacher.placement=zero3")
-        if self.teacher.placement == "zero3":
+        if self.teacher.offload and self.teacher.location != "zero3":
+            raise ConfigError("teacher.offload needs teacher.location=zero3")
+        if self.teacher.location == "zero3":
             p = resolve_shipped(self.teacher.deepspeed)
             if not p.is_file():
                 raise ConfigError(f"teacher.deepspeed: {self.teacher.deepspeed} not found; give a DeepSpeed JSON "

@@ -4,7 +4,7 @@ Every rank packs the same rows (the distillation's own data path, ``load_packed`
 that read it agree on rows and positions by construction (the packed data's fingerprint is in the manifest
 and checked by each run). Shards (``rows_per_shard`` rows each) are dealt to the ranks round by round; a rank
 writes its shard itself, atomically. A killed build resumes: the shards on disk are kept and only the missing
-ones are computed. With ``teacher.placement=zero3`` the teacher is a ZeRO-3 inference engine, so every rank
+ones are computed. With ``teacher.location=zero3`` the teacher is a ZeRO-3 inference engine, so every rank
 makes the same forwards in the same order (a rank without a shard in the last round runs a throw-away row).
 """
 
@@ -25,11 +25,11 @@ from rad_ds.core.progress import progress
 from rad_ds.data import load_packed, tokenizer_fingerprint
 from rad_ds.data.loader import data_fingerprint
 from rad_ds.data.teacher_store import TeacherCacheError, TeacherCacheStore, bytes_per_position
-from rad_ds.distill.build import streamable_source, teacher_identity
-from rad_ds.distill.engines import BatchPlan, fill_ds_config, load_ds_config, teacher_engine
-from rad_ds.distill.faults import fault_point
-from rad_ds.distill.fused import fused_teacher_topk
-from rad_ds.distill.heads import FinalHidden, gathered, head_param
+from rad_ds.engine.engines import BatchPlan, fill_ds_config, load_ds_config, teacher_engine
+from rad_ds.engine.faults import fault_point
+from rad_ds.engine.heads import FinalHidden, gathered, head_param
+from rad_ds.engine.identity import streamable_source, teacher_identity
+from rad_ds.engine.topk import fused_teacher_topk
 from rad_ds.models.conversion import load_config, load_model, load_tokenizer, model_location
 from rad_ds.models.partitioned import build_partitioned
 
@@ -60,7 +60,7 @@ class CacheSummary:
 def build_teacher_cache(cfg: TeacherCacheConfig) -> CacheSummary:
     """Build (or finish) the cache of ``cfg``; collective: call it on every rank."""
     cfg.validate()
-    info = init_distributed(cfg.dist_timeout_s, deepspeed=cfg.teacher.placement == "zero3")
+    info = init_distributed(cfg.dist_timeout_s, deepspeed=cfg.teacher.location == "zero3")
     try:
         # claimed before anything is written into it (a killed build, or a finished one, resumes: the manifest's
         # fingerprint refuses a cache made for other inputs)
@@ -132,7 +132,7 @@ class _CacheBuild:
     def _teacher(self, config):
         """The teacher on this rank: whole (replicated) or a ZeRO-3 inference engine (collective)."""
         cfg, dtype = self.cfg, to_dtype(self.cfg.teacher.dtype)
-        if cfg.teacher.placement == "replicated":
+        if cfg.teacher.location == "replicated":
             model, _ = load_model(cfg.teacher.path, gguf_file=cfg.teacher.gguf_file, dtype=dtype)
             model.eval().requires_grad_(False)
             return model
@@ -148,7 +148,7 @@ class _CacheBuild:
 
     def _compute(self, missing: list[int]) -> None:
         cfg, world, rank = self.cfg, self.world, self.rank
-        lockstep = cfg.teacher.placement == "zero3"  # every rank must run the same forwards
+        lockstep = cfg.teacher.location == "zero3"  # every rank must run the same forwards
         rounds = -(-len(missing) // world)
         per_shard = -(-self.store.rows_per_shard // cfg.micro_batch)
         bar = None
@@ -186,7 +186,7 @@ class _CacheBuild:
         target = torch.from_numpy(p.target[rows].astype(bool))
         device = getattr(self.teacher, "device", torch.device("cpu"))
         rows_sel = target.reshape(-1).nonzero().squeeze(-1).to(device)
-        if self.cfg.teacher.placement == "replicated":
+        if self.cfg.teacher.location == "replicated":
             h = self.teacher.model(ids.to(device), position_ids=pos.to(device), use_cache=False).last_hidden_state
         else:  # a ZeRO-3 engine: through its own forward (which gathers the partitions), one position's logits
             final = FinalHidden(self.teacher)

@@ -30,27 +30,24 @@ from rad_ds.core.io import ProvisionalDir
 from rad_ds.core.outputs import Output, claim, read_marker
 from rad_ds.data import DistillLoader, data_fingerprint, load_packed, tokenizer_fingerprint
 from rad_ds.data.teacher_store import SparseTargets, TeacherCacheStore
+from rad_ds.engine.engines import fill_ds_config, load_ds_config, plan_batch, replicated_teacher, teacher_engine
+from rad_ds.engine.heads import FinalHidden, fused_ok, gathered, head_param
+from rad_ds.engine.identity import teacher_identity
+from rad_ds.models.vocab_parallel import VocabShard
 
 from . import checkpoint as ckpt
-from .build import build_models, check_fingerprint, read_sources, teacher_gguf, teacher_identity
+from .build import build_models, check_fingerprint, read_sources, teacher_gguf
 from .callbacks import Callback, Checkpointing, FaultInjection, NonFiniteGuard, Tracking
 from .checkpoint import to_universal
-from .config import ConfigError, RunConfig
-from .engines import (
-    fill_ds_config,
-    load_ds_config,
-    plan_batch,
-    replicated_teacher,
-    student_engine,
-    teacher_engine,
-)
+from .config import ConfigError, DistillConfig
 from .fused import fused_loss_sums
-from .heads import FinalHidden, fused_ok, gathered, head_param
 from .losses import ce_loss_sum, hidden_loss_sum, kd_loss_sum, sparse_kd_loss_sum
 from .on_policy import OnPolicy, generation_model
+from .optim import student_engine
 from .summary import RunSummary
 from .taps import LayerTaps, tap_outputs
 from .tracking import Tracker, peak_memory_mb, read_metrics, truncate_metrics
+from .vocab_parallel import vocab_parallel_loss_sums
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +73,7 @@ class FusedHeads:
     s_weight: torch.Tensor
     t_hidden: torch.Tensor | None
     t_weight: torch.Tensor | None
+    shard: VocabShard | None = None  # the weights are these rows of the vocabulary (student.vocab_parallel)
 
 
 class LossComputer:
@@ -84,6 +82,7 @@ class LossComputer:
     def __init__(self, loss_cfg, replaced: list[int], vocab_limit: int | None):
         self.cfg, self.layers, self.vocab_limit = loss_cfg, replaced, vocab_limit
         self.kd_on = loss_cfg.kd != "none" and loss_cfg.kd_weight > 0
+        self.divergence = loss_cfg.divergence() if self.kd_on else None  # loss.kd with its parameters
         self.hidden_on = loss_cfg.hidden != "none" and loss_cfg.hidden_weight > 0
         self.ce_on = loss_cfg.ce_weight > 0
 
@@ -105,10 +104,11 @@ class LossComputer:
                 s_w, t_w = heads.s_weight, heads.t_weight
                 if lim is not None:
                     s_w, t_w = s_w[:lim], (t_w[:lim] if t_w is not None else None)
-                out.update(fused_loss_sums(
+                loss_sums = (fused_loss_sums if heads.shard is None
+                             else partial(vocab_parallel_loss_sums, shard=heads.shard))
+                out.update(loss_sums(
                     heads.s_hidden, s_w, heads.t_hidden, t_w, mb.target,
-                    mb.input_ids if self.ce_on else None, c.kd if self.kd_on else None, c.temperature,
-                    c.jsd_beta if c.kd == "jsd" else c.skew_alpha, c.chunk_tokens))
+                    mb.input_ids if self.ce_on else None, self.divergence, c.temperature, None, c.chunk_tokens))
             if self.hidden_on:
                 out["hidden"] = sum(hidden_loss_sum(s_outputs[i], t_outputs[i], mb.token, c.hidden)
                                     for i in self.layers)
@@ -117,12 +117,12 @@ class LossComputer:
             s_logits = s_logits[..., :self.vocab_limit]
             t_logits = t_logits[..., :self.vocab_limit] if t_logits is not None else None
         if self.kd_on:
-            mix = c.jsd_beta if c.kd == "jsd" else c.skew_alpha
             if sparse is not None:
-                out["kd"] = sparse_kd_loss_sum(s_logits, sparse.indices, sparse.logp, sparse.tail, mb.target, c.kd,
-                                               c.temperature, mix, c.chunk_tokens)
+                out["kd"] = sparse_kd_loss_sum(s_logits, sparse.indices, sparse.logp, sparse.tail, mb.target,
+                                               self.divergence, c.temperature, None, c.chunk_tokens)
             else:
-                out["kd"] = kd_loss_sum(s_logits, t_logits, mb.target, c.kd, c.temperature, mix, c.chunk_tokens)
+                out["kd"] = kd_loss_sum(s_logits, t_logits, mb.target, self.divergence, c.temperature, None,
+                                       c.chunk_tokens)
         if self.hidden_on:
             out["hidden"] = sum(hidden_loss_sum(s_outputs[i], t_outputs[i], mb.token, c.hidden)
                                 for i in self.layers)
@@ -152,7 +152,7 @@ def _quiet():
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _resume_point(cfg: RunConfig, root: Path, rank: int) -> Path | None:
+def _resume_point(cfg: DistillConfig, root: Path, rank: int) -> Path | None:
     """The checkpoint to resume from: none, the newest under ``root`` that verifies (``auto``), or the one
     ``checkpoint.resume`` names, verified. Rank 0 checks the files; every rank gets its answer (collective)."""
     resume = cfg.checkpoint.resume
@@ -192,7 +192,7 @@ def _resume_point(cfg: RunConfig, root: Path, rank: int) -> Path | None:
     return found
 
 
-def distill(cfg: RunConfig) -> DistillResult:
+def distill(cfg: DistillConfig) -> DistillResult:
     """Run (or resume) a distillation as described by ``cfg``; collective: call it on every rank."""
     cfg.validate()
     _quiet()
@@ -212,7 +212,7 @@ def distill(cfg: RunConfig) -> DistillResult:
 class DistillRun:
     """One run on one rank; ``run()`` is setup, resume, fit, finish. Callbacks see it as ``callback.run``."""
 
-    def __init__(self, cfg: RunConfig, info, out_dir: ProvisionalDir, output: Output):
+    def __init__(self, cfg: DistillConfig, info, out_dir: ProvisionalDir, output: Output):
         self.cfg, self.out_dir, self.output = cfg, out_dir, output
         self.rank, self.world = info.rank, info.world
         self.local_world = local_world_size(info.world)
@@ -294,7 +294,7 @@ class DistillRun:
                                   self.device, self.rank, self.world, self.models.vocab_limit,
                                   after=self.stage1_steps)
         self.t_taps = self.s_taps = None
-        self.one_copy = self.models.placement.kind == "shared"  # the teacher stream runs inside the student engine
+        self.one_copy = self.models.location.kind == "shared"  # the teacher stream runs inside the student engine
         if (self.losses.hidden_on or self.stage1_steps) and not self.one_copy:
             layers = self.models.replaced_layers
             layerwise = cfg.loss.layerwise or bool(self.stage1_steps)
@@ -358,7 +358,7 @@ class DistillRun:
         if state is not None:
             check_fingerprint(state.get("fingerprint", {}), models.fingerprint, self.tag_dir)
         if self.rank == 0:
-            logger.info("teacher placement: %s (%s)", models.placement.kind, models.teacher_path)
+            logger.info("teacher location: %s (%s)", models.location.kind, models.teacher_path)
         if cfg.student.gradient_checkpointing:
             student = getattr(models.student, "student", models.student)
             if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -409,7 +409,7 @@ class DistillRun:
             s_ds.setdefault("checkpoint", {})["load_universal"] = True
         self.student = student_engine(self.models.student, s_ds, cfg.optim, cfg.train.steps)
         self.device = self.student.device
-        kind, teacher = self.models.placement.kind, self.models.teacher
+        kind, teacher = self.models.location.kind, self.models.teacher
         self.teacher = None if kind in ("shared", "cache") else (
             teacher_engine(teacher, self.t_ds) if kind == "zero3" else replicated_teacher(teacher, self.device))
 
@@ -537,10 +537,11 @@ class DistillRun:
             self.student(ids, position_ids=pos, use_cache=False, logits_to_keep=1)
             s_h = self.s_final.take()
             s_out, t_out = tap_outputs(self.s_taps), tap_outputs(self.t_taps)
+        heads = FusedHeads(s_h, s_w, t_h, t_w, self.models.vocab_shard)
         if not losses.needs_head:
-            return losses.sums(None, None, mb, s_out, t_out, heads=FusedHeads(s_h, s_w, t_h, t_w))
-        with gathered(s_w, t_w):  # ZeRO-3: the whole heads, for the length of the loss (no backward use)
-            return losses.sums(None, None, mb, s_out, t_out, heads=FusedHeads(s_h, s_w, t_h, t_w))
+            return losses.sums(None, None, mb, s_out, t_out, heads=heads)
+        with gathered(s_w, t_w):  # ZeRO-3: the whole heads, for the length of the loss (no backward use; a
+            return losses.sums(None, None, mb, s_out, t_out, heads=heads)  # vocab-parallel head: its rows as they are
 
     def global_loss(self, acc: dict, batch, losses: LossComputer | None = None):
         """The step's loss terms summed over ranks (collective), normalised by the global token counts."""
@@ -625,7 +626,7 @@ class DistillRun:
             "tokens_per_s": (sum(r["tokens_per_s"] * r["step_s"] for r in rows) / max(sum(r["step_s"] for r in rows),
                                                                                      1e-9)) if rows else 0.0,
             "peak_mem_mb": max((r.get("mem_mb", 0.0) for r in rows), default=0.0), "world": self.world,
-            "replaced_layers": self.state.get("replaced_layers"), "teacher_placement": None,
+            "replaced_layers": self.state.get("replaced_layers"), "teacher_location": None, "teacher_placement": None,
             "checkpoint": str(self.tag_dir), "export": str(export_dir) if export_dir else None,
             "finished_after_interruption": True,
         }
@@ -643,7 +644,7 @@ class DistillRun:
             "tokens": self.tokens_seen, "elapsed_s": elapsed,
             "tokens_per_s": self.tokens_run / elapsed if elapsed > 0 else None, "peak_mem_mb": peak_memory_mb(),
             "world": self.world, "replaced_layers": self.models.replaced_layers,
-            "teacher_placement": self.models.placement.kind, "checkpoint": str(self.last_saved),
+            "teacher_location": self.models.location.kind, "teacher_placement": self.models.location.kind, "checkpoint": str(self.last_saved),
             "export": str(export_dir) if export_dir else None,
         }
 

@@ -1,23 +1,25 @@
-"""The two DeepSpeed engines of a distillation and their configs (the process group: ``rad_ds.core.dist``).
+"""DeepSpeed configs and the frozen teacher's engine, shared by the distillation and the teacher cache (the
+process group: ``rad_ds.core.dist``; the student's training engine: ``rad_ds.distill.optim.student_engine``).
 
 * DeepSpeed configs stay in DeepSpeed's JSON format; ``"auto"`` entries are filled from the run config
   and the world size (batch sizes, clipping, precision), explicit values are checked against them.
 * ``teacher_engine``: ZeRO-3, no optimizer, eval mode, never gathered whole; optional CPU offload.
-* ``student_engine``: ZeRO (3 by default) with torch AdamW over the trainable parameters only and a
-  warmup + decay schedule (or the optimizer/scheduler blocks of the DeepSpeed config, if it has them).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydantic
 import torch
 
 from rad_ds.core.dtypes import to_dtype
-from rad_ds.distill.config import ConfigError, load_file
+from rad_ds.core.config import ConfigError, load_file
+from rad_ds.models.sizes import layer_elements
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +78,6 @@ def zero_sizes(config) -> dict:
     persistence threshold (hidden^2, 0.9 hidden^2, 10 hidden), and at most about two decoder layers gathered
     or kept for reuse at once (DeepSpeed's own default of 1e9 elements keeps a model of up to 1e9 parameters
     gathered whole between its uses: a one-copy step uses each layer twice)."""
-    from rad_ds.distill.placement import layer_elements
-
     h = int(config.hidden_size)
     two_layers = 2 * layer_elements(config)
     return {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
@@ -140,10 +140,6 @@ _DS_SECTIONS = {
 def validate_ds_sections(cfg: dict, source: str) -> None:
     """DeepSpeed's own validation of each section, its error turned into one line naming the file and field
     (DeepSpeed raises a pydantic error that names neither)."""
-    import importlib
-
-    import pydantic
-
     for section, (module, name) in _DS_SECTIONS.items():
         if not isinstance(cfg.get(section), dict):
             continue
@@ -158,25 +154,6 @@ def validate_ds_sections(cfg: dict, source: str) -> None:
             field = ".".join(str(x) for x in (section, *err.get("loc", ())))
             raise ConfigError(f"DeepSpeed config {source}: {field} = {err.get('input')!r}: {err.get('msg')}; fix "
                               "that field (see ds_configs/ for working configs)") from None
-
-
-def _fill_optimizer_block(cfg: dict, optim_cfg, total_steps: int) -> None:
-    """A user's own ``optimizer`` / ``scheduler`` blocks: fill their ``"auto"`` params from the run config."""
-    if "optimizer" in cfg:
-        params = cfg["optimizer"].setdefault("params", {})
-        auto = {"lr": optim_cfg.lr, "betas": list(optim_cfg.betas), "eps": optim_cfg.eps,
-                "weight_decay": optim_cfg.weight_decay}
-        for k, v in auto.items():
-            if params.get(k) == "auto":
-                params[k] = v
-        if not torch.cuda.is_available() and cfg["optimizer"].get("type", "").lower() in ("adam", "adamw"):
-            params.setdefault("torch_adam", True)  # FusedAdam needs a CUDA build
-    if "scheduler" in cfg:
-        params = cfg["scheduler"].setdefault("params", {})
-        for k, v in {"total_num_steps": total_steps, "warmup_num_steps": optim_cfg.warmup_steps,
-                     "warmup_max_lr": optim_cfg.lr}.items():
-            if params.get(k) == "auto":
-                params[k] = v
 
 
 # -- engines --------------------------------------------------------------------------------------
@@ -202,27 +179,5 @@ def replicated_teacher(model, device):
     return model.to(device)
 
 
-def student_engine(model, ds_cfg: dict, optim_cfg, total_steps: int):
-    """The training engine; the optimizer sees only ``requires_grad`` parameters."""
-    import deepspeed
-
-    from .optim import build_optimizer, build_scheduler
-
-    cfg = copy.deepcopy(ds_cfg)
-    _fill_optimizer_block(cfg, optim_cfg, total_steps)
-    optimizer = scheduler = None
-    if "optimizer" not in cfg:
-        optimizer = build_optimizer(model, optim_cfg)
-        if "scheduler" not in cfg:
-            scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params if optimizer is None else None, optimizer=optimizer,
-        lr_scheduler=scheduler, config=cfg,
-    )
-    engine.train()
-    return engine
-
-
-__all__ = ["BatchPlan", "fill_ds_config", "load_ds_config", "plan_batch", "replicated_teacher", "student_engine",
-           "teacher_engine", "zero_sizes"]
+__all__ = ["BatchPlan", "fill_ds_config", "load_ds_config", "plan_batch", "replicated_teacher", "teacher_engine",
+           "zero_sizes"]

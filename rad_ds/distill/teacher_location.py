@@ -23,38 +23,16 @@ import torch
 
 from rad_ds.core.dtypes import to_dtype
 
+from rad_ds.models.sizes import layer_elements, param_count  # noqa: F401 - param_count: part of this API
+
 from .config import ConfigError
 
 GIB = 1 << 30
-HEADROOM = 0.9  # the most of a device a placement may plan for weights alone
-
-
-def param_count(config) -> int:
-    """Parameters of a RadHybridForCausalLM of ``config`` (tied embeddings once), counted on the meta device."""
-    from rad_ds.models import RadHybridForCausalLM
-
-    with torch.device("meta"):
-        model = RadHybridForCausalLM(config)
-    return sum(p.numel() for p in model.parameters())
-
-
-def layer_elements(config) -> int:
-    """Parameters of the largest decoder layer of ``config`` (attention or Mamba2 mixer, MLP, norms)."""
-    import copy
-
-    from rad_ds.models.modeling_rad_hybrid import RadDecoderLayer
-
-    sizes = []
-    for kind in ("attention", "mamba2"):  # a base's attention layers become mixers in its student
-        one = copy.deepcopy(config)
-        one.layer_types = [kind] * one.num_hidden_layers
-        with torch.device("meta"):
-            sizes.append(sum(p.numel() for p in RadDecoderLayer(one, 0).parameters()))
-    return max(sizes)
+HEADROOM = 0.9  # the most of a device a location may plan for weights alone
 
 
 def device_memory(cfg_gb: float | None, local_world: int) -> tuple[int, str]:
-    """(bytes per rank, what they are) for the placement check."""
+    """(bytes per rank, what they are) for the location check."""
     if cfg_gb is not None:
         return int(cfg_gb * GIB), "teacher.device_memory_gb"
     if torch.cuda.is_available():
@@ -67,7 +45,7 @@ def host_memory() -> int:
 
 
 @dataclass
-class Placement:
+class TeacherLocation:
     kind: str
     teacher_bytes: int
     per_rank_bytes: int  # the teacher's weights a rank holds (device, or host when offloaded)
@@ -77,15 +55,15 @@ def _gb(n: int) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
-def resolve_placement(cfg, self_distill: bool, teacher_config, t_ds: dict, world: int, local_world: int) -> Placement:
-    """The teacher's placement for this run, or a one-line ConfigError saying what does not fit and what would."""
+def resolve_location(cfg, self_distill: bool, teacher_config, t_ds: dict, world: int, local_world: int) -> TeacherLocation:
+    """Where the teacher runs in this run, or a one-line ConfigError saying what does not fit and what would."""
     t = cfg.teacher
     nbytes = param_count(teacher_config) * torch.empty((), dtype=to_dtype(cfg.model.dtype)).element_size()
     device, what = device_memory(t.device_memory_gb, local_world)
-    kind = t.placement
+    kind = t.location
     if kind == "shared" and not self_distill:
-        raise ConfigError(f"teacher.placement=shared needs self-distillation (the teacher is the base itself); the "
-                          f"teacher here is {t.path}: use teacher.placement=replicated or zero3")
+        raise ConfigError(f"teacher.location=shared needs self-distillation (the teacher is the base itself); the "
+                          f"teacher here is {t.path}: use teacher.location=replicated or zero3")
     if kind == "auto":
         if self_distill and not t.offload:
             kind = "shared"
@@ -94,17 +72,17 @@ def resolve_placement(cfg, self_distill: bool, teacher_config, t_ds: dict, world
         else:
             kind = "zero3"
     if kind == "shared":
-        return Placement(kind, nbytes, 0)
+        return TeacherLocation(kind, nbytes, 0)
     if kind == "replicated":
         if nbytes > HEADROOM * device:
             raise ConfigError(
-                f"teacher.placement=replicated: the teacher's weights take {_gb(nbytes)} per rank, {what} has "
-                f"{_gb(device)}: use teacher.placement=zero3 ({_gb(nbytes // world)} per rank on {world} ranks)")
-        return Placement(kind, nbytes, nbytes)
+                f"teacher.location=replicated: the teacher's weights take {_gb(nbytes)} per rank, {what} has "
+                f"{_gb(device)}: use teacher.location=zero3 ({_gb(nbytes // world)} per rank on {world} ranks)")
+        return TeacherLocation(kind, nbytes, nbytes)
     stage = (t_ds.get("zero_optimization") or {}).get("stage")
     if stage != 3:
-        raise ConfigError(f"teacher.deepspeed {t.deepspeed} has zero_optimization.stage {stage}: teacher.placement="
-                          "zero3 needs stage 3 (ds_configs/zero3_teacher.json), or use teacher.placement=replicated")
+        raise ConfigError(f"teacher.deepspeed {t.deepspeed} has zero_optimization.stage {stage}: teacher.location="
+                          "zero3 needs stage 3 (ds_configs/zero3_teacher.json), or use teacher.location=replicated")
     share = -(-nbytes // world)
     if t.offload:
         node, node_need = host_memory(), share * local_world
@@ -113,9 +91,9 @@ def resolve_placement(cfg, self_distill: bool, teacher_config, t_ds: dict, world
                               f"node ({local_world} ranks), the host has {_gb(node)}: use more nodes")
     elif share > HEADROOM * device:
         raise ConfigError(
-            f"teacher.placement=zero3: the teacher's partition takes {_gb(share)} per rank on {world} ranks, {what} "
+            f"teacher.location=zero3: the teacher's partition takes {_gb(share)} per rank on {world} ranks, {what} "
             f"has {_gb(device)}: add teacher.offload=true (host memory) or more ranks")
-    return Placement(kind, nbytes, share)
+    return TeacherLocation(kind, nbytes, share)
 
 
-__all__ = ["Placement", "device_memory", "host_memory", "layer_elements", "param_count", "resolve_placement"]
+__all__ = ["TeacherLocation", "device_memory", "host_memory", "layer_elements", "param_count", "resolve_location"]
