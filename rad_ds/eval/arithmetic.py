@@ -73,6 +73,7 @@ def check_settings(digits: int, terms: int, operators: str) -> None:
 
 class ArithmeticTask(GenerationTask):
     name = "arithmetic"
+    takes_data = False
     metric = "exact_match"
     default_max_new_tokens = 16
     plain_stop = ("\n",)

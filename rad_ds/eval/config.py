@@ -11,11 +11,12 @@ from rad_ds.core.config import Config, ConfigError, at_least, section, setting
 from rad_ds.core.dtypes import NAMES_32_16 as DTYPES
 from rad_ds.core.sections import WandbConfig
 
-from .registry import REGISTRY
+from .registry import REGISTRY, Names
 
-TASKS = tuple(REGISTRY)  # every task, in the registry's order (``all``)
-GENERATION_TASKS = tuple(n for n, s in REGISTRY.items() if s.kind == "generation")
-DATA_TASKS = tuple(n for n, s in REGISTRY.items() if s.data is not None)  # tasks that read a --data file
+# live views of the registry: a task registered after this import is in them (the help texts below are not)
+TASKS = Names()  # every task, in the registry's order (``all``)
+GENERATION_TASKS = Names(kind="generation")
+DATA_TASKS = Names(takes_data=True)  # tasks that read a --data file
 
 
 def expand_tasks(tasks: list[str]) -> list[str]:

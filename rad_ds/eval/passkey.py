@@ -111,6 +111,7 @@ def first_number(output: str) -> str | None:
 
 class PasskeyTask(GenerationTask):
     name = "passkey"
+    takes_data = False
     metric = "exact_match"
     default_max_new_tokens = 16
     plain_stop = ("\n",)

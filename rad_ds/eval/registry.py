@@ -1,6 +1,8 @@
 """The evaluation tasks: one table, name -> what runs it and its flags. Config validation, ``--tasks``/``--data``
 help, ``all``, the sandbox check and the runner's dispatch all read it, so a new task is a module with a
-``GenerationTask`` subclass plus one line here.
+``GenerationTask`` subclass plus one line here (or ``register`` at run time: a plug-in, a test; docs/extending.md).
+The checks and the dispatch read the table live (``Names``); the ``--help`` texts list it as it was when
+``rad_ds.eval.config`` was imported.
 
 ``kind`` says which runner takes the task (``runner.KIND_RUNNERS``, one per kind): ``generation`` (greedy
 generation scored per sample: ``run.run_generation_task`` with the task's ``GenerationTask``), ``ppl``
@@ -9,6 +11,7 @@ generation scored per sample: ``run.run_generation_task`` with the task's ``Gene
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .arithmetic import ArithmeticTask
@@ -35,6 +38,10 @@ class TaskSpec:
         return self.task.from_config(cfg)
 
     @property
+    def takes_data(self) -> bool:
+        return self.data is not None
+
+    @property
     def max_new_tokens(self) -> int | None:
         return self.task.default_max_new_tokens if self.task is not None else 64 if self.kind == "speed" else None
 
@@ -55,16 +62,63 @@ REGISTRY: dict[str, TaskSpec] = {
 }
 
 
+def _check(name: str, spec: TaskSpec) -> None:
+    if spec.kind not in KINDS:
+        raise ValueError(f"task {name}: kind {spec.kind!r} is not one of {KINDS}")
+    if (spec.kind == "generation") != (spec.task is not None):
+        raise ValueError(f"task {name}: a generation task needs its GenerationTask class, others none")
+    if spec.task is not None and spec.task.name != name:
+        raise ValueError(f"task {name}: its class calls itself {spec.task.name!r}")
+    if spec.task is not None and spec.task.takes_data != spec.takes_data:
+        raise ValueError(f"task {name}: its class says takes_data = {spec.task.takes_data}, its entry's data is "
+                         f"{spec.data!r}; give data (what a --data file holds) exactly when the task reads one")
+
+
 def check_registry() -> None:
     for name, spec in REGISTRY.items():
-        if spec.kind not in KINDS:
-            raise ValueError(f"task {name}: kind {spec.kind!r} is not one of {KINDS}")
-        if (spec.kind == "generation") != (spec.task is not None):
-            raise ValueError(f"task {name}: a generation task needs its GenerationTask class, others none")
-        if spec.task is not None and spec.task.name != name:
-            raise ValueError(f"task {name}: its class calls itself {spec.task.name!r}")
+        _check(name, spec)
+
+
+def register(name: str, spec: TaskSpec, replace: bool = False) -> TaskSpec:
+    """Add a task at run time (``replace``: over an entry of the same name), checked as the built-ins are."""
+    if name in REGISTRY and not replace:
+        raise ValueError(f"evaluation task {name!r} is already registered; pass replace=True")
+    _check(name, spec)
+    REGISTRY[name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    """Remove a task (one registered at run time, e.g. by a test)."""
+    REGISTRY.pop(name, None)
+
+
+def names(**fields) -> tuple[str, ...]:
+    """Registered names in table order; ``fields``: only those whose attributes equal these (``kind="ppl"``)."""
+    return tuple(n for n, s in REGISTRY.items() if all(getattr(s, f) == v for f, v in fields.items()))
+
+
+class Names(Sequence):
+    """The registered names (those matching ``fields``), read at each use: a task registered later is in it."""
+
+    def __init__(self, **fields):
+        self.fields = fields
+
+    def __getitem__(self, i):
+        return names(**self.fields)[i]
+
+    def __len__(self) -> int:
+        return len(names(**self.fields))
+
+    def __eq__(self, other) -> bool:
+        return tuple(self) == tuple(other) if isinstance(other, Sequence) and not isinstance(other, str) else False
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return repr(names(**self.fields))
 
 
 check_registry()
 
-__all__ = ["KINDS", "REGISTRY", "TaskSpec"]
+__all__ = ["KINDS", "Names", "REGISTRY", "TaskSpec", "names", "register", "unregister"]

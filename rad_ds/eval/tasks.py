@@ -26,7 +26,7 @@ class GenerationTask:
     metric: str = ""
     default_max_new_tokens: int = 256
     plain_stop: tuple[str, ...] = ()  # stop strings for plain-text prompting (chat: the EOS token ends it)
-    takes_data: bool = True
+    takes_data: bool = True  # reads a --data file (False: generates its samples); its registry entry's data agrees
     batch_tokens: int | None = None  # cap on prompt tokens per batch (long prompts: fewer of them at a time)
     chat_prompts: bool = True  # False: a completion task, plain-text prompts even under a chat template
 
