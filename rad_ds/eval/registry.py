@@ -11,8 +11,9 @@ generation scored per sample: ``run.run_generation_task`` with the task's ``Gene
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+
+from rad_ds.core.live_names import LiveNames
 
 from .arithmetic import ArithmeticTask
 from .cruxeval import CruxEvalTask
@@ -98,25 +99,9 @@ def names(**fields) -> tuple[str, ...]:
     return tuple(n for n, s in REGISTRY.items() if all(getattr(s, f) == v for f, v in fields.items()))
 
 
-class Names(Sequence):
-    """The registered names (those matching ``fields``), read at each use: a task registered later is in it."""
-
-    def __init__(self, **fields):
-        self.fields = fields
-
-    def __getitem__(self, i):
-        return names(**self.fields)[i]
-
-    def __len__(self) -> int:
-        return len(names(**self.fields))
-
-    def __eq__(self, other) -> bool:
-        return tuple(self) == tuple(other) if isinstance(other, Sequence) and not isinstance(other, str) else False
-
-    __hash__ = None
-
-    def __repr__(self) -> str:
-        return repr(names(**self.fields))
+def Names(**fields) -> LiveNames:  # noqa: N802 - used like the class it was
+    """The registered names (those matching ``fields``), read at each use (:class:`~rad_ds.core.live_names.LiveNames`)."""
+    return LiveNames(lambda: names(**fields))
 
 
 check_registry()

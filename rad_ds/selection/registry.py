@@ -17,8 +17,10 @@ function, ``choose(k, inputs) -> Choice``. Adding a strategy is a new file with 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from rad_ds.core.live_names import LiveNames
 
 from .choice import Choice, Inputs, SelectionError
 from .cosine import cosine_strategy
@@ -74,26 +76,9 @@ def get_strategy(name: str, what: str = "student.placement") -> Strategy:
         raise SelectionError(f"{what}: {name!r} is not a placement method; use one of {', '.join(names())}") from None
 
 
-class Names(Sequence):
-    """The registered names (those matching ``needs``), read at each use: a name registered later is in it. For
-    ``in`` checks and lists in messages that must see the table as it is, not as it was at import."""
-
-    def __init__(self, **needs):
-        self.needs = needs
-
-    def __getitem__(self, i):
-        return names(**self.needs)[i]
-
-    def __len__(self) -> int:
-        return len(names(**self.needs))
-
-    def __eq__(self, other) -> bool:
-        return tuple(self) == tuple(other) if isinstance(other, Sequence) and not isinstance(other, str) else False
-
-    __hash__ = None
-
-    def __repr__(self) -> str:
-        return repr(names(**self.needs))
+def Names(**needs) -> LiveNames:  # noqa: N802 - used like the class it was
+    """The registered names (those matching ``needs``), read at each use (:class:`~rad_ds.core.live_names.LiveNames`)."""
+    return LiveNames(lambda: names(**needs))
 
 
 _BUILT_IN = (
