@@ -188,7 +188,7 @@ def test_trainer_fused_equals_logits_path(base, tmp_path, placement):
         return distill(L.make_config(args))
 
     on, off = run("on", "true"), run("off", "false")
-    assert on.summary["teacher_placement"] == placement
+    assert on.summary["teacher_location"] == placement
     for got, want in zip(on.losses, off.losses, strict=True):
         for key in ("loss", "kd", "hidden", "ce", "grad_norm"):
             if key in want:

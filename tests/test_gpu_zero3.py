@@ -26,7 +26,7 @@ def test_zero3_construction_and_one_copy_on_cuda(cuda, tmp_path, dtype):
     args = run_args(tmp_path, base, data, None, steps=3) + ["--layers", "2,4", f"--model.dtype={dtype}"]
     two = _distill(L.make_config([*args, "--out", str(tmp_path / "two"), "--teacher.location=zero3"]))
     one = _distill(L.make_config([*args, "--out", str(tmp_path / "one")]))
-    assert one.summary["teacher_placement"] == "shared" and two.summary["teacher_placement"] == "zero3"
+    assert one.summary["teacher_location"] == "shared" and two.summary["teacher_location"] == "zero3"
     assert next(one.engine.module.parameters()).device.type == "cuda"
     tol = 1e-5 if dtype == "float32" else 2e-2
     for a, b in zip(one.losses, two.losses):

@@ -65,10 +65,10 @@ def test_one_copy_equals_two_engines_with_resume(base, tmp_path, extra):
         return L.make_config([*args, "--out", str(out), *more])
 
     two = _distill(cfg(tmp_path / "two", "--teacher.location=zero3"))
-    assert two.summary["teacher_placement"] == "zero3"
+    assert two.summary["teacher_location"] == "zero3"
     # one copy, interrupted after 3 steps and resumed: the same steps as the uninterrupted two-engine run
     first = _distill(cfg(tmp_path / "one", "--train.stop_after=3"))
-    assert first.summary["teacher_placement"] == "shared"  # auto picks one copy for self-distillation
+    assert first.summary["teacher_location"] == "shared"  # auto picks one copy for self-distillation
     rest = _distill(cfg(tmp_path / "one", "--resume", "auto"))
     assert rest.start_step == 3
     _rows_equal(first.losses + rest.losses, two.losses, range(1, 6))
@@ -108,7 +108,7 @@ def test_one_copy_two_ranks_resumed_equals_two_engines_one_process(base, tmp_pat
 BUILD_SCRIPT = r'''
 import json, math, sys
 import torch
-import rad_ds.models.conversion as conversion
+import rad_ds.distill.build as build  # build_models calls its load_model
 from rad_ds.core.dist import init_distributed
 from rad_ds.distill.build import build_models
 from rad_ds.engine.engines import fill_ds_config, load_ds_config, plan_batch
@@ -120,14 +120,14 @@ plan = plan_batch(cfg.train, info.world)
 s_ds = fill_ds_config(load_ds_config(cfg.deepspeed), plan, cfg.model.dtype, cfg.deepspeed)
 t_ds = fill_ds_config(load_ds_config(cfg.teacher.deepspeed), plan, cfg.model.dtype, cfg.teacher.deepspeed,
                       optimizer=False)
-whole = conversion.load_model
+whole = build.load_model
 def refuse(*a, **k):
     raise AssertionError("a whole model was loaded")
-conversion.load_model = refuse
+build.load_model = refuse
 shared = build_models(cfg, s_ds, t_ds, info.world, info.world)
 cfg.teacher.location = "zero3"
 two = build_models(cfg, s_ds, t_ds, info.world, info.world)
-conversion.load_model = whole
+build.load_model = whole
 plain = build_models(cfg, location="replicated")
 import deepspeed
 want = {**plain.student.state_dict(), **{"T." + k: v for k, v in plain.teacher.state_dict().items()}}
@@ -168,7 +168,7 @@ def test_zero3_construction_two_ranks_no_whole_model(base, tmp_path):
 
 def test_up_front_checks_fail_before_any_weights_load(base, tmp_path, capsys, monkeypatch):
     d, b, text = base
-    import rad_ds.models.conversion as conversion
+    import rad_ds.distill.build as build
 
     def refuse(*a, **k):
         raise AssertionError("weights were loaded before the check")
@@ -178,7 +178,7 @@ def test_up_front_checks_fail_before_any_weights_load(base, tmp_path, capsys, mo
     big = save_base(tmp_path, name="big", num_hidden_layers=5, intermediate_size=256)
     stage2 = ds_config(tmp_path, name="teacher_stage2.json", stage=2)
     good = run_args(tmp_path, b, text, tmp_path / "good", steps=1)
-    monkeypatch.setattr(conversion, "load_model", refuse)
+    monkeypatch.setattr(build, "load_model", refuse)
     cases = [
         (["--teacher", wide], "has hidden size 96 and the student 64; set loss.hidden_weight=0"),
         (["--teacher", big, "--teacher.location=replicated", "--teacher.device_memory_gb=0.0001"],

@@ -58,7 +58,7 @@ def test_pipeline_end_to_end_and_resume(tmp_path):
     final_cfg = json.loads((run / "distill" / "final" / "config.json").read_text())
     assert final_cfg["replaced_layers"]["layers"] == layers
     # self-distillation: the distill stage rebuilt the same student from the base, its teacher held once
-    assert json.loads((run / "distill" / "summary.json").read_text())["teacher_placement"] == "shared"
+    assert json.loads((run / "distill" / "summary.json").read_text())["teacher_location"] == "shared"
     from safetensors.torch import load_file
 
     built, written = load_file(run / "student" / "model.safetensors"), load_file(run / "distill" / "final" /

@@ -133,7 +133,7 @@ def test_distill_two_ranks_then_export(qwen3_run, tmp_path, capsys):
             timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["world"], summary["teacher_placement"], summary["last_step"]) == (2, "shared", 2)
+    assert (summary["world"], summary["teacher_location"], summary["last_step"]) == (2, "shared", 2)
     student = RadHybridForCausalLM.from_pretrained(str(out / "final")).eval()
     assert student.config.layer_types == ["attention", "mamba2", "mamba2", "attention"]
     assert student.config.qk_norm and student.model.layers[0].self_attn.q_norm is not None

@@ -111,7 +111,7 @@ def test_second_stage_from_a_cache(base, tmp_path):
     _build(b, data, tmp_path / "cache", k=10_000, values_dtype="float32")
     online = _distill(_cfg(tmp_path, base, tmp_path / "online")).losses
     cached = _distill(_cfg(tmp_path, base, tmp_path / "cached", **{"teacher.cache": tmp_path / "cache"}))
-    assert cached.summary["teacher_placement"] == "shared"
+    assert cached.summary["teacher_location"] == "shared"
     for a, c in zip(online, cached.losses, strict=True):
         assert c["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), a["step"]
 

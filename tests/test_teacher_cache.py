@@ -75,7 +75,7 @@ def test_full_k_cache_equals_online_teacher(base, tmp_path):
     assert summary.k == 320 and summary.positions > 0  # k clipped to the vocabulary
     online = distill(_run_cfg(tmp_path, b, data, tmp_path / "online"))
     cached = distill(_run_cfg(tmp_path, b, data, tmp_path / "cached", **{"teacher.cache": tmp_path / "cache"}))
-    assert cached.summary["teacher_placement"] == "cache" and online.summary["teacher_placement"] == "shared"
+    assert cached.summary["teacher_location"] == "cache" and online.summary["teacher_location"] == "shared"
     for a, c in zip(online.losses, cached.losses, strict=True):  # float32 round-off of two summation orders
         assert c["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
         assert c["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)

@@ -40,7 +40,7 @@ def _run_settings(s: OracleSettings, placement: str) -> dict:
             "optim__grad_clip": s.grad_clip, "loss__kd": "forward_kl", "loss__temperature": s.temperature,
             "loss__kd_weight": s.kd_weight, "loss__hidden": "mse", "loss__hidden_weight": s.hidden_weight,
             "loss__ce_weight": s.ce_weight, "student__trainable": "mamba", "student__init": "attention",
-            "teacher__placement": placement}
+            "teacher__location": placement}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def _trainer_steps(tmp_path, tiny, placement, monkeypatch):
     cfg = load_launcher("distill").make_config(args)
     result = distill(cfg)
     monkeypatch.setattr(deepspeed.DeepSpeedEngine, "forward", forward)
-    assert result.summary["teacher_placement"] == placement
+    assert result.summary["teacher_location"] == result.summary["teacher_placement"] == placement
     assert [r["step"] for r in result.losses] == [1, 2] and len(calls) == 4  # 2 steps x 2 micro-batches
     states = {}
     for step in (1, 2):

@@ -28,6 +28,9 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import yaml
+
+from .io import write_json_atomic
 from .layers import parse_int_list
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -87,8 +90,6 @@ class Config:
         return cls.from_dict(load_file(resolve_shipped(path), what=what), source=str(path))
 
     def save(self, path: str | Path) -> None:
-        from .io import write_json_atomic
-
         write_json_atomic(path, self.to_dict())
 
     # -- access by dotted name -------------------------------------------------------------------
@@ -188,8 +189,6 @@ def load_file(path: str | Path, what: str = "--config", hint: str = "") -> dict:
         if p.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
-
             data = yaml.safe_load(text)
     except Exception as e:  # noqa: BLE001 - json / yaml parse errors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -349,8 +348,6 @@ def _coerce_list(value, elem, where: str) -> list:
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            import yaml
-
             value = yaml.safe_load(text)
         elif elem is int:
             try:

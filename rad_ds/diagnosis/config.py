@@ -8,6 +8,7 @@ from typing import ClassVar
 from rad_ds.core.config import Config, ConfigError, at_least, choice, resolve_shipped, section, setting
 from rad_ds.core.dtypes import NAMES as DTYPE_NAMES
 from rad_ds.core.sections import ModelRef, WandbConfig
+from rad_ds.data.sources import DataError, resolve_files
 
 from .signals import SIGNALS
 
@@ -86,8 +87,6 @@ class DiagnoseConfig(Config):
             raise ConfigError(f"source = {self.source}: set data (--data FILE, the distillation data) to score "
                               "masks on its documents")
         if self.data:
-            from rad_ds.data.sources import DataError, resolve_files
-
             found = resolve_shipped(self.data)
             try:
                 if resolve_files(str(found))[0] != "hub":

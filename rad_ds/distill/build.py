@@ -21,8 +21,11 @@ from rad_ds.core.dtypes import to_dtype
 from rad_ds.data.teacher_store import TeacherCacheStore
 from rad_ds.distill.config import ConfigError
 from rad_ds.engine.identity import config_hash, source_weights_hash, streamable_source, teacher_identity, weights_hash
-from rad_ds.models.partitioned import zero3_enabled
+from rad_ds.models.conversion import load_config, load_model, load_tokenizer, model_location
+from rad_ds.models.partitioned import build_partitioned, zero3_enabled
 from rad_ds.models.vocab_parallel import VocabShard, shard_vocab
+from rad_ds.selection import choose_for_run
+from rad_ds.surgery import check_layers, layers_from_report, mark_replaced, new_mixer, replace_attention
 
 from .one_copy import SelfDistillModel
 from .optim import set_trainable
@@ -105,9 +108,6 @@ def _teacher_of(cfg, base_config) -> tuple[str, bool]:
 
 def read_sources(cfg) -> Sources:
     """Configs, layer selection and tokenizers of a run, checked against each other before any weights load."""
-    from rad_ds.models.conversion import load_config, load_tokenizer, model_location
-    from rad_ds.surgery import check_layers, layers_from_report
-
     base = load_config(cfg.model.path, cfg.model.gguf_file)
     tok = load_tokenizer(*model_location(cfg.model.path, cfg.model.gguf_file))
     if tok is None:
@@ -119,8 +119,6 @@ def read_sources(cfg) -> Sources:
     selection: dict = {}
     layers = cfg.student.layers
     if getattr(cfg.student, "placement", None) is not None:  # a named strategy (rad_ds.selection), on rank 0
-        from rad_ds.selection import choose_for_run
-
         layers, selection = choose_for_run(cfg, base, tok)
     elif cfg.student.report is not None:
         layers, selection = layers_from_report(cfg.student.report, int(cfg.student.k), base)
@@ -225,10 +223,6 @@ def teacher_gguf(cfg, src: Sources) -> str | None:
 
 def _build_student(cfg, src: Sources, s_ds, source, dtype, keep_attention: bool, copy_teacher: bool):
     """(student, original attention of the replaced layers, a whole copy of the base or None, weights hash)."""
-    from rad_ds.models.conversion import load_model
-    from rad_ds.models.partitioned import build_partitioned
-    from rad_ds.surgery import mark_replaced, new_mixer, replace_attention
-
     st = cfg.student
     if source is not None:
         config = copy.deepcopy(src.base_config)
@@ -257,9 +251,6 @@ def _build_student(cfg, src: Sources, s_ds, source, dtype, keep_attention: bool,
 
 def _build_teacher(cfg, src: Sources, t_ds, source, dtype, partitioned: bool, teacher_copy):
     """(teacher, weights hash): partitioned from its safetensors, the base's copy, or loaded whole."""
-    from rad_ds.models.conversion import load_model
-    from rad_ds.models.partitioned import build_partitioned
-
     if partitioned:
         built = build_partitioned(src.teacher_config, source, t_ds, dtype)
         return built.model, source_weights_hash(source, src.teacher_config, dtype)

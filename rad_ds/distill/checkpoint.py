@@ -20,6 +20,7 @@ last ``keep`` complete checkpoints are kept; leftovers of interrupted saves are 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -322,8 +323,6 @@ def load_engine_state(engine, tag_dir: Path, universal: bool = False, strict: bo
 def to_universal(tag_dir: Path, work_dir: Path, rank: int = 0) -> Path:
     """Convert a ZeRO checkpoint to DeepSpeed's universal format (rank 0; collective barrier), so it loads
     on a different number of ranks. Returns the converted tag directory under ``work_dir``."""
-    import argparse
-
     target = Path(work_dir) / tag_dir.name
     err = None
     if rank == 0:

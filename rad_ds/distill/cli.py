@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
-from rad_ds.core.cli import Flag, parse_config, run_cli
+import torch
 
+from rad_ds.core.cli import Flag, parse_config, run_cli
+from rad_ds.core.dtypes import to_dtype
+
+from .checkpoint import NonFiniteError
 from .config import DistillConfig
+from .export import export_any
+from .run import distill
 
 # friendly flag -> dotted setting
 FLAGS = {flag: Flag(key) for flag, key in {
@@ -36,11 +43,6 @@ def _summary_line(s: dict) -> str:
 
 
 def run(argv: list[str] | None = None, doc: str | None = None) -> int:
-    import torch
-
-    from .checkpoint import NonFiniteError
-    from .run import distill
-
     cfg = make_config(argv, doc)
     try:
         result = distill(cfg)
@@ -65,8 +67,6 @@ def main(argv: list[str] | None = None, doc: str | None = None) -> int:
 
 
 def export_main(argv: list[str] | None = None, doc: str | None = None) -> int:
-    import argparse
-
     def run_export(a):
         ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         src = ap.add_mutually_exclusive_group(required=True)
@@ -81,10 +81,6 @@ def export_main(argv: list[str] | None = None, doc: str | None = None) -> int:
         ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
         ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
         args = ap.parse_args(a)
-        from rad_ds.core.dtypes import to_dtype
-
-        from .export import export_any
-
         if args.model and args.format != "native":
             ap.error("--model DIR is already a rad_hybrid directory: give --format native to convert it")
         out = export_any(args.checkpoint or args.model, args.out, native=args.format == "native",

@@ -12,13 +12,26 @@ the shards into one in-memory model. One process, no process group; the director
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from rad_ds.core.dtypes import to_dtype
+from rad_ds.core.io import atomic_dir
+from rad_ds.core.logs import LIBRARY
+from rad_ds.core.outputs import check
+from rad_ds.engine.faults import fault_point
+from rad_ds.engine.identity import source_weights_hash
+from rad_ds.models import RadHybridConfig, RadHybridForCausalLM
+from rad_ds.models.conversion import load_tokenizer, model_location, write_model_files, write_model_metadata
+from rad_ds.models.native import check_native, export_native
+from rad_ds.models.weights import SafetensorsWriter, WeightSource
 
 from .checkpoint import HF_DIR, CheckpointError, read_state, resolve_checkpoint
 from .one_copy import student_state
@@ -28,12 +41,7 @@ logger = logging.getLogger(__name__)
 
 def consolidated_state_dict(tag_dir: Path, trainable_only: bool = False) -> dict:
     """fp32 parameters of a checkpoint under the student's names (a one-copy run's teacher attention dropped)."""
-    import contextlib
-    import io
-
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from rad_ds.core.logs import LIBRARY
 
     chatter = io.StringIO()  # zero_to_fp32 prints each file and shape: into OUT/rad_ds.log, not the terminal
     with contextlib.redirect_stdout(chatter):
@@ -45,9 +53,6 @@ def consolidated_state_dict(tag_dir: Path, trainable_only: bool = False) -> dict
 
 def load_checkpoint_model(checkpoint: str | Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer, tag_dir) of a checkpoint, the weights consolidated in float32 then cast."""
-    from rad_ds.models import RadHybridConfig, RadHybridForCausalLM
-    from rad_ds.models.conversion import load_tokenizer
-
     tag_dir = resolve_checkpoint(checkpoint)
     if not (tag_dir / HF_DIR / "config.json").is_file():
         raise CheckpointError(f"checkpoint {tag_dir}: no {HF_DIR}/config.json; was it written by rad-ds distill?")
@@ -67,8 +72,6 @@ def load_checkpoint_model(checkpoint: str | Path, dtype: torch.dtype = torch.flo
 
 def tensor_layout(config) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor a saved student holds, in state-dict order (a tied LM head once)."""
-    from rad_ds.models import RadHybridForCausalLM
-
     with torch.device("meta"):
         model = RadHybridForCausalLM(config)
     sd = model.state_dict()
@@ -79,11 +82,6 @@ def tensor_layout(config) -> list[tuple[str, tuple[int, ...]]]:
 
 def _base_source(tag_dir: Path, state: dict, config, run_dtype):
     """The run's base model as a safetensors source whose weights are the ones the run started from, or None."""
-    from rad_ds.models.conversion import model_location
-    from rad_ds.models.weights import WeightSource
-
-    from .build import source_weights_hash
-
     model = state.get("model")
     if not model:
         return None
@@ -102,8 +100,6 @@ def _base_source(tag_dir: Path, state: dict, config, run_dtype):
 
 
 def _stream_weights(path: Path, config, trained: dict, source, run_dtype, dtype) -> None:
-    from rad_ds.models.weights import SafetensorsWriter
-
     layout = tensor_layout(config)
     with SafetensorsWriter(path, [(n, s, dtype) for n, s in layout], metadata={"format": "pt"}) as w:
         for name, _ in layout:
@@ -119,12 +115,6 @@ def _stream_weights(path: Path, config, trained: dict, source, run_dtype, dtype)
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False,
                       dtype: torch.dtype = torch.float32) -> Path:
     """Write the student of ``checkpoint`` (a run dir, its ``checkpoints/`` or a ``step_*`` dir) to ``out_dir``."""
-    from rad_ds.core.io import atomic_dir
-    from rad_ds.models import RadHybridConfig
-    from rad_ds.models.conversion import load_tokenizer, write_model_files, write_model_metadata
-
-    from rad_ds.engine.faults import fault_point
-
     out = _check_out(out_dir, overwrite)
     tag_dir = resolve_checkpoint(checkpoint)
     if not (tag_dir / HF_DIR / "config.json").is_file():
@@ -161,8 +151,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
 
 def _check_out(out_dir, overwrite: bool) -> Path:
     """An exported model appears whole in one rename, so checking ``--out`` is the whole discipline."""
-    from rad_ds.core.outputs import check
-
     check(out_dir, "export", overwrite=overwrite)
     return Path(out_dir)
 
@@ -171,12 +159,6 @@ def export_any(source: str | Path, out_dir: str | Path, native: bool = False, fr
                overwrite: bool = False, dtype: torch.dtype = torch.float32) -> Path:
     """A checkpoint (``from_checkpoint``) or a student directory written to ``out_dir`` as rad_hybrid, or with
     ``native`` as GraniteMoeHybrid (``rad_ds.models.native``: checked before anything is written)."""
-    import shutil
-    import tempfile
-
-    from rad_ds.models import RadHybridConfig
-    from rad_ds.models.native import check_native, export_native
-
     if not native:
         return export_checkpoint(source, out_dir, overwrite=overwrite, dtype=dtype)
     out = _check_out(out_dir, overwrite)

@@ -40,6 +40,7 @@ from .build import build_models, check_fingerprint, read_sources, teacher_gguf
 from .callbacks import Callback, Checkpointing, FaultInjection, NonFiniteGuard, Tracking
 from .checkpoint import to_universal
 from .config import ConfigError, DistillConfig
+from .export import export_checkpoint
 from .fused import fused_loss_sums
 from .losses import ce_loss_sum, hidden_loss_sum, kd_loss_sum, sparse_kd_loss_sum
 from .on_policy import OnPolicy, generation_model
@@ -588,8 +589,6 @@ class DistillRun:
         finished = bool(rows) and rows[-1]["step"] == cfg.train.steps
         if cfg.checkpoint.export_final and finished:
             if self.rank == 0:
-                from .export import export_checkpoint
-
                 export_dir = export_checkpoint(self.last_saved, self.out / "final", overwrite=True)
             torch.distributed.barrier()
         summary = self.summary(export_dir)
@@ -612,8 +611,6 @@ class DistillRun:
         self.tokens_seen, self.tokens_run = int(self.state["tokens"]), 0
         export_dir = None
         if cfg.checkpoint.export_final and self.rank == 0:
-            from .export import export_checkpoint
-
             export_dir = export_checkpoint(self.tag_dir, self.out / "final", overwrite=True)
         if self.world > 1:
             torch.distributed.barrier()
@@ -644,7 +641,8 @@ class DistillRun:
             "tokens": self.tokens_seen, "elapsed_s": elapsed,
             "tokens_per_s": self.tokens_run / elapsed if elapsed > 0 else None, "peak_mem_mb": peak_memory_mb(),
             "world": self.world, "replaced_layers": self.models.replaced_layers,
-            "teacher_location": self.models.location.kind, "teacher_placement": self.models.location.kind, "checkpoint": str(self.last_saved),
+            "teacher_location": self.models.location.kind, "checkpoint": str(self.last_saved),
+            "teacher_placement": self.models.location.kind,  # the former name of teacher_location, for one release
             "export": str(export_dir) if export_dir else None,
         }
 

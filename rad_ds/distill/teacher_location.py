@@ -55,7 +55,8 @@ def _gb(n: int) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
-def resolve_location(cfg, self_distill: bool, teacher_config, t_ds: dict, world: int, local_world: int) -> TeacherLocation:
+def resolve_location(cfg, self_distill: bool, teacher_config, t_ds: dict, world: int,
+                     local_world: int) -> TeacherLocation:
     """Where the teacher runs in this run, or a one-line ConfigError saying what does not fit and what would."""
     t = cfg.teacher
     nbytes = param_count(teacher_config) * torch.empty((), dtype=to_dtype(cfg.model.dtype)).element_size()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import resource
@@ -96,8 +97,6 @@ class Tracker:
 
 def _wandb_id(out) -> str:
     """A stable run id per run directory, so a resumed run continues the same wandb run."""
-    import hashlib
-
     return hashlib.sha1(str(Path(out).resolve()).encode()).hexdigest()[:12]
 
 

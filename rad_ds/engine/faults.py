@@ -2,9 +2,9 @@
 
 ``RAD_DS_FAULT="kill@save_after_shards:step=6:rank=1"`` sends SIGKILL to this process when it reaches
 the named point at that step on that rank (``rank`` omitted: any rank); ``nan@loss:step=4`` makes the
-loss of step 4 NaN. Points: ``step_end``, ``save_after_shards``, ``save_before_latest``, ``export_written`` (the final
-export's files written, not yet renamed into place) (kill), ``loss`` (nan). The tests use it to prove that a kill at the worst moment leaves a resumable run and that a NaN
-loss stops the run without saving.
+loss of step 4 NaN. Points: ``step_end``, ``save_after_shards``, ``save_before_latest``, ``export_written``
+(the final export's files written, not yet renamed into place) (kill), ``loss`` (nan). The tests use it to prove
+that a kill at the worst moment leaves a resumable run and that a NaN loss stops the run without saving.
 """
 
 from __future__ import annotations

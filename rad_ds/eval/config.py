@@ -80,7 +80,7 @@ class EvalConfig(Config):
 
     def validate(self, inputs_exist: bool = True) -> "EvalConfig":
         """``inputs_exist=False``: models and the report are written by earlier stages (checked when they run)."""
-        from rad_ds.models.conversion import EMBEDDED
+        from rad_ds.models.conversion import EMBEDDED  # deferred: rad-evaluate --help imports no transformers
 
         self.tasks = expand_tasks(self.tasks)
         if not self.models:

@@ -100,7 +100,7 @@ def names(**fields) -> tuple[str, ...]:
 
 
 def Names(**fields) -> LiveNames:  # noqa: N802 - used like the class it was
-    """The registered names (those matching ``fields``), read at each use (:class:`~rad_ds.core.live_names.LiveNames`)."""
+    """The registered names (those matching ``fields``), read at each use (``core.live_names.LiveNames``)."""
     return LiveNames(lambda: names(**fields))
 
 

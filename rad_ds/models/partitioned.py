@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from transformers.initialization import no_init_weights
 
 from .modeling_rad_hybrid import RadAttention, RadHybridForCausalLM
 from .weights import WeightSource, WeightSourceError
@@ -128,7 +129,6 @@ def build_partitioned(config, source: WeightSource, ds_cfg: dict, dtype: torch.d
     generator=...)`` (``rad_ds.surgery.new_mixer`` with its init mode bound); with ``keep_attention`` their
     original attention is returned alongside, partitioned the same way. Collective: call on every rank."""
     import deepspeed
-    from transformers.initialization import no_init_weights
 
     new_layers = sorted(new_layers)
     # every value is loaded below: skip the random init (it cannot run on empty partitions anyway). The dtype

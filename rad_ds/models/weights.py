@@ -17,6 +17,7 @@ import struct
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -80,8 +81,6 @@ class WeightSource:
                 raise WeightSourceError(f"{index}: not a safetensors index ({e}); re-save the model") from None
             self.files = {name: self.dir / f for name, f in weight_map.items()}
         elif single.is_file():
-            from safetensors import safe_open
-
             with safe_open(str(single), framework="pt") as f:
                 self.files = {name: single for name in f.keys()}
         else:
@@ -100,8 +99,6 @@ class WeightSource:
         return list(self.files)
 
     def _open(self, name: str):
-        from safetensors import safe_open
-
         if name not in self.files:
             raise WeightSourceError(f"{self.dir}: no tensor {name!r}")
         return safe_open(str(self.files[name]), framework="pt")

@@ -77,7 +77,7 @@ def get_strategy(name: str, what: str = "student.placement") -> Strategy:
 
 
 def Names(**needs) -> LiveNames:  # noqa: N802 - used like the class it was
-    """The registered names (those matching ``needs``), read at each use (:class:`~rad_ds.core.live_names.LiveNames`)."""
+    """The registered names (those matching ``needs``), read at each use (``core.live_names.LiveNames``)."""
     return LiveNames(lambda: names(**needs))
 
 

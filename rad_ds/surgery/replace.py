@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from rad_ds.core.layers import parse_int_list
+from rad_ds.core.layers import attention_layers, parse_int_list
+from rad_ds.core.report import DiagnosisReport, ReportError
 from rad_ds.models.families import family_of
 from rad_ds.models.mamba2_mixer import Mamba2Mixer
 
@@ -53,7 +54,7 @@ def check_layers(config, layers, allow_all: bool = False) -> list[int]:
     already = [i for i in layers if config.layer_types[i] == "mamba2"]
     if already:
         raise SurgeryError(f"layer(s) {already} are already mamba2; only attention layers can be replaced")
-    attn = [i for i, t in enumerate(config.layer_types) if t == "attention"]
+    attn = attention_layers(config)
     if set(attn) <= set(layers) and not allow_all:
         raise SurgeryError(
             f"this would replace every attention layer ({len(attn)}); pass --allow-all (allow_all=True) if intended"
@@ -134,8 +135,6 @@ def layers_from_report(report_path, k: int, model_config=None, what: str = "--re
     """The selected layers for ``k`` in a diagnosis report (``report.json``), with provenance.
 
     Refuses a report made for a different model (layer count or attention layout differ)."""
-    from rad_ds.core.report import DiagnosisReport, ReportError
-
     try:
         report = DiagnosisReport.load(report_path, what)
         if model_config is not None:

@@ -8,6 +8,7 @@ import torch
 
 from rad_ds.core.dtypes import dtype_name, to_dtype
 from rad_ds.core.sections import ModelRef
+from rad_ds.models.conversion import load_model, save_model
 
 from .config import ReplaceConfig
 from .replace import (
@@ -22,8 +23,6 @@ def replace(cfg: ReplaceConfig, dtype: torch.dtype | None = None) -> Replacement
     """Write the student checkpoint of ``cfg`` to ``cfg.out`` (safetensors, config with ``replaced_layers``,
     tokenizer, model code, ``replacement.json``) in ``dtype`` (default: ``cfg.model.dtype``). Every check runs
     before anything is written; the directory appears complete or not at all."""
-    from rad_ds.models.conversion import load_model, save_model
-
     cfg.validate()
     dtype = dtype if dtype is not None else to_dtype(cfg.model.dtype)
     model, tok = load_model(cfg.model.path, gguf_file=cfg.model.gguf_file, dtype=dtype)

@@ -4,16 +4,14 @@ teacher signal from disk (``teacher.cache=DIR``) instead of running a teacher en
 
 from __future__ import annotations
 
+from .config import TeacherCacheConfig
+
 
 def __getattr__(name):
     if name == "build_teacher_cache":
-        from .run import build_teacher_cache
+        from .run import build_teacher_cache  # deferred: rad-teacher-cache --help imports no transformers (~2 s)
 
         return build_teacher_cache
-    if name == "TeacherCacheConfig":
-        from .config import TeacherCacheConfig
-
-        return TeacherCacheConfig
     raise AttributeError(name)
 
 

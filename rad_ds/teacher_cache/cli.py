@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from rad_ds.core.cli import Flag, parse_config, run_cli
 
 from .config import TeacherCacheConfig
@@ -15,11 +17,9 @@ FLAGS = {flag: Flag(key) for flag, key in {
 
 
 def run(argv: list[str] | None = None, doc: str | None = None) -> int:
-    import torch
-
-    from .run import build_teacher_cache
-
     cfg = parse_config(TeacherCacheConfig, argv, doc or __doc__, FLAGS)
+    from .run import build_teacher_cache  # deferred: after parsing, so --help imports no transformers (~2 s)
+
     try:
         summary = build_teacher_cache(cfg)
     finally:
