@@ -101,11 +101,9 @@ class Config:
 
     def get(self, key: str) -> Any:
         """The setting (or the section) at ``a.b``."""
-        obj = self
-        for part in key.split("."):
-            if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
-                _resolve(self, key, "config")  # raises, naming the unknown setting and the close ones
-            obj = getattr(obj, part)
+        obj = _node(self, key)
+        if obj is _MISSING:
+            _resolve(self, key, "config")  # raises, naming the unknown setting and the close ones
         return obj
 
     def apply_overrides(self, overrides: list[str], source: str = "command line"):
@@ -237,13 +235,22 @@ def _renamed(cls: type, key: str) -> str | None:
     return None
 
 
-def _primary_key(cfg, key: str) -> str:
-    """``key``, or ``key.<primary>`` when ``key`` names a section with a primary field (``model`` -> ``model.path``)."""
+_MISSING = object()
+
+
+def _node(cfg, key: str):
+    """The value or section at dotted ``key`` of a config tree, or ``_MISSING`` where ``key`` names nothing."""
     obj = cfg
     for part in key.split("."):
         if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
-            return key
+            return _MISSING
         obj = getattr(obj, part)
+    return obj
+
+
+def _primary_key(cfg, key: str) -> str:
+    """``key``, or ``key.<primary>`` when ``key`` names a section with a primary field (``model`` -> ``model.path``)."""
+    obj = _node(cfg, key)
     primary = getattr(type(obj), "PRIMARY", None) if dataclasses.is_dataclass(obj) else None
     return f"{key}.{primary}" if primary else key
 

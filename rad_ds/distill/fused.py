@@ -31,8 +31,8 @@ from .divergences import Divergence, resolve
 from .losses import (
     _divergence_grad_rows,
     _divergence_rows,
-    _shifted_targets,
     ce_loss_sum,
+    ce_targets,
     kd_loss_sum,
 )
 
@@ -173,9 +173,7 @@ def fused_loss_sums(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_hidden: to
     rows = mask.reshape(-1).nonzero().squeeze(-1).to(s_hidden.device)
     targets = None
     if input_ids is not None:
-        m, tgt = _shifted_targets(input_ids, mask)  # the last position has no target: -100 there
-        tgt = torch.where(m.reshape(-1).bool(), tgt, torch.full_like(tgt, -100))
-        targets = tgt.to(s_hidden.device).index_select(0, rows)
+        targets = ce_targets(input_ids, mask).to(s_hidden.device).index_select(0, rows)
     t_h = _flat(t_hidden).detach() if div is not None else None
     t_w = t_weight.detach() if div is not None else None
     kd, ce = _FusedHeadLoss.apply(_flat(s_hidden), s_weight, t_h, t_w, rows, targets, div, float(temperature),
@@ -189,8 +187,7 @@ def fused_loss_sums(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_hidden: to
 
 
 def _liger_ce(s_hidden, s_weight, input_ids, mask):  # pragma: no cover - CUDA with liger-kernel only
-    m, tgt = _shifted_targets(input_ids, mask)
-    tgt = torch.where(m.reshape(-1).bool(), tgt, torch.full_like(tgt, -100)).to(s_hidden.device)
+    tgt = ce_targets(input_ids, mask).to(s_hidden.device)
     return _LigerFLCE(reduction="sum", ignore_index=-100)(s_weight, _flat(s_hidden), tgt).float()
 
 

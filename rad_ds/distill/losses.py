@@ -211,6 +211,13 @@ def _shifted_targets(input_ids: torch.Tensor, mask: torch.Tensor):
     return m, targets.reshape(-1)
 
 
+def ce_targets(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The flattened next-token target of every position, -100 (no CE term) where ``mask`` does not count it and
+    at each row's last position (no next token): what the fused and vocab-parallel losses take."""
+    m, tgt = _shifted_targets(input_ids, mask)
+    return torch.where(m.reshape(-1).bool(), tgt, torch.full_like(tgt, -100))
+
+
 def ce_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
                 chunk_tokens: int = 1024) -> torch.Tensor:
     """Cross-entropy of predicting ``input_ids[:, t+1]`` at position ``t``, summed over the positions

@@ -30,7 +30,7 @@ from rad_ds.models.vocab_parallel import VocabShard, gather_rows, own_slice
 
 from .config import ConfigError
 from .divergences import resolve
-from .losses import _shifted_targets
+from .losses import ce_targets
 
 
 def _all_reduce(x: torch.Tensor, world: int, op=None) -> torch.Tensor:
@@ -153,8 +153,7 @@ def vocab_parallel_loss_sums(s_hidden: torch.Tensor, s_weight: torch.Tensor, t_h
         t_own = t_hidden.detach().reshape(-1, t_hidden.size(-1)).index_select(0, rows)
         t_all, _ = gather_rows(t_own, shard.world, counts)
     if input_ids is not None:
-        m, tgt = _shifted_targets(input_ids, mask)  # the last position has no target: -100 there
-        tgt = torch.where(m.reshape(-1).bool(), tgt, torch.full_like(tgt, -100)).to(s_hidden.device)
+        tgt = ce_targets(input_ids, mask).to(s_hidden.device)
         y_all, _ = gather_rows(tgt.index_select(0, rows), shard.world, counts)
     kd, ce = _ShardHeadLoss.apply(h_own, s_all, t_all, y_all, s_weight.detach(),
                                   t_weight.detach() if t_weight is not None else None, counts, shard, div,

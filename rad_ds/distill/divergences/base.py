@@ -9,6 +9,7 @@ one table of names: the run config's ``loss.kd`` choices, its ``--help`` and eve
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -100,6 +101,24 @@ class Divergence:
         zero = torch.zeros((), dtype=s.dtype, device=s.device)
         phi = self.elementwise(torch.where(empty, zero, s), torch.where(empty, zero, t))
         return torch.where(empty, zero, phi).sum(-1)
+
+
+def log_mix(x: torch.Tensor, y: torch.Tensor, w: float) -> torch.Tensor:
+    """``log(w e^x + (1 - w) e^y)``: the log-probabilities of the mixture ``w X + (1 - w) Y`` of two distributions
+    given as log-probabilities ``x`` and ``y`` (JSD's ``M``, the skew divergences' skewed distribution)."""
+    return torch.logaddexp(x + math.log(w), y + math.log(1.0 - w))
+
+
+class SkewDivergence(Divergence):
+    """What DistiLLM's two skew divergences (Ko et al. 2024) share: the skew ``alpha`` (0.1 in the paper), also set
+    by ``loss.skew_alpha`` and by the losses' legacy ``beta`` argument. Not registered itself."""
+
+    defaults = {"alpha": 0.1}
+    mixture = "alpha"
+    config_keys = {"alpha": "skew_alpha"}
+
+    def check(self):
+        self._in_unit_interval("alpha", "skew")
 
 
 def w_diff(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

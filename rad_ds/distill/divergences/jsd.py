@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Divergence, w_diff
+from .base import Divergence, log_mix, w_diff
 
 
 class JSD(Divergence):
@@ -24,7 +24,7 @@ class JSD(Divergence):
         self._in_unit_interval("beta", "mixture weight")
 
     def _log_mix(self, s, t):
-        return torch.logaddexp(t + math.log(self.beta), s + math.log(1.0 - self.beta))  # log(b q + (1-b) p)
+        return log_mix(t, s, self.beta)  # log(b q + (1-b) p)
 
     def reference(self, s, t):
         m = self._log_mix(s, t)

@@ -5,25 +5,16 @@ With lm = log(a q + (1-a) p) and r = p q / m: dL/dz = (1-a) (p sum r - r); the r
 
 from __future__ import annotations
 
-import math
-
-import torch
 import torch.nn.functional as F
 
-from .base import Divergence, w_diff
+from .base import SkewDivergence, log_mix, w_diff
 
 
-class SkewKL(Divergence):
+class SkewKL(SkewDivergence):
     name = "skew_kl"
-    defaults = {"alpha": 0.1}
-    mixture = "alpha"
-    config_keys = {"alpha": "skew_alpha"}
-
-    def check(self):
-        self._in_unit_interval("alpha", "skew")
 
     def _log_mix(self, s, t):
-        return torch.logaddexp(t + math.log(self.alpha), s + math.log(1.0 - self.alpha))  # log(a q + (1-a) p)
+        return log_mix(t, s, self.alpha)  # log(a q + (1-a) p)
 
     def reference(self, s, t):
         return F.kl_div(self._log_mix(s, t), t, reduction="none", log_target=True).sum(-1)

@@ -5,25 +5,16 @@ dL/dz = p (u - sum p u); the row constant is sum p u."""
 
 from __future__ import annotations
 
-import math
-
-import torch
 import torch.nn.functional as F
 
-from .base import Divergence, w_diff
+from .base import SkewDivergence, log_mix, w_diff
 
 
-class SkewRKL(Divergence):
+class SkewRKL(SkewDivergence):
     name = "skew_rkl"
-    defaults = {"alpha": 0.1}
-    mixture = "alpha"
-    config_keys = {"alpha": "skew_alpha"}
-
-    def check(self):
-        self._in_unit_interval("alpha", "skew")
 
     def _log_mix(self, s, t):
-        return torch.logaddexp(s + math.log(self.alpha), t + math.log(1.0 - self.alpha))  # log(a p + (1-a) q)
+        return log_mix(s, t, self.alpha)  # log(a p + (1-a) q)
 
     def reference(self, s, t):
         return F.kl_div(self._log_mix(s, t), s, reduction="none", log_target=True).sum(-1)
